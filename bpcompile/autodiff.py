@@ -1,0 +1,44 @@
+"""Reverse-mode differentiation on the graph: the backward graph is made of ordinary nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import ops
+from .ir import FLOAT, Node, topo_order
+
+
+def grad(loss: Node, wrt: Sequence[Node]) -> list[Node]:
+    """d loss / d w for each w in `wrt`, as graph nodes (zeros where w does not reach loss).
+
+    One VJP rule per op (`ops.OPS`); gradients of a value used several times are summed.
+    """
+    if loss.shape != ():
+        raise ValueError(f"grad needs a scalar loss, got shape {loss.shape}")
+    order = topo_order([loss])
+    needed = _nodes_between(order, set(wrt))
+    cotangent: dict[Node, Node] = {loss: ops.const(1.0)}
+    for node in reversed(order):
+        g = cotangent.get(node)
+        if g is None or not node.inputs or node not in needed:
+            continue
+        rule = ops.OPS[node.op].vjp
+        grads = rule(node, g)
+        if len(grads) != len(node.inputs):
+            raise AssertionError(f"VJP of {node.op} returned {len(grads)} gradients for {len(node.inputs)} inputs")
+        for x, gx in zip(node.inputs, grads):
+            if gx is None or x not in needed:
+                continue
+            if gx.shape != x.shape:
+                raise AssertionError(f"VJP of {node.op}: gradient shape {gx.shape} != input shape {x.shape}")
+            cotangent[x] = gx if x not in cotangent else ops.add(cotangent[x], gx)
+    return [cotangent.get(w, ops.const(0.0, w.shape)) for w in wrt]
+
+
+def _nodes_between(order: list[Node], targets: set[Node]) -> set[Node]:
+    """The nodes of `order` that depend on a target (only they need a gradient)."""
+    reach: set[Node] = set()
+    for node in order:
+        if node in targets or (node.dtype == FLOAT and any(x in reach for x in node.inputs)):
+            reach.add(node)
+    return reach

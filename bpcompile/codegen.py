@@ -1,0 +1,499 @@
+"""Codegen: scheduled kernels -> C source, through Jinja2 templates and a SymPy C99 printer.
+
+Scalar formulas are printed by `CPrinter` after `sympy.cse`; every loop, signature, load and
+store is in `templates/`. Python only computes the data the templates fill in: names, sizes,
+index expressions and printed formulas. Each kernel's comment lists the graph nodes it computes.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import sympy as sp
+from sympy.codegen.ast import float32, float64, real
+from sympy.codegen.rewriting import create_expand_pow_optimization, optimize, optims_c99
+from sympy.printing.c import C99CodePrinter
+
+from . import symbolic as ew_mod
+from .ir import INT, Node, Shape, size_factors
+from .passes import Kernel, Schedule, Storage, _view_root
+from .symbolic import ARGS
+
+# --- identifiers and comments ----------------------------------------------------------------
+
+C_KEYWORDS = frozenset("""auto break case char const continue default do double else enum extern float for goto
+if inline int long register restrict return short signed sizeof static struct switch typedef union unsigned void
+volatile while _Bool _Complex _Imaginary bool true false NULL main""".split())
+
+
+def c_identifier(name: str, taken: set[str]) -> str:
+    """A valid C identifier for a user name, distinct from every name in `taken` (then added)."""
+    base = re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
+    if base[0].isdigit():
+        base = "_" + base
+    if base in C_KEYWORDS or keyword.iskeyword(base) or base.startswith("__"):
+        base = base + "_"
+    candidate, n = base, 2
+    while candidate in taken:
+        candidate, n = f"{base}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def comment_text(text: str) -> str:
+    """Text safe inside a C block comment (no terminator, no line breaks)."""
+    return re.sub(r"[\r\n]+", " ", text).replace("*/", "* /").replace("/*", "/ *")
+
+
+# --- printing scalar formulas -----------------------------------------------------------------
+
+class CPrinter(C99CodePrinter):
+    """SymPy's C99 printer with bpcompile's symbol names, float32 or float64 math, and
+    NaN-propagating max/min, one-line ternaries and Heaviside as x > 0 (PyTorch's relu')."""
+
+    def __init__(self, dtype: str, names: dict[sp.Symbol, str]):
+        super().__init__({"type_aliases": {real: float32 if dtype == "float32" else float64}, "math_macros": {}})
+        self.names = names
+        self.one = "1.0F" if dtype == "float32" else "1.0"
+        self.zero = "0.0F" if dtype == "float32" else "0.0"
+
+    def _print_Symbol(self, expr: sp.Symbol) -> str:
+        if expr in self.names:
+            return self.names[expr]
+        return super()._print_Symbol(expr)
+
+    def _print_NumberSymbol(self, expr) -> str:
+        return self._print(sp.Float(expr.evalf(20), 20))  # pi, E: a literal, not a macro or global
+
+    _print_Pi = _print_Exp1 = _print_NumberSymbol
+
+    def _print_Heaviside(self, expr) -> str:
+        return f"(({self._print(expr.args[0])}) > 0 ? {self.one} : {self.zero})"
+
+    def _print_sign(self, expr) -> str:
+        x = self._print(expr.args[0])
+        return f"(bp_real)((({x}) > 0) - (({x}) < 0))"
+
+    def _print_Piecewise(self, expr) -> str:
+        *branches, (last, cond) = expr.args
+        if cond is not sp.true:
+            branches.append((last, cond))
+            last = sp.nan
+        text = self._print(last)
+        for value, c in reversed(branches):
+            text = f"(({self._print(c)}) ? ({self._print(value)}) : ({text}))"
+        return text
+
+    def _minmax(self, expr, op: str) -> str:
+        # c OP x ? c : x keeps a NaN x (fmax would drop it)
+        args = sorted(expr.args, key=lambda a: (not a.is_number, sp.default_sort_key(a)))
+        text = self._print(args[-1])
+        for a in reversed(args[:-1]):
+            pa = self._print(a)
+            text = f"(({pa}) {op} ({text}) ? ({pa}) : ({text}))"
+        return text
+
+    def _print_Max(self, expr) -> str:
+        return self._minmax(expr, ">")
+
+    def _print_Min(self, expr) -> str:
+        return self._minmax(expr, "<")
+
+
+_EXPAND_POW = create_expand_pow_optimization(4)
+
+
+def c99_form(expr: sp.Expr) -> sp.Expr:
+    """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1, small integer powers -> products."""
+    return _EXPAND_POW(optimize(expr, optims_c99))
+
+
+def print_formulas(outputs: list[sp.Expr], printer: CPrinter,
+                   prefix: str = "x") -> tuple[list[tuple[str, str]], list[str]]:
+    """Common subexpressions as (temp name, C expression), then the outputs' C expressions."""
+    temps = sp.numbered_symbols(prefix, real=True)
+    replacements, reduced = sp.cse(outputs, symbols=temps)
+    lines = []
+    for sym, value in replacements:
+        printer.names[sym] = sym.name
+        lines.append((sym.name, printer.doprint(c99_form(value))))
+    return lines, [printer.doprint(c99_form(e)) for e in reduced]
+
+
+# --- symbolic sizes (products of fixed ints and named dims) -----------------------------------
+
+@dataclass(frozen=True)
+class Mono:
+    """coef * product(dims): a size or stride that may involve runtime dims."""
+
+    coef: int
+    dims: tuple[str, ...] = ()
+
+    def __mul__(self, other: Mono) -> Mono:
+        return Mono(self.coef * other.coef, tuple(sorted(self.dims + other.dims)))
+
+    @staticmethod
+    def of(shape: Shape) -> Mono:
+        coef, dims = size_factors(shape)
+        return Mono(coef, dims)
+
+
+@dataclass
+class Context:
+    """What kernel builders need from the model: dtype, the C names of dims, the printer."""
+
+    dtype: str
+    dim_index: dict[str, int]
+    dim_c: dict[str, str]
+    used_dims: set[str] = field(default_factory=set)
+
+    def c(self, m: Mono) -> str:
+        """A Mono as C text, recording which dims the kernel must declare."""
+        self.used_dims.update(m.dims)
+        parts = [self.dim_c[d] for d in m.dims]
+        if m.coef != 1 or not parts:
+            parts.insert(0, str(m.coef))
+        return "*".join(parts)
+
+    def size(self, shape: Shape) -> str:
+        return self.c(Mono.of(shape))
+
+    def printer(self) -> CPrinter:
+        names = {ew_mod.dim_symbol(d): c for d, c in self.dim_c.items()}
+        return CPrinter(self.dtype, names)
+
+    def dim_decls(self) -> list[dict[str, Any]]:
+        return [{"c": self.dim_c[d], "index": self.dim_index[d]} for d in sorted(self.used_dims)]
+
+
+def packed_strides(sizes: list[Mono]) -> list[Mono]:
+    """Row-major strides of a contiguous array with these dim sizes."""
+    strides, acc = [], Mono(1)
+    for size in reversed(sizes):
+        strides.append(acc)
+        acc = acc * size
+    return list(reversed(strides))
+
+
+def contiguous_strides(shape: Shape) -> list[Mono]:
+    return packed_strides([Mono.of((d,)) for d in shape])
+
+
+def broadcast_strides(shape: Shape, out_shape: Shape) -> list[Mono]:
+    """Strides of `shape` read as if broadcast to `out_shape` (0 where it is broadcast)."""
+    lead = len(out_shape) - len(shape)
+    own = contiguous_strides(shape)
+    out = []
+    for i, d in enumerate(out_shape):
+        j = i - lead
+        out.append(Mono(0) if j < 0 or (shape[j] == 1 and d != 1) else own[j])
+    return out
+
+
+def coalesce(sizes: list[Mono], strides: list[list[Mono]]) -> tuple[list[Mono], list[list[Mono]]]:
+    """Merge adjacent loop dims that every operand walks contiguously; drop size-1 dims."""
+    keep = [i for i, s in enumerate(sizes) if s != Mono(1)]
+    sizes = [sizes[i] for i in keep]
+    strides = [[st[i] for i in keep] for st in strides]
+    d = len(sizes) - 2
+    while d >= 0:
+        if all(st[d] == st[d + 1] * sizes[d + 1] or (st[d].coef == 0 and st[d + 1].coef == 0) for st in strides):
+            sizes[d:d + 2] = [sizes[d] * sizes[d + 1]]
+            for st in strides:
+                st[d:d + 2] = [st[d + 1]]
+        d -= 1
+    return sizes, strides
+
+
+def index_expr(ctx: Context, loop_vars: list[str], strides: list[Mono]) -> str:
+    terms = []
+    for var, st in zip(loop_vars, strides):
+        if st.coef == 0:
+            continue
+        terms.append(var if st == Mono(1) else f"{var}*{ctx.c(st)}")
+    return " + ".join(terms) or "0"
+
+
+# --- kernel builders: one per kernel kind, each returning its template's context --------------
+
+def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
+    root = k.nodes[-1]
+    shape = root.shape
+    leaf_sym = {x: sp.Symbol(f"v{i}", real=True) for i, x in enumerate(k.inputs)}
+    exprs: dict[Node, sp.Expr] = {}
+    for m in k.nodes:
+        fn = m.attrs["fn"]
+        exprs[m] = fn.expr.xreplace({ARGS[j]: exprs.get(x, leaf_sym.get(x)) for j, x in enumerate(m.inputs)})
+    printer = ctx.printer()
+    for s in leaf_sym.values():
+        printer.names[s] = s.name
+    temps, values = print_formulas([exprs[o] for o in k.outputs], printer)
+    sizes = [Mono.of((d,)) for d in shape]
+    operand_strides = [broadcast_strides(x.shape, shape) for x in k.inputs] + \
+                      [contiguous_strides(shape) for _ in k.outputs]
+    sizes, operand_strides = coalesce(sizes, operand_strides)
+    loop_vars = [f"i{d}" for d in range(len(sizes))]
+    loops = [{"var": v, "size": ctx.c(s)} for v, s in zip(loop_vars, sizes)]
+    hoisted, loads = [], []
+    for i, x in enumerate(k.inputs):
+        st = operand_strides[i]
+        load = {"name": leaf_sym[x].name, "array": f"in{i}", "index": index_expr(ctx, loop_vars, st),
+                "cast": x.dtype == INT}
+        (hoisted if all(s.coef == 0 for s in st) else loads).append(load)
+    stores = [{"array": f"out{j}", "index": index_expr(ctx, loop_vars, operand_strides[len(k.inputs) + j]),
+               "value": v} for j, v in enumerate(values)]
+    return {"loops": loops, "hoisted": hoisted, "loads": loads, "temps": temps, "stores": stores}
+
+
+def _gemm(k: Kernel, ctx: Context) -> dict[str, Any]:
+    node = k.nodes[0]
+    a, b = node.inputs
+    ta, tb = node.attrs["ta"], node.attrs["tb"]
+    lead_a = Mono.of(a.shape[:-1])
+    m = Mono.of(a.shape[-1:]) if ta else lead_a
+    kk = lead_a if ta else Mono.of(a.shape[-1:])
+    n = Mono.of(b.shape[:1]) if tb else Mono.of(b.shape[-1:])
+    return {"ta": int(ta), "tb": int(tb), "M": ctx.c(m), "N": ctx.c(n), "K": ctx.c(kk),
+            "lda": ctx.c(Mono.of(a.shape[-1:])), "ldb": ctx.c(Mono.of(b.shape[-1:])), "ldc": ctx.c(n)}
+
+
+def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
+    node = k.nodes[0]
+    x = node.inputs[0]
+    axes = node.attrs["axes"]
+    strides = contiguous_strides(x.shape)
+    kept = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i not in axes]
+    red = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i in axes]
+    kept_sizes, (kept_strides,) = coalesce([s for s, _ in kept], [[st for _, st in kept]])
+    red_sizes, (red_strides,) = coalesce([s for s, _ in red], [[st for _, st in red]])
+    outer = [f"i{d}" for d in range(len(kept_sizes))]
+    inner = [f"j{d}" for d in range(len(red_sizes))]
+    return {
+        "outer": [{"var": v, "size": ctx.c(s)} for v, s in zip(outer, kept_sizes)],
+        "inner": [{"var": v, "size": ctx.c(s)} for v, s in zip(inner, red_sizes)],
+        "base": index_expr(ctx, outer, kept_strides),
+        "offset": index_expr(ctx, inner, red_strides),
+        "out_index": index_expr(ctx, outer, packed_strides(kept_sizes)),
+        "count": ctx.c(Mono.of(tuple(x.shape[a] for a in axes))) if node.attrs["mean"] else "",
+        "mean": node.attrs["mean"],
+    }
+
+
+def _softmax(k: Kernel, ctx: Context) -> dict[str, Any]:
+    x = k.nodes[0].inputs[0]
+    return {"rows": ctx.c(Mono.of(x.shape[:-1])), "cols": ctx.c(Mono.of(x.shape[-1:])),
+            "log": k.nodes[0].op == "log_softmax"}
+
+
+def _softmax_ce(k: Kernel, ctx: Context) -> dict[str, Any]:
+    logits = k.nodes[0].inputs[0]
+    return {"rows": ctx.c(Mono.of(logits.shape[:-1])), "cols": ctx.c(Mono.of(logits.shape[-1:])),
+            "grad": k.nodes[0].op == "softmax_ce_grad"}
+
+
+def _transpose(k: Kernel, ctx: Context) -> dict[str, Any]:
+    node = k.nodes[0]
+    x = node.inputs[0]
+    perm = node.attrs["axes"]
+    in_strides = contiguous_strides(x.shape)
+    sizes = [Mono.of((d,)) for d in node.shape]
+    sizes, (src, dst) = coalesce(sizes, [[in_strides[p] for p in perm], contiguous_strides(node.shape)])
+    loop_vars = [f"i{d}" for d in range(len(sizes))]
+    return {"loops": [{"var": v, "size": ctx.c(s)} for v, s in zip(loop_vars, sizes)],
+            "src": index_expr(ctx, loop_vars, src), "dst": index_expr(ctx, loop_vars, dst)}
+
+
+def _copy(k: Kernel, ctx: Context) -> dict[str, Any]:
+    return {"count": ctx.size(k.nodes[0].shape)}
+
+
+BUILDERS: dict[str, Callable[[Kernel, Context], dict[str, Any]]] = {
+    "elementwise": _elementwise,
+    "gemm": _gemm,
+    "reduce": _reduce,
+    "softmax": _softmax,
+    "softmax_ce": _softmax_ce,
+    "transpose": _transpose,
+    "copy": _copy,
+}
+
+FAILING_KINDS = {"softmax_ce"}  # kernels that validate data and may return an error code
+
+
+# --- describing nodes (kernel comments, `bpcompile show`) -------------------------------------
+
+def describe(node: Node, name: Callable[[Node], str]) -> str:
+    """A one-line formula for what a node computes, in terms of its inputs' names."""
+    args = [name(x) for x in node.inputs]
+    op = node.op
+    if op == "ew":
+        fn = node.attrs["fn"]
+        if not args:
+            return f"fill({fn.expr})"
+        if fn.name in ew_mod.BUILTIN and fn.expr == ew_mod.BUILTIN[fn.name][0]:
+            return f"{fn.name}({', '.join(args)})"
+        return str(fn.expr.xreplace({ARGS[i]: sp.Symbol(a) for i, a in enumerate(args)}))
+    if op == "matmul":
+        a = args[0] + ("ᵀ" if node.attrs["ta"] else "")
+        b = args[1] + ("ᵀ" if node.attrs["tb"] else "")
+        return f"{a} @ {b}"
+    if op == "reduce":
+        f = "mean" if node.attrs["mean"] else "sum"
+        return f"{f}({args[0]}, axes={node.attrs['axes']}{', keepdims' if node.attrs['keepdims'] else ''})"
+    if op == "reshape":
+        return f"reshape({args[0]})"
+    if op == "transpose":
+        return f"transpose({args[0]}, {node.attrs['axes']})"
+    return f"{op}({', '.join(args)})"
+
+
+# --- rendering a whole module ------------------------------------------------------------------
+
+@dataclass
+class EntryCode:
+    """An entry point to render: its name, doc line, and schedule."""
+
+    name: str
+    doc: str
+    schedule: Schedule
+    update: dict[str, Any] | None = None
+
+
+def template_dir() -> Path:
+    """The C templates: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "templates", here.parent / "templates"):
+        if (candidate / "module.c.j2").is_file():
+            return candidate
+    raise FileNotFoundError(f"bpcompile's C templates are missing (looked in {here / 'templates'})")
+
+
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir()), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+class ModuleRenderer:
+    """Renders kernels (deduplicated across entries) and entry functions into one C file."""
+
+    def __init__(self, model_name: str, dtype: str, dim_names: list[str], node_names: dict[Node, str],
+                 param_c: dict[str, str], input_c: dict[str, str], options: dict[str, Any]):
+        self.env = environment()
+        self.model_name = model_name
+        self.dtype = dtype
+        self.dim_index = {d: i for i, d in enumerate(dim_names)}
+        taken: set[str] = set()
+        self.dim_c = {d: "n_" + c_identifier(d, taken) for d in dim_names}
+        self.node_names = node_names
+        self.param_c = param_c
+        self.input_c = input_c
+        self.options = options
+        self.kernel_texts: list[str] = []
+        self.kernel_by_text: dict[str, str] = {}
+
+    def name(self, node: Node) -> str:
+        return self.node_names.get(node, "?")
+
+    def context(self) -> Context:
+        return Context(self.dtype, self.dim_index, self.dim_c)
+
+    def kernel(self, k: Kernel, sched: Schedule) -> tuple[str, list[str]]:
+        """Render a kernel function (or reuse an identical one); returns its name and comment lines."""
+        ctx = self.context()
+        body = BUILDERS[k.kind](k, ctx)
+        lines = [f"{self.name(n)} = {describe(n, self.name)}  {_shape(n.shape)}" for n in k.nodes]
+        if k.kind == "copy":
+            lines = [f"copy of {self.name(k.nodes[0])}  {_shape(k.nodes[0].shape)}"]
+        params = [{"decl": _decl(x, "in", i, const=True)} for i, x in enumerate(k.inputs)]
+        if k.kind != "copy":
+            params += [{"decl": _decl(o, "out", j, const=False)} for j, o in enumerate(k.outputs)]
+        else:
+            params += [{"decl": _decl(k.nodes[0], "out", 0, const=False)}]
+        text = self.env.get_template(f"{k.kind}.c.j2").render(
+            fname="KERNEL_NAME", comment=[comment_text(s) for s in lines], params=params,
+            dims=ctx.dim_decls(), real="bp_real", failing=k.kind in FAILING_KINDS, **body)
+        fname = self.kernel_by_text.get(text)
+        if fname is None:
+            fname = f"k{len(self.kernel_texts)}_{k.kind}"
+            self.kernel_by_text[text] = fname
+            self.kernel_texts.append(text.replace("KERNEL_NAME", fname))
+        return fname, lines
+
+    def entry(self, entry: EntryCode) -> str:
+        sched = entry.schedule
+        pointers = self._pointer_vars(sched)
+        calls = []
+        for k in sched.kernels:
+            fname, lines = self.kernel(k, sched)
+            args = [pointers[_view_root(x)]["var"] for x in k.inputs]
+            if k.kind == "copy":
+                args.append(self._dest_expr(k.extra["dest"], k.nodes[0]))
+            else:
+                args += [pointers[o]["var"] for o in k.outputs]
+            calls.append({"fname": fname, "args": args, "comment": [comment_text(s) for s in lines],
+                          "failing": k.kind in FAILING_KINDS})
+        update = None
+        if entry.update is not None:
+            update = self.env.get_template("update.c.j2").render(real="bp_real", **entry.update)
+        return self.env.get_template("entry.c.j2").render(
+            name=entry.name, doc=comment_text(entry.doc), pointers=list(pointers.values()), calls=calls,
+            update=update, real="bp_real")
+
+    def _pointer_vars(self, sched: Schedule) -> dict[Node, dict[str, str]]:
+        out: dict[Node, dict[str, str]] = {}
+        for node, st in sched.storage.items():
+            ctype = "int32_t" if node.dtype == INT else "bp_real"
+            const = "const " if st.kind in ("input",) else ""
+            var, expr, what = self._storage_c(node, st, ctype, const)
+            out[node] = {"var": var, "decl": f"{const}{ctype} *", "expr": expr,
+                         "comment": comment_text(f"{what} {_shape(node.shape)}")}
+        return out
+
+    def _storage_c(self, node: Node, st: Storage, ctype: str, const: str) -> tuple[str, str, str]:
+        n = self.name(node)
+        if st.kind == "input":
+            return f"in_{self.input_c[st.name]}", f"({const}{ctype} *)inputs[{st.index}]", f"input {st.name!r}"
+        if st.kind == "param":
+            return f"p_{self.param_c[st.name]}", f"params + {st.index}", f"parameter {st.name!r}"
+        if st.kind == "grad":
+            return f"g_{self.param_c[st.name]}", f"grads + {st.index}", f"{n}: gradient of {st.name!r}"
+        if st.kind == "output":
+            return f"out{st.index}", f"({ctype} *)outputs[{st.index}]", f"{n}: output {st.name!r}"
+        return n, f"({ctype} *)(ws + ws_off[{st.index}])", f"{n}: workspace buffer {st.index}"
+
+    def _dest_expr(self, dest: Storage, node: Node) -> str:
+        ctype = "int32_t" if node.dtype == INT else "bp_real"
+        return self._storage_c(node, dest, ctype, "")[1]
+
+    def module(self, entries: list[EntryCode]) -> str:
+        entry_texts = [self.entry(e) for e in entries]
+        return self.env.get_template("module.c.j2").render(
+            model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self.kernel_texts,
+            entries=entry_texts, options=self.options)
+
+    def header(self, entries: list[EntryCode]) -> str:
+        return self.env.get_template("model.h.j2").render(
+            model_name=comment_text(self.model_name), entries=[e.name for e in entries], dtype=self.dtype)
+
+
+def entry_prototype(name: str, dtype: str) -> str:
+    """The C declaration of an entry point (for cffi's cdef)."""
+    real = "float" if dtype == "float32" else "double"
+    return (f"int bp_{name}(const int64_t *dims, char *ws, const int64_t *ws_off, {real} *params, "
+            f"{real} *grads, {real} *state, void *const *inputs, void *const *outputs, const double *hyper);")
+
+
+def _shape(shape: Shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _decl(node: Node, prefix: str, i: int, const: bool) -> str:
+    ctype = "int32_t" if node.dtype == INT else "bp_real"
+    return f"{'const ' if const else ''}{ctype} *restrict {prefix}{i}"

@@ -1,0 +1,243 @@
+"""`bp.compile`: the pipeline from a Graph to a loaded native model, stage by stage.
+
+graph -> autodiff (one backward graph per loss) -> passes.schedule per entry point
+(forward, loss_*, grad_*, train_*) -> codegen (one C file) -> build (cffi + gcc, cached)
+-> runtime.CompiledModel.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from . import autodiff, build, codegen, passes
+from .ir import Graph, Node, topo_order
+from .optim import SGD, Optimizer
+from .passes import Storage
+from .runtime import CompiledModel
+
+PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
+DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64
+
+
+@dataclass
+class EntryPlan:
+    """An entry point before scheduling: its results (and, for train_*, the update)."""
+
+    name: str
+    doc: str
+    results: list[tuple[Storage, Node]]
+    loss: str | None = None
+    trains: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Lowered:
+    """Everything `compile` produces before the build: sources, metadata, and the schedules."""
+
+    sources: build.Sources
+    entries: list[codegen.EntryCode]
+    node_names: dict[Node, str]
+    graph: Graph
+    init_arrays: dict[str, np.ndarray]
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return name
+
+
+def _param_layout(graph: Graph) -> tuple[dict[str, int], int]:
+    offsets, offset = {}, 0
+    for name, node in graph.params.items():
+        offsets[name] = offset
+        size = int(np.prod(node.shape, dtype=np.int64))
+        offset += -(-size // PARAM_ALIGN) * PARAM_ALIGN
+    return offsets, offset
+
+
+def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | None) -> list[EntryPlan]:
+    plans = []
+    if graph.outputs:
+        results = [(Storage("output", k, name), node) for k, (name, node) in enumerate(graph.outputs.items())]
+        plans.append(EntryPlan("forward", f"named outputs {list(graph.outputs)}", results))
+    taken: set[str] = set()
+    for lname, spec in graph.losses.items():
+        suffix = codegen.c_identifier(lname, taken)
+        names = list(spec.params or graph.params)
+        grads = autodiff.grad(spec.node, [graph.params[n] for n in names])
+        loss_result = [(Storage("output", 0, lname), spec.node)]
+        grad_results = loss_result + [(Storage("grad", offsets[n], n), g) for n, g in zip(names, grads)]
+        plans.append(EntryPlan(f"loss_{suffix}", f"loss {lname!r}", loss_result, lname))
+        plans.append(EntryPlan(f"grad_{suffix}", f"loss {lname!r} and the gradients of {names}", grad_results, lname))
+        if optimizer is not None:
+            plans.append(EntryPlan(f"train_{suffix}", f"one training step on loss {lname!r}: forward, backward, "
+                                   f"{optimizer.kind} update of {names}", grad_results, lname, names))
+    return plans
+
+
+def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offsets: dict[str, int],
+                    param_size: int, renderer: codegen.ModuleRenderer) -> dict[str, Any]:
+    """The update loop's template context: ranges of the flat buffer, slots, printed formulas."""
+    p, g = sp.Symbol("p", real=True), sp.Symbol("g", real=True)
+    slots = {s: sp.Symbol(f"s_{s}", real=True) for s in optimizer.slots}
+    hyper_names = list(optimizer.hyper_names())
+    hyper = {h: sp.Symbol(h, real=True) for h in hyper_names}
+    new_p, new_slots = optimizer.update(p, g, slots, hyper)
+    printer = renderer.context().printer()
+    for sym in [p, g, *slots.values(), *hyper.values()]:
+        printer.names[sym] = sym.name
+    outputs = [new_slots[s] for s in optimizer.slots] + [new_p]
+    temps, values = codegen.print_formulas(outputs, printer, prefix="u")
+    ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in trains])
+    formulas = [f"{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots] + [f"p <- {sp.sstr(new_p)}"]
+    return {
+        "doc": codegen.comment_text(optimizer.describe()),
+        "formulas": [codegen.comment_text(f) for f in formulas],
+        "hyper": [{"name": h, "index": i} for i, h in enumerate(hyper_names)],
+        "clip": repr(optimizer.clip_norm) if optimizer.clip_norm else None,
+        "ranges": ranges,
+        "slots": [{"name": f"s_{s}", "offset": k * param_size, "value": values[k]}
+                  for k, s in enumerate(optimizer.slots)],
+        "temps": temps,
+        "new_param": values[-1],
+    }
+
+
+def _next_offset(name: str, graph: Graph, offsets: dict[str, int], param_size: int) -> int:
+    names = list(graph.params)
+    i = names.index(name)
+    return offsets[names[i + 1]] if i + 1 < len(names) else param_size
+
+
+def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _label_classes(roots: list[Node]) -> dict[str, int]:
+    """For integer inputs used as class labels, the number of classes (for error messages)."""
+    classes = {}
+    for node in topo_order(roots):
+        if node.op in ("softmax_ce", "softmax_ce_grad") and node.inputs[1].op == "input":
+            classes[node.inputs[1].attrs["name"]] = node.inputs[0].shape[-1]
+    return classes
+
+
+def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None,
+          blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS) -> Lowered:
+    """Run every stage but the C compiler: the sources and metadata of the native module."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"compile expects a bp.Graph, got {type(graph).__name__}")
+    if not graph.outputs and not graph.losses:
+        raise ValueError(f"graph {graph.name!r} has no outputs and no loss: nothing to compile")
+    dtype = _dtype_name(dtype)
+    offsets, param_size = _param_layout(graph)
+    plans = _entry_plans(graph, offsets, optimizer)
+    simplified = passes.simplify([node for plan in plans for _, node in plan.results])
+    it = iter(simplified)
+    for plan in plans:
+        plan.results = [(dest, next(it)) for dest, _ in plan.results]
+    order = topo_order(simplified)
+    node_names = {n: (n.attrs["name"] if n.op in ("input", "param") else f"t{i}") for i, n in enumerate(order)}
+    dims = sorted({d for node in graph.inputs.values() for d in node.shape if isinstance(d, str)})
+    taken: set[str] = set()
+    param_c = {n: codegen.c_identifier(n, taken) for n in graph.params}
+    input_c = {n: codegen.c_identifier(n, taken) for n in graph.inputs}
+    renderer = codegen.ModuleRenderer(graph.name, dtype, dims, node_names, param_c, input_c,
+                                      {"blas_min_flops": int(blas_min_flops)})
+    entries, entry_meta = [], {}
+    for plan in plans:
+        roots = [node for _, node in plan.results]
+        reached = set(topo_order(roots))
+        needed = [n for n, node in graph.inputs.items() if node in reached]
+        _check_dims_known(graph, roots, needed)
+
+        def leaf_storage(node: Node, needed=needed) -> Storage:
+            name = node.attrs["name"]
+            if node.op == "input":
+                return Storage("input", needed.index(name), name)
+            return Storage("param", offsets[name], name)
+
+        sched = passes.schedule(plan.results, leaf_storage)
+        update = None
+        if plan.trains:
+            update = _update_context(optimizer, plan.trains, graph, offsets, param_size, renderer)
+        entries.append(codegen.EntryCode(plan.name, plan.doc, sched, update))
+        entry_meta[plan.name] = {
+            "inputs": needed,
+            "buffers": [[b.coef, list(b.dims), b.start, b.end] for b in sched.buffers],
+            "results": [{"name": dest.name, "shape": list(node.shape)} for dest, node in plan.results
+                        if dest.kind == "output"],
+        }
+    c_source = renderer.module(entries)
+    header = renderer.header(entries)
+    cdef = "\n".join(codegen.entry_prototype(e.name, dtype) for e in entries)
+    classes = _label_classes(simplified)
+    init_arrays = {n: v for n, v in graph.param_init.items() if not isinstance(v, str)}
+    meta = {
+        "format": 1,
+        "name": graph.name,
+        "dtype": dtype,
+        "dims": dims,
+        "inputs": [{"name": n, "shape": list(node.shape), "dtype": node.dtype, "classes": classes.get(n)}
+                   for n, node in graph.inputs.items()],
+        "params": [{"name": n, "shape": list(node.shape), "offset": offsets[n],
+                    "init": graph.param_init[n] if isinstance(graph.param_init[n], str) else "array"}
+                   for n, node in graph.params.items()],
+        "param_size": param_size,
+        "state_size": len(optimizer.slots) * param_size if optimizer else 0,
+        "optimizer": optimizer.config() if optimizer else None,
+        "outputs": list(graph.outputs),
+        "losses": [{"name": lname, "params": list(spec.params or graph.params),
+                    "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "grad", "train")
+                                if f"{kind}_{plan_suffix}" in entry_meta}}
+                   for (lname, spec), plan_suffix in zip(graph.losses.items(), _loss_suffixes(graph))],
+        "entries": entry_meta,
+    }
+    sources = build.Sources(graph.name, c_source, header, cdef, meta)
+    return Lowered(sources, entries, node_names, graph, init_arrays)
+
+
+def _loss_suffixes(graph: Graph) -> list[str]:
+    taken: set[str] = set()
+    return [codegen.c_identifier(n, taken) for n in graph.losses]
+
+
+def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> None:
+    """Every named dim of a computed value must come from an input the entry reads."""
+    known = {d for n in inputs for d in graph.inputs[n].shape if isinstance(d, str)}
+    for node in topo_order(roots):
+        for d in node.shape:
+            if isinstance(d, str) and d not in known:
+                raise ValueError(f"graph {graph.name!r}: dimension {d!r} of {node} is not the size of any input "
+                                 "this computation reads")
+
+
+def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None, seed: int = 0,
+            build_dir: str | Path | None = None, *, blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS) -> CompiledModel:
+    """Compile `graph` to a native module (cached in `build_dir`) and load it.
+
+    `optimizer` (default SGD(lr=0.01) when the graph has a loss) is fused into `train_step`;
+    `seed` draws the initial parameters. Products of at least `blas_min_flops` multiply-adds
+    call OpenBLAS, smaller ones run as generated loops.
+    """
+    if optimizer is None and graph.losses:
+        optimizer = SGD(lr=0.01)
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
+    lowered = lower(graph, dtype, optimizer, blas_min_flops)
+    path = build.build(lowered.sources, build_dir)
+    return CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)

@@ -1,0 +1,528 @@
+"""The ops: for each, its shape rule (the function that makes the node), its vector-Jacobian
+rule (in graph ops, so the backward graph is a graph like any other), its NumPy reference, and
+the kernel kind that lowers it (templates/<kind>.c.j2).
+
+Elementwise ops are all one op, "ew", carrying a SymPy `Fn`; their VJP multiplies the incoming
+gradient by each partial derivative SymPy derived, so none is written by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from . import symbolic as ew_mod
+from .errors import ShapeError
+from .ir import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
+from .symbolic import ARGS, OUT, Fn
+
+VJP = Callable[[Node, Node], Sequence["Node | None"]]
+Ref = Callable[[Node, list[np.ndarray], dict[str, int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """How one op differentiates, evaluates in NumPy, and lowers (its kernel template)."""
+
+    vjp: VJP | None
+    ref: Ref
+    kernel: str
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str) -> None:
+    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel)
+
+
+def _no_grad(op: str) -> VJP:
+    def rule(node: Node, g: Node):
+        raise NotImplementedError(f"{op} has no derivative rule (it is itself a derivative); "
+                                  "differentiate the graph that produced it once only")
+    return rule
+
+
+def _need_float(x: Node, what: str) -> None:
+    if x.dtype != FLOAT:
+        raise ShapeError(f"{what} needs a float tensor, got {x.dtype} tensor of shape {shape_str(x.shape)}")
+
+
+def _check_tensor(x: Any, what: str) -> Node:
+    if not isinstance(x, Node):
+        raise TypeError(f"{what} expects a graph tensor, got {type(x).__name__}")
+    return x
+
+
+# --- leaves ------------------------------------------------------------------------------
+
+register("input", vjp=None, ref=lambda node, args, dims: None, kernel="leaf")
+register("param", vjp=None, ref=lambda node, args, dims: None, kernel="leaf")
+
+
+# --- elementwise ---------------------------------------------------------------------------
+
+Operand = Node | numbers.Real
+
+
+def _constant(value: numbers.Real) -> sp.Expr:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"expected a tensor or a real number, got {value!r}")
+    value = float(value) if not isinstance(value, numbers.Integral) else int(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"constant {value} is not finite")
+    if isinstance(value, float) and value.is_integer() and math.fabs(value) < 2**53:
+        value = int(value)  # 1.0 * x folds to x
+    return sp.Integer(value) if isinstance(value, int) else sp.Float(value)
+
+
+def ew(fn: Fn, *operands: Operand, shape: Shape | None = None) -> Node:
+    """Apply an elementwise function; numbers and constants fold into its expression.
+
+    The output has the broadcast shape of the tensor operands (or `shape`, which they must
+    broadcast to). Repeated operands are merged and unused ones dropped.
+    """
+    if len(operands) != fn.nargs:
+        raise TypeError(f"{fn.name} takes {fn.nargs} arguments, got {len(operands)}")
+    nodes: list[Node] = []
+    subs: dict[sp.Symbol, sp.Expr] = {}
+    shapes, names = [], []
+    for i, value in enumerate(operands):
+        if isinstance(value, Node):
+            shapes.append(value.shape)
+            names.append(f"argument {i + 1}")
+            if value.op == "ew" and not value.inputs:  # a constant: fold it in
+                subs[ARGS[i]] = value.attrs["fn"].expr
+            elif value in nodes:
+                subs[ARGS[i]] = ARGS[nodes.index(value)]
+            else:
+                subs[ARGS[i]] = ARGS[len(nodes)]
+                nodes.append(value)
+        else:
+            subs[ARGS[i]] = _constant(value)
+    try:
+        out_shape = broadcast_shapes(shapes, names)
+    except ShapeError as e:
+        raise ShapeError(f"{fn.name}: {e}") from None
+    if shape is not None:
+        if broadcast_shapes([out_shape, shape], ["operands", "target"]) != tuple(shape):
+            raise ShapeError(f"{fn.name}: operands of shape {shape_str(out_shape)} do not broadcast "
+                             f"to {shape_str(shape)}")
+        out_shape = tuple(shape)
+    expr = fn.expr.xreplace(subs)
+    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        raise ValueError(f"{fn.name}: the constants given make it undefined ({expr})")
+    used = [i for i, _ in enumerate(nodes) if expr.has(ARGS[i])]
+    if len(used) != len(nodes):
+        expr = expr.xreplace({ARGS[old]: ARGS[new] for new, old in enumerate(used)})
+        nodes = [nodes[i] for i in used]
+    if expr != fn.expr or len(nodes) != fn.nargs:
+        fn = Fn(fn.name, expr, len(nodes))
+    if len(nodes) == 1 and expr == ARGS[0] and nodes[0].shape == out_shape:
+        return nodes[0]
+    return Node("ew", nodes, {"fn": fn}, out_shape, FLOAT)
+
+
+def const(value: float, shape: Shape = ()) -> Node:
+    """A tensor filled with one number."""
+    return Node("ew", (), {"fn": Fn("const", _constant(value), 0)}, tuple(shape), FLOAT)
+
+
+def _ew_vjp(node: Node, g: Node) -> list[Node | None]:
+    fn: Fn = node.attrs["fn"]
+    n = len(node.inputs)
+    shift = {ARGS[k]: ARGS[k + 1] for k in range(n)}
+    shift[OUT] = ARGS[n + 1]
+    grads: list[Node | None] = []
+    for i, x in enumerate(node.inputs):
+        if x.dtype != FLOAT:
+            grads.append(None)
+            continue
+        partial = fn.partial(i)
+        if partial.expr == 0:
+            grads.append(None)
+            continue
+        expr = ARGS[0] * partial.expr.xreplace(shift)
+        grad_fn = Fn(f"d{fn.name}/d{fn.display[i] if i < len(fn.display) else i}", expr, n + 2)
+        grads.append(unbroadcast(ew(grad_fn, g, *node.inputs, node, shape=node.shape), x.shape))
+    return grads
+
+
+def _lambdify(fn: Fn) -> Callable:
+    cached = _LAMBDIFIED.get(fn)
+    if cached is None:
+        dims = sorted((s for s in fn.expr.free_symbols if ew_mod.is_dim_symbol(s)), key=str)
+        modules = [{"Heaviside": lambda x, *_: np.where(np.asarray(x) > 0, 1.0, 0.0),
+                    "erf": np.vectorize(math.erf, otypes=[float])}, "numpy"]
+        f = sp.lambdify(list(ARGS[:fn.nargs]) + dims, fn.expr, modules=modules)
+        cached = (f, [ew_mod.dim_name(s) for s in dims])
+        _LAMBDIFIED[fn] = cached
+    return cached
+
+
+_LAMBDIFIED: dict[Fn, tuple] = {}
+
+
+def _ew_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    f, dim_names = _lambdify(node.attrs["fn"])
+    with np.errstate(all="ignore"):
+        value = f(*[np.asarray(a, dtype=np.float64) for a in args], *[dims[d] for d in dim_names])
+    return np.broadcast_to(np.asarray(value, dtype=np.float64), concrete(node.shape, dims)).copy()
+
+
+register("ew", vjp=_ew_vjp, ref=_ew_ref, kernel="elementwise")
+
+
+def concrete(shape: Shape, dims: dict[str, int]) -> tuple[int, ...]:
+    """A shape with its named dims replaced by their runtime sizes."""
+    return tuple(d if isinstance(d, int) else dims[d] for d in shape)
+
+
+def unbroadcast(g: Node, shape: Shape) -> Node:
+    """Sum a gradient back to the shape of the operand that was broadcast to `g.shape`."""
+    if g.shape == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and g.shape[lead + i] != 1)
+    return reshape(reduce_(g, axes, keepdims=True, mean=False), shape)
+
+
+def _binary(name: str) -> Callable[[Operand, Operand], Node]:
+    fn = ew_mod.builtin(name)
+
+    def op(a: Operand, b: Operand) -> Node:
+        return ew(fn, a, b)
+    op.__name__ = name
+    op.__doc__ = f"Elementwise {name} with NumPy broadcasting."
+    return op
+
+
+def _unary(name: str) -> Callable[[Node], Node]:
+    fn = ew_mod.builtin(name)
+
+    def op(x: Node) -> Node:
+        _check_tensor(x, name)
+        return ew(fn, x)
+    op.__name__ = name
+    op.__doc__ = f"Elementwise {name}; its derivative is derived by SymPy."
+    return op
+
+
+add, sub, mul, div, power = (_binary(n) for n in ("add", "sub", "mul", "div", "pow"))
+neg, relu, sigmoid, tanh, softplus, gelu, silu, exp, log, sqrt, square, abs = (
+    _unary(n) for n in ("neg", "relu", "sigmoid", "tanh", "softplus", "gelu", "silu", "exp", "log", "sqrt",
+                        "square", "abs"))
+
+
+def leaky_relu(x: Node, negative_slope: float = 0.01) -> Node:
+    """x if x > 0 else negative_slope * x."""
+    return ew(ew_mod.leaky_relu_fn(negative_slope), _check_tensor(x, "leaky_relu"))
+
+
+def elu(x: Node, alpha: float = 1.0) -> Node:
+    """x if x > 0 else alpha * (exp(x) - 1)."""
+    return ew(ew_mod.elu_fn(alpha), _check_tensor(x, "elu"))
+
+
+def elementwise(name: str, expr: Any, *symbols: sp.Symbol) -> Callable[..., Node]:
+    """Make an elementwise op from a SymPy expression of `symbols`; SymPy derives its gradient."""
+    if len(symbols) == 1 and isinstance(symbols[0], tuple | list):
+        symbols = tuple(symbols[0])
+    if not isinstance(name, str) or not name:
+        raise ValueError("an elementwise function needs a non-empty name")
+    fn = ew_mod.make_fn(name, expr, tuple(symbols))
+
+    def op(*operands: Operand) -> Node:
+        return ew(fn, *operands)
+    op.__name__ = name
+    op.fn = fn
+    op.__doc__ = f"{name}({', '.join(fn.display)}) = {fn.pretty()}"
+    return op
+
+
+# --- reductions and broadcasts ------------------------------------------------------------
+
+def _norm_axes(axis: Any, ndim: int, what: str) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= int(a) < ndim:
+            raise ShapeError(f"{what}: axis {a} is out of range for a tensor of rank {ndim}")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ShapeError(f"{what}: repeated axis in {axis!r}")
+    return tuple(sorted(out))
+
+
+def reduce_(x: Node, axes: tuple[int, ...], keepdims: bool, mean: bool) -> Node:
+    shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape)) if keepdims else \
+        tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    if not axes:
+        return x
+    return Node("reduce", (x,), {"axes": axes, "keepdims": keepdims, "mean": mean}, shape, FLOAT)
+
+
+def sum(x: Node, axis: Any = None, keepdims: bool = False) -> Node:  # noqa: A001 - NumPy's name
+    """Sum over `axis` (all axes when None), as numpy.sum."""
+    _need_float(_check_tensor(x, "sum"), "sum")
+    return reduce_(x, _norm_axes(axis, x.ndim, "sum"), keepdims, mean=False)
+
+
+def mean(x: Node, axis: Any = None, keepdims: bool = False) -> Node:
+    """Mean over `axis` (all axes when None), as numpy.mean."""
+    _need_float(_check_tensor(x, "mean"), "mean")
+    return reduce_(x, _norm_axes(axis, x.ndim, "mean"), keepdims, mean=True)
+
+
+def reduced_count(shape: Shape, axes: tuple[int, ...]) -> sp.Expr:
+    """The number of elements a reduction over `axes` adds up, as a SymPy expression."""
+    coef, names = size_factors(shape[a] for a in axes)
+    return sp.Integer(coef) * sp.Mul(*[ew_mod.dim_symbol(n) for n in names])
+
+
+def _reduce_vjp(node: Node, g: Node) -> list[Node]:
+    x = node.inputs[0]
+    axes = node.attrs["axes"]
+    if not node.attrs["keepdims"]:
+        g = reshape(g, tuple(1 if i in axes else d for i, d in enumerate(x.shape)))
+    expr = ARGS[0] / reduced_count(x.shape, axes) if node.attrs["mean"] else ARGS[0]
+    return [ew(Fn("broadcast", expr, 1), g, shape=x.shape)]
+
+
+def _reduce_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    f = np.mean if node.attrs["mean"] else np.sum
+    return f(args[0], axis=node.attrs["axes"], keepdims=node.attrs["keepdims"])
+
+
+register("reduce", vjp=_reduce_vjp, ref=_reduce_ref, kernel="reduce")
+
+
+# --- views and layout -----------------------------------------------------------------------
+
+def reshape(x: Node, shape: Any) -> Node:
+    """Same elements, new shape (a view: no copy). One dim may be -1."""
+    _check_tensor(x, "reshape")
+    shape = tuple(shape) if isinstance(shape, tuple | list) else (shape,)
+    coef, names = size_factors(x.shape)
+    if sum_bool(d == -1 for d in shape) > 1:
+        raise ShapeError(f"reshape: at most one -1 in {shape!r}")
+    known = [d for d in shape if d != -1]
+    kcoef, knames = size_factors(known)
+    if -1 in shape:
+        rest = list(names)
+        for n in knames:
+            if n in rest:
+                rest.remove(n)
+        if rest or coef % kcoef:
+            raise ShapeError(f"reshape: cannot infer -1 reshaping {shape_str(x.shape)} to {shape!r}")
+        shape = tuple(coef // kcoef if d == -1 else d for d in shape)
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int | str) or (isinstance(d, int) and d < 1):
+            raise ShapeError(f"reshape: invalid dimension {d!r} in {shape!r}")
+    if size_factors(shape) != (coef, names):
+        raise ShapeError(f"reshape: cannot reshape {shape_str(x.shape)} to {shape_str(shape)}: "
+                         "element counts differ")
+    if shape == x.shape:
+        return x
+    if x.op == "reshape":
+        return reshape(x.inputs[0], shape)
+    return Node("reshape", (x,), {"shape": shape}, shape, x.dtype)
+
+
+def sum_bool(values) -> int:
+    return int(np.sum([bool(v) for v in values]))
+
+
+register("reshape", vjp=lambda node, g: [reshape(g, node.inputs[0].shape)],
+         ref=lambda node, args, dims: args[0].reshape(concrete(node.shape, dims)), kernel="view")
+
+
+def flatten(x: Node) -> Node:
+    """Keep the batch (first) dim, flatten the rest: (N, ...) -> (N, prod(...))."""
+    _check_tensor(x, "flatten")
+    if x.ndim < 2:
+        return x
+    rest = x.shape[1:]
+    if any(isinstance(d, str) for d in rest):
+        raise ShapeError(f"flatten: dims after the first must be fixed ints, got {shape_str(x.shape)}")
+    return reshape(x, (x.shape[0], int(np.prod(rest))))
+
+
+def transpose(x: Node, axes: Any = None) -> Node:
+    """Permute axes (reverse them when None), as numpy.transpose."""
+    _check_tensor(x, "transpose")
+    perm = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1) for a in axes)
+    if sorted(perm) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: axes {axes!r} are not a permutation of {x.ndim} axes")
+    if perm == tuple(range(x.ndim)):
+        return x
+    if x.op == "transpose":
+        inner = x.attrs["axes"]
+        return transpose(x.inputs[0], tuple(inner[p] for p in perm))
+    return Node("transpose", (x,), {"axes": perm}, tuple(x.shape[p] for p in perm), x.dtype)
+
+
+register("transpose", vjp=lambda node, g: [transpose(g, tuple(np.argsort(node.attrs["axes"])))],
+         ref=lambda node, args, dims: np.transpose(args[0], node.attrs["axes"]), kernel="transpose")
+
+
+# --- matrix products ------------------------------------------------------------------------
+
+def _matmul_node(a: Node, b: Node, ta: bool, tb: bool) -> Node:
+    """C = op(A) op(B), each operand viewed as a matrix (leading dims merged into rows)."""
+    if tb and b.ndim != 2:
+        raise ShapeError(f"matmul: a transposed right operand must be 2-D, got {shape_str(b.shape)}")
+    rows = (a.shape[-1],) if ta else a.shape[:-1]
+    inner_a = a.shape[:-1] if ta else (a.shape[-1],)
+    inner_b = (b.shape[-1],) if tb else b.shape[:-1]
+    cols = (b.shape[0],) if tb else (b.shape[-1],)
+    if size_factors(inner_a) != size_factors(inner_b):
+        raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align "
+                         f"(contracted dims {shape_str(inner_a)} vs {shape_str(inner_b)})")
+    return Node("matmul", (a, b), {"ta": ta, "tb": tb}, rows + cols, FLOAT)
+
+
+def matmul(a: Node, b: Node) -> Node:
+    """Matrix product as NumPy's `@`: (..., m, k) @ (k, n) -> (..., m, n); 1-D operands allowed."""
+    _check_tensor(a, "matmul")
+    _check_tensor(b, "matmul")
+    for x in (a, b):
+        if x.dtype != FLOAT:
+            raise ShapeError(f"matmul: operands must be float, got {shape_str(a.shape)} {a.dtype} @ "
+                             f"{shape_str(b.shape)} {b.dtype}")
+        if x.ndim == 0:
+            raise ShapeError(f"matmul: operands must not be scalars, got {shape_str(a.shape)} @ {shape_str(b.shape)}")
+    if b.ndim > 2:
+        raise ShapeError(f"matmul: the right operand must be 1-D or 2-D, got {shape_str(a.shape)} @ "
+                         f"{shape_str(b.shape)}")
+    if a.shape[-1] != b.shape[0]:
+        raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align: "
+                         f"{a.shape[-1]!r} (dim {a.ndim - 1}) != {b.shape[0]!r} (dim 0)")
+    if b.ndim == 1:
+        return reshape(_matmul_node(a, reshape(b, (b.shape[0], 1)), False, False), a.shape[:-1])
+    return _matmul_node(a, b, False, False)
+
+
+def _matmul_vjp(node: Node, g: Node) -> list[Node]:
+    a, b = node.inputs
+    ta, tb = node.attrs["ta"], node.attrs["tb"]
+    da = _matmul_node(b, g, tb, True) if ta else _matmul_node(g, b, False, not tb)
+    db = _matmul_node(g, a, True, ta) if tb else _matmul_node(a, g, not ta, False)
+    return [da, db]
+
+
+def _as_matrix(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+
+
+def _matmul_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    a, b = (_as_matrix(v) for v in args)
+    a = a.T if node.attrs["ta"] else a
+    b = b.T if node.attrs["tb"] else b
+    return (a @ b).reshape(concrete(node.shape, dims))
+
+
+register("matmul", vjp=_matmul_vjp, ref=_matmul_ref, kernel="gemm")
+
+
+# --- softmax family ------------------------------------------------------------------------
+
+def softmax(x: Node) -> Node:
+    """exp(x) / sum(exp(x)) along the last axis, computed stably (max subtracted)."""
+    _need_float(_check_tensor(x, "softmax"), "softmax")
+    if x.ndim == 0:
+        raise ShapeError("softmax needs at least one axis, got a scalar")
+    return Node("softmax", (x,), {}, x.shape, FLOAT)
+
+
+def log_softmax(x: Node) -> Node:
+    """x - logsumexp(x) along the last axis, computed stably."""
+    _need_float(_check_tensor(x, "log_softmax"), "log_softmax")
+    if x.ndim == 0:
+        raise ShapeError("log_softmax needs at least one axis, got a scalar")
+    return Node("log_softmax", (x,), {}, x.shape, FLOAT)
+
+
+def _softmax_ref(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _log_softmax_ref(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+register("softmax", vjp=lambda node, g: [node * (g - sum(g * node, axis=-1, keepdims=True))],
+         ref=lambda node, args, dims: _softmax_ref(args[0]), kernel="softmax")
+register("log_softmax", vjp=lambda node, g: [g - exp(node) * sum(g, axis=-1, keepdims=True)],
+         ref=lambda node, args, dims: _log_softmax_ref(args[0]), kernel="softmax")
+
+
+# --- losses -------------------------------------------------------------------------------
+
+def _same_shape(a: Node, b: Node, what: str) -> None:
+    if a.shape != b.shape:
+        raise ShapeError(f"{what}: prediction {shape_str(a.shape)} and target {shape_str(b.shape)} "
+                         "must have the same shape")
+
+
+def mse(prediction: Node, target: Node) -> Node:
+    """Mean squared error over all elements (PyTorch's default 'mean' reduction)."""
+    _check_tensor(prediction, "mse")
+    _check_tensor(target, "mse")
+    _same_shape(prediction, target, "mse")
+    return mean(square(prediction - target))
+
+
+def binary_cross_entropy_with_logits(logits: Node, target: Node) -> Node:
+    """Mean over all elements of max(z,0) - z t + log(1 + exp(-|z|)): stable for any z."""
+    _check_tensor(logits, "binary_cross_entropy_with_logits")
+    _check_tensor(target, "binary_cross_entropy_with_logits")
+    _same_shape(logits, target, "binary_cross_entropy_with_logits")
+    return mean(ew(ew_mod.builtin("bce_with_logits"), logits, target))
+
+
+def softmax_cross_entropy(logits: Node, labels: Node) -> Node:
+    """Mean over the batch of -log softmax(logits)[label], with integer labels."""
+    _check_tensor(logits, "softmax_cross_entropy")
+    _check_tensor(labels, "softmax_cross_entropy")
+    _need_float(logits, "softmax_cross_entropy logits")
+    if labels.dtype != INT:
+        raise ShapeError(f"softmax_cross_entropy: labels must be an int32 tensor, got {labels.dtype} "
+                         f"{shape_str(labels.shape)}")
+    if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
+        raise ShapeError(f"softmax_cross_entropy: logits {shape_str(logits.shape)} need labels of shape "
+                         f"{shape_str(logits.shape[:-1])}, got labels {shape_str(labels.shape)}")
+    return Node("softmax_ce", (logits, labels), {}, (), FLOAT)
+
+
+def _softmax_ce_vjp(node: Node, g: Node) -> list[Node | None]:
+    logits, labels = node.inputs
+    return [g * Node("softmax_ce_grad", (logits, labels), {}, logits.shape, FLOAT), None]
+
+
+def _softmax_ce_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    logits, labels = args
+    logp = _log_softmax_ref(logits.reshape(-1, logits.shape[-1]))
+    return -np.mean(logp[np.arange(logp.shape[0]), labels.reshape(-1).astype(np.int64)])
+
+
+def _softmax_ce_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    logits, labels = args
+    flat = logits.reshape(-1, logits.shape[-1])
+    p = _softmax_ref(flat)
+    p[np.arange(flat.shape[0]), labels.reshape(-1).astype(np.int64)] -= 1.0
+    return (p / flat.shape[0]).reshape(logits.shape)
+
+
+register("softmax_ce", vjp=_softmax_ce_vjp, ref=_softmax_ce_ref, kernel="softmax_ce")
+register("softmax_ce_grad", vjp=_no_grad("softmax_ce_grad"), ref=_softmax_ce_grad_ref, kernel="softmax_ce")

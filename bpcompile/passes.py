@@ -1,0 +1,280 @@
+"""Graph passes between autodiff and codegen: simplify, fuse, schedule, and plan memory.
+
+Each pass is small and the order is the explicit list in `schedule()`:
+simplify (rewrite rules to a fixed point) -> dead-code (only what the entry's results reach)
+-> fusion (elementwise clusters) -> kernel order -> storage and liveness of workspace buffers.
+Common subexpressions need no pass: nodes are interned.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ops
+from .ir import FLOAT, Node, size_factors, topo_order
+
+# --- simplify: rewrite rules and one driver -----------------------------------------------
+
+Rule = Callable[[Node], "Node | None"]
+
+
+def _fold_transpose_into_matmul(node: Node) -> Node | None:
+    """matmul(transpose(a), b) -> matmul(a, b, ta): GEMM reads the operand transposed, no copy."""
+    if node.op != "matmul":
+        return None
+    a, b = node.inputs
+    ta, tb = node.attrs["ta"], node.attrs["tb"]
+    if a.op == "transpose" and a.ndim == 2 and a.attrs["axes"] == (1, 0):
+        return ops._matmul_node(a.inputs[0], b, not ta, tb)
+    if b.op == "transpose" and b.ndim == 2 and b.attrs["axes"] == (1, 0) and (not tb or b.inputs[0].ndim == 2):
+        return ops._matmul_node(a, b.inputs[0], ta, not tb)
+    return None
+
+
+def _drop_trivial_reduce(node: Node) -> Node | None:
+    """A sum over axes of size 1 is a reshape."""
+    if node.op == "reduce" and not node.attrs["mean"] and all(node.inputs[0].shape[a] == 1 for a in node.attrs["axes"]):
+        return ops.reshape(node.inputs[0], node.shape)
+    return None
+
+
+RULES: list[Rule] = [_fold_transpose_into_matmul, _drop_trivial_reduce]
+
+
+def simplify(roots: list[Node], rules: list[Rule] = RULES) -> list[Node]:
+    """Apply `rules` bottom-up until none fires; returns the rewritten roots."""
+    memo: dict[Node, Node] = {}
+
+    def rebuild(node: Node) -> Node:
+        if node in memo:
+            return memo[node]
+        new_inputs = tuple(memo[x] for x in node.inputs)
+        current = node if new_inputs == node.inputs else _with_inputs(node, new_inputs)
+        changed = True
+        while changed:
+            changed = False
+            for rule in rules:
+                replaced = rule(current)
+                if replaced is not None and replaced is not current:
+                    current, changed = rebuild_fresh(replaced), True
+                    break
+        memo[node] = current
+        return current
+
+    def rebuild_fresh(node: Node) -> Node:
+        for x in topo_order([node]):
+            if x not in memo:
+                rebuild(x)
+        return memo[node]
+
+    for node in topo_order(roots):
+        rebuild(node)
+    return [memo[r] for r in roots]
+
+
+def _with_inputs(node: Node, inputs: tuple[Node, ...]) -> Node:
+    return Node(node.op, inputs, node.attrs, node.shape, node.dtype)
+
+
+# --- storage --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Storage:
+    """Where a value lives: an input/output slot, a parameter/gradient offset, or the workspace."""
+
+    kind: str  # "input", "param", "grad", "output", "ws", "state"
+    index: int  # slot number, element offset, or workspace buffer number
+    name: str = ""
+
+
+@dataclass
+class Kernel:
+    """One generated C function call: the nodes it computes, what it reads and writes."""
+
+    kind: str
+    nodes: list[Node]
+    inputs: list[Node]
+    outputs: list[Node]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Buffer:
+    """A workspace buffer: its element count as factors, dtype, and live kernel interval."""
+
+    node: Node
+    coef: int
+    dims: tuple[str, ...]
+    start: int
+    end: int
+
+
+@dataclass
+class Schedule:
+    order: list[Node]
+    kernels: list[Kernel]
+    storage: dict[Node, Storage]
+    buffers: list[Buffer]
+
+
+# --- fusion -----------------------------------------------------------------------------------
+
+def _consumers(order: list[Node]) -> dict[Node, list[Node]]:
+    users: dict[Node, list[Node]] = defaultdict(list)
+    for node in order:
+        for x in node.inputs:
+            if node not in users[x]:
+                users[x].append(node)
+    return users
+
+
+def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
+    """Group elementwise nodes of one shape into clusters computed by one loop.
+
+    Growing from a consumer towards its producers, a producer joins when the cluster stays a
+    node of an acyclic kernel graph: no path leaves the cluster and comes back.
+    """
+    index = {n: i for i, n in enumerate(order)}
+    users = _consumers(order)
+    reach = [0] * len(order)  # bit set of nodes reachable downstream of each node (itself included)
+    for i in reversed(range(len(order))):
+        bits = 1 << i
+        for u in users[order[i]]:
+            bits |= reach[index[u]]
+        reach[i] = bits
+    clustered: set[Node] = set()
+    clusters: list[list[Node]] = []
+    for root in reversed(order):
+        if root.op != "ew" or root in clustered:
+            continue
+        members, mask = [root], 1 << index[root]
+        leaves_reach = _outside_reach(root, users, index, reach, mask)
+        frontier = list(root.inputs)
+        while frontier:
+            p = frontier.pop()
+            if p.op != "ew" or p in clustered or p.shape != root.shape or (mask >> index[p]) & 1:
+                continue
+            if (leaves_reach >> index[p]) & 1:
+                continue  # a path from the cluster through outside nodes reaches p
+            outside = [u for u in users[p] if not (mask >> index[u]) & 1]
+            if any(reach[index[u]] & mask for u in outside):
+                continue  # p's value would leave the cluster and come back into it
+            members.append(p)
+            mask |= 1 << index[p]
+            for u in outside:
+                leaves_reach |= reach[index[u]]
+            frontier.extend(p.inputs)
+        members.sort(key=index.__getitem__)
+        clustered.update(members)
+        clusters.append(members)
+    return clusters
+
+
+def _outside_reach(node: Node, users, index, reach, mask: int) -> int:
+    bits = 0
+    for u in users[node]:
+        if not (mask >> index[u]) & 1:
+            bits |= reach[index[u]]
+    return bits
+
+
+# --- the schedule ------------------------------------------------------------------------------
+
+def schedule(results: list[tuple[Storage, Node]], leaf_storage: Callable[[Node], Storage]) -> Schedule:
+    """Lower an entry point: kernels in order, storage of every value, workspace liveness."""
+    roots = simplify([node for _, node in results])
+    results = [(dest, node) for (dest, _), node in zip(results, roots)]
+    order = topo_order(roots)
+    result_nodes = {node for _, node in results}
+    clusters = fuse_elementwise(order, result_nodes)
+    users = _consumers(order)
+    kernels: list[Kernel] = []
+    cluster_of: dict[Node, int] = {}
+    for members in clusters:
+        member_set = set(members)
+        inputs = _unique(x for m in members for x in m.inputs if x not in member_set)
+        outputs = [m for m in members if m in result_nodes or any(u not in member_set for u in users[m])]
+        for m in members:
+            cluster_of[m] = len(kernels)
+        kernels.append(Kernel("elementwise", members, inputs, outputs))
+    for node in order:
+        kind = ops.OPS[node.op].kernel
+        if kind in ("leaf", "view", "elementwise"):
+            continue
+        kernels.append(Kernel(kind, [node], list(node.inputs), [node]))
+    kernels = _order_kernels(kernels, order)
+
+    storage: dict[Node, Storage] = {}
+    for node in order:
+        if node.op in ("input", "param"):
+            storage[node] = leaf_storage(node)
+    copies: list[Kernel] = []
+    produced = {out for k in kernels for out in k.outputs}
+    for dest, node in results:
+        root = _view_root(node)
+        if root in produced and root not in storage:
+            storage[root] = dest  # the producing kernel writes straight into the result slot
+        else:
+            copies.append(Kernel("copy", [node], [node], [node], {"dest": dest}))
+    kernels += copies
+
+    buffers = _workspace(kernels, storage, produced)
+    for b, buf in enumerate(buffers):
+        storage[buf.node] = Storage("ws", b)
+    return Schedule(order, kernels, storage, buffers)
+
+
+def _unique(items) -> list:
+    out: list = []
+    for x in items:
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _view_root(node: Node) -> Node:
+    while ops.OPS[node.op].kernel == "view":
+        node = node.inputs[0]
+    return node
+
+
+def _order_kernels(kernels: list[Kernel], order: list[Node]) -> list[Kernel]:
+    """Topological order of the kernels, ties broken by graph order (deterministic)."""
+    index = {n: i for i, n in enumerate(order)}
+    producer = {out: k for k, kern in enumerate(kernels) for out in kern.nodes}
+    deps = [{producer[_view_root(x)] for x in kern.inputs if _view_root(x) in producer} - {k}
+            for k, kern in enumerate(kernels)]
+    done: list[int] = []
+    remaining = set(range(len(kernels)))
+    rank = [max(index[n] for n in kern.nodes) for kern in kernels]
+    while remaining:
+        ready = [k for k in remaining if not (deps[k] - set(done))]
+        k = min(ready, key=rank.__getitem__)
+        done.append(k)
+        remaining.remove(k)
+    return [kernels[k] for k in done]
+
+
+def _workspace(kernels: list[Kernel], storage: dict[Node, Storage], produced: set[Node]) -> list[Buffer]:
+    """Workspace buffers of the values no result slot holds, with their live kernel interval."""
+    start: dict[Node, int] = {}
+    end: dict[Node, int] = {}
+    for k, kern in enumerate(kernels):
+        for out in kern.outputs:
+            if out not in storage and kern.kind != "copy":
+                start.setdefault(out, k)
+                end[out] = max(end.get(out, k), k)
+        for x in kern.inputs:
+            root = _view_root(x)
+            if root in start:
+                end[root] = max(end[root], k)
+    buffers = []
+    for node, s in start.items():
+        if node.dtype != FLOAT:
+            raise AssertionError(f"integer intermediate {node}")
+        coef, dims = size_factors(node.shape)
+        buffers.append(Buffer(node, coef, dims, s, end[node]))
+    return buffers

@@ -1,0 +1,371 @@
+"""Runtime: a built model as a Python object. NumPy in, NumPy out, one native call per method.
+
+Nothing here imports SymPy or runs a compiler: `bp.load(path)` works from a build folder alone.
+Parameters, gradients and optimizer state each live in one flat 64-byte-aligned buffer, with
+per-parameter NumPy views. Intermediates live in a workspace arena planned by liveness and
+allocated once per runtime shape; arenas are pooled, so calls from several threads never share
+one. The native call releases the GIL.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError, InputError
+from .init import initial_value
+
+ALIGN = 64
+_MODULES: dict[str, Any] = {}
+_MODULES_LOCK = threading.Lock()
+
+
+def aligned_empty(count: int, dtype: Any) -> np.ndarray:
+    """A zeroed 1-D array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(count * dtype.itemsize + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + count * dtype.itemsize].view(dtype)
+
+
+def _load_module(path: Path, meta: dict) -> Any:
+    name = meta["module"]
+    with _MODULES_LOCK:
+        if name in _MODULES:
+            return _MODULES[name]
+        file = path / meta["module_file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{path} holds no built module {meta['module_file']}: rebuild the model")
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules.setdefault(name, module)
+        _MODULES[name] = module
+        return module
+
+
+def plan_offsets(buffers: list[list], dims: Mapping[str, int], itemsize: int) -> tuple[np.ndarray, int]:
+    """Byte offsets of workspace buffers: largest first, each at the lowest 64-byte-aligned
+    offset that overlaps no buffer alive at the same time. Returns (offsets, arena bytes)."""
+    sizes = []
+    for coef, names, _, _ in buffers:
+        n = coef
+        for d in names:
+            n *= dims[d]
+        sizes.append(-(-n * itemsize // ALIGN) * ALIGN)
+    offsets = np.zeros(len(buffers), dtype=np.int64)
+    placed: list[tuple[int, int, int, int]] = []  # (offset, end, start kernel, end kernel)
+    for b in sorted(range(len(buffers)), key=lambda i: (-sizes[i], i)):
+        _, _, s, e = buffers[b]
+        clashes = sorted((o, oe) for o, oe, ps, pe in placed if ps <= e and s <= pe)
+        offset = 0
+        for o, oe in clashes:
+            if offset + sizes[b] <= o:
+                break
+            offset = max(offset, oe)
+        offsets[b] = offset
+        placed.append((offset, offset + sizes[b], s, e))
+    total = max((o + sz for o, sz in zip(offsets, sizes)), default=0)
+    return offsets, int(total)
+
+
+class Entry:
+    """One native entry point: its function, the inputs it reads and its workspace buffers."""
+
+    def __init__(self, lib: Any, name: str, spec: dict):
+        self.name = name
+        self.fn = getattr(lib, "bp_" + name)
+        self.inputs: list[str] = spec["inputs"]
+        self.buffers: list[list] = spec["buffers"]
+        self.results: list[dict] = spec["results"]
+
+
+class CompiledModel:
+    """A compiled graph: call `forward`, `loss`, `loss_and_grad` and `train_step` with NumPy arrays."""
+
+    def __init__(self, build_path: str | Path, seed: int = 0, optimizer: Any = None,
+                 init_arrays: Mapping[str, np.ndarray] | None = None):
+        self.build_path = Path(build_path)
+        meta_file = self.build_path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{self.build_path} is not a bpcompile build folder (no meta.json)")
+        self.meta = meta = json.loads(meta_file.read_text())
+        self.name: str = meta["name"]
+        self.dtype = np.dtype(meta["dtype"])
+        self._ctype = "float[]" if self.dtype == np.float32 else "double[]"
+        self._module = _load_module(self.build_path, meta)
+        self._ffi, self._lib = self._module.ffi, self._module.lib
+        self._inputs: dict[str, dict] = {i["name"]: i for i in meta["inputs"]}
+        self._dims: list[str] = meta["dims"]
+        self._entries = {name: Entry(self._lib, name, spec) for name, spec in meta["entries"].items()}
+        self._losses: dict[str, dict] = {spec["name"]: spec for spec in meta["losses"]}
+        self._params_flat = aligned_empty(meta["param_size"], self.dtype)
+        self._grads_flat = aligned_empty(meta["param_size"], self.dtype)
+        self._state_flat = aligned_empty(max(meta["state_size"], 1), self.dtype)
+        self.params: dict[str, np.ndarray] = {p["name"]: self._view(self._params_flat, p) for p in meta["params"]}
+        self.grads: dict[str, np.ndarray] = {p["name"]: self._view(self._grads_flat, p) for p in meta["params"]}
+        self.optimizer = optimizer if optimizer is not None else self._optimizer_from_meta()
+        self.step = 0
+        self._train_lock = threading.Lock()
+        self._plans: dict[tuple, tuple[np.ndarray, int]] = {}
+        self._arenas: dict[tuple, list[np.ndarray]] = {}
+        self._init_arrays = dict(init_arrays or {})
+        self.reset_parameters(seed)
+
+    # --- parameters ----------------------------------------------------------------------
+    def _view(self, flat: np.ndarray, p: dict) -> np.ndarray:
+        size = int(np.prod(p["shape"], dtype=np.int64))
+        return flat[p["offset"]:p["offset"] + size].reshape(p["shape"])
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Draw every parameter from its initializer (in declaration order) and clear optimizer state."""
+        rng = np.random.default_rng(seed)
+        for p in self.meta["params"]:
+            init = p["init"]
+            if init == "array":  # an array given at compile time; bp.load has none: zeros
+                init = np.asarray(self._init_arrays.get(p["name"], np.zeros(p["shape"])), dtype=np.float64)
+            self.params[p["name"]][...] = initial_value(init, tuple(p["shape"]), rng)
+        self._state_flat[...] = 0
+        self.step = 0
+
+    def _optimizer_from_meta(self):
+        cfg = self.meta.get("optimizer")
+        if not cfg:
+            return None
+        from .optim import from_config
+        return from_config(cfg)
+
+    @property
+    def c_source(self) -> str:
+        """The generated C of the model's kernels, as compiled."""
+        return (self.build_path / "model.c").read_text()
+
+    @property
+    def param_count(self) -> int:
+        return int(sum(v.size for v in self.params.values()))
+
+    def workspace_bytes(self, **dims: int) -> int:
+        """Bytes of the workspace arena for the given runtime sizes (e.g. batch=128)."""
+        return self._plan(tuple(int(dims.get(d, 1)) for d in self._dims))[1]
+
+    # --- validating inputs ---------------------------------------------------------------
+    def _prepare(self, entry: Entry, given: Mapping[str, Any]) -> tuple[list[np.ndarray], tuple[int, ...]]:
+        unknown = [k for k in given if k not in self._inputs]
+        if unknown:
+            raise InputError(f"model {self.name!r}: unknown input {unknown[0]!r}; its inputs are "
+                             f"{list(self._inputs)}")
+        missing = [k for k in entry.inputs if k not in given]
+        if missing:
+            raise InputError(f"model {self.name!r}: missing input {missing[0]!r} (this call needs "
+                             f"{entry.inputs})")
+        dims: dict[str, int] = {}
+        arrays = []
+        for name in entry.inputs:
+            arrays.append(self._convert(name, given[name], dims))
+        for name, value in given.items():
+            if name not in entry.inputs:
+                self._convert(name, value, dict(dims))
+        return arrays, tuple(dims.get(d, 0) for d in self._dims)
+
+    def _convert(self, name: str, value: Any, dims: dict[str, int]) -> np.ndarray:
+        spec = self._inputs[name]
+        shape = spec["shape"]
+        try:
+            array = np.asarray(value)
+        except Exception as e:  # ragged lists, objects NumPy cannot hold
+            raise InputError(f"input {name!r}: cannot convert {type(value).__name__} to an array ({e})") from None
+        kind = array.dtype.kind
+        if spec["dtype"] == "int32":
+            if kind not in "iub":
+                raise InputError(f"input {name!r}: expected integer labels (int32), got {array.dtype}; "
+                                 "convert with .astype(int) if the values are whole numbers")
+            if array.size and kind in "iu" and (array.min() < -2**31 or array.max() >= 2**31):
+                raise InputError(f"input {name!r}: values do not fit in int32")
+            target = np.int32
+        else:
+            if kind not in "fiub":
+                raise InputError(f"input {name!r}: expected numbers convertible to {self.dtype}, got {array.dtype}")
+            target = self.dtype
+        if array.ndim != len(shape):
+            raise InputError(f"input {name!r}: expected shape {tuple(shape)} ({len(shape)} dims), "
+                             f"got {array.shape}")
+        for axis, (want, got) in enumerate(zip(shape, array.shape)):
+            if isinstance(want, str):
+                if got < 1:
+                    raise InputError(f"input {name!r}: dimension {want!r} is {got}; it must be at least 1")
+                if dims.setdefault(want, got) != got:
+                    raise InputError(f"input {name!r}: dimension {want!r} is {got} here but {dims[want]} in "
+                                     "another input")
+            elif want != got:
+                raise InputError(f"input {name!r}: expected shape {tuple(shape)}, got {array.shape} "
+                                 f"(axis {axis} is {got}, expected {want})")
+        return np.ascontiguousarray(array, dtype=target)
+
+    # --- the native call ---------------------------------------------------------------------
+    def _plan(self, dims: tuple[int, ...]) -> tuple[dict[str, np.ndarray], int]:
+        plan = self._plans.get(dims)
+        if plan is None:
+            named = dict(zip(self._dims, (max(d, 1) for d in dims)))
+            offsets = {}
+            size = 0
+            for name, entry in self._entries.items():
+                offsets[name], n = plan_offsets(entry.buffers, named, self.dtype.itemsize)
+                size = max(size, n)
+            plan = self._plans[dims] = (offsets, size)
+        return plan
+
+    def _call(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray],
+              grads: np.ndarray, hyper: np.ndarray | None = None) -> None:
+        entry = self._entries[entry_name]
+        arrays, dims = self._prepare(entry, given)
+        offsets, size = self._plan(dims)
+        pool = self._arenas.setdefault(dims, [])
+        try:
+            arena = pool.pop()
+        except IndexError:
+            arena = aligned_empty(max(size, ALIGN), np.uint8)
+        ffi, real = self._ffi, self._ctype
+        try:
+            dims_arr = np.asarray(dims, dtype=np.int64)
+            hyper = hyper if hyper is not None else np.zeros(1)
+            rc = entry.fn(ffi.from_buffer("int64_t[]", dims_arr), ffi.from_buffer("char[]", arena),
+                          ffi.from_buffer("int64_t[]", offsets[entry_name]),
+                          ffi.from_buffer(real, self._params_flat), ffi.from_buffer(real, grads),
+                          ffi.from_buffer(real, self._state_flat),
+                          ffi.new("void *[]", [ffi.from_buffer(a) for a in arrays] or [ffi.NULL]),
+                          ffi.new("void *[]", [ffi.from_buffer(o) for o in outputs] or [ffi.NULL]),
+                          ffi.from_buffer("double[]", hyper))
+        finally:
+            pool.append(arena)
+        if rc != 0:
+            raise InputError(self._label_error(entry, arrays))
+
+    def _label_error(self, entry: Entry, arrays: list[np.ndarray]) -> str:
+        for name, array in zip(entry.inputs, arrays):
+            spec = self._inputs[name]
+            if spec["dtype"] == "int32" and array.size:
+                bound = spec.get("classes")
+                return (f"input {name!r}: labels must be class indices in [0, {bound}), got values from "
+                        f"{array.min()} to {array.max()}")
+        return f"model {self.name!r}: the native call rejected its input data"
+
+    # --- the public calls ----------------------------------------------------------------
+    def forward(self, **inputs: Any) -> dict[str, np.ndarray]:
+        """Named outputs (eval mode: running statistics, no dropout)."""
+        if "forward" not in self._entries:
+            raise InputError(f"model {self.name!r} declares no outputs (use g.output(name, tensor))")
+        entry = self._entries["forward"]
+        arrays, dims = self._prepare(entry, inputs)
+        named = dict(zip(self._dims, dims))
+        outputs = [np.empty([named[d] if isinstance(d, str) else d for d in r["shape"]], dtype=self.dtype)
+                   for r in entry.results]
+        self._call("forward", inputs, outputs, self._grads_flat)
+        return {r["name"]: o for r, o in zip(entry.results, outputs)}
+
+    def _loss_spec(self, loss: str | None) -> dict:
+        if not self._losses:
+            raise InputError(f"model {self.name!r} declares no loss (use g.loss(expr))")
+        if loss is None:
+            if len(self._losses) > 1:
+                raise InputError(f"model {self.name!r} has several losses {list(self._losses)}; pass loss=...")
+            return next(iter(self._losses.values()))
+        if loss not in self._losses:
+            raise InputError(f"model {self.name!r} has no loss {loss!r}; its losses are {list(self._losses)}")
+        return self._losses[loss]
+
+    def loss(self, loss: str | None = None, **inputs: Any) -> float:
+        """The loss value on a batch (training mode), without gradients."""
+        spec = self._loss_spec(loss)
+        out = np.empty(1, dtype=self.dtype)
+        self._call(spec["entries"]["loss"], inputs, [out], self._grads_flat)
+        return float(out[0])
+
+    def loss_and_grad(self, loss: str | None = None, **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
+        """The loss and the gradient of every parameter it trains (fresh arrays each call)."""
+        spec = self._loss_spec(loss)
+        out = np.empty(1, dtype=self.dtype)
+        grads = aligned_empty(self.meta["param_size"], self.dtype)
+        self._call(spec["entries"]["grad"], inputs, [out], grads)
+        layout = {p["name"]: p for p in self.meta["params"]}
+        return float(out[0]), {n: self._view(grads, layout[n]) for n in spec["params"]}
+
+    def train_step(self, loss: str | None = None, lr: float | None = None, **inputs: Any) -> float:
+        """Forward, backward and the optimizer update in one native call; returns the loss
+        (computed before the update). `lr` overrides the schedule for this step."""
+        spec = self._loss_spec(loss)
+        if self.optimizer is None:
+            raise InputError(f"model {self.name!r} was compiled without an optimizer")
+        out = np.empty(1, dtype=self.dtype)
+        with self._train_lock:
+            step = self.step + 1
+            rate = self.optimizer.lr_at(step) if lr is None else float(lr)
+            hyper = np.asarray(list(self.optimizer.hyper(step, rate).values()) or [0.0], dtype=np.float64)
+            self._call(spec["entries"]["train"], inputs, [out], self._grads_flat, hyper)
+            self.step = step
+        return float(out[0])
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def _signature(self) -> dict[str, Any]:
+        return {"graph": self.name, "dtype": self.dtype.name,
+                "params": [[p["name"], p["shape"]] for p in self.meta["params"]],
+                "state_size": self.meta["state_size"],
+                "optimizer": (self.meta.get("optimizer") or {}).get("kind")}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write parameters, optimizer state and step count to an .npz, atomically."""
+        path = Path(path)
+        arrays = {f"param/{k}": v for k, v in self.params.items()}
+        arrays["state"] = self._state_flat[:self.meta["state_size"]]
+        arrays["step"] = np.asarray(self.step, dtype=np.int64)
+        arrays["signature"] = np.asarray(json.dumps(self._signature()))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                files = {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
+        except Exception as e:  # zipfile.BadZipFile and friends on truncated files
+            raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        if "signature" not in files:
+            raise CheckpointError(f"{path}: not a bpcompile checkpoint (no signature)")
+        theirs = json.loads(str(files["signature"]))
+        mine = self._signature()
+        for key in ("graph", "dtype", "params", "state_size", "optimizer"):
+            if theirs.get(key) != mine[key]:
+                raise CheckpointError(f"{path}: checkpoint {key} {theirs.get(key)!r} does not match this "
+                                      f"model's {mine[key]!r}")
+        for name, view in self.params.items():
+            view[...] = files[f"param/{name}"]
+        self._state_flat[:self.meta["state_size"]] = files["state"]
+        self.step = int(files["step"])
+
+    def __repr__(self) -> str:
+        return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
+                f"entries {list(self._entries)} at {self.build_path}>")
+
+
+def load(build_path: str | Path, seed: int = 0) -> CompiledModel:
+    """Load a built model from its folder (no SymPy, no compiler); parameters drawn with `seed`."""
+    return CompiledModel(build_path, seed=seed)

@@ -1,0 +1,231 @@
+"""Elementwise functions as SymPy expressions, and their derivatives as SymPy derives them.
+
+Every elementwise op in bpcompile - arithmetic, activations, a user's own function - is an
+`Fn`: a SymPy expression of canonical real argument symbols `a0, a1, ...`. Its partial
+derivatives come from `sympy.diff`, are simplified, and, where that is cheaper, rewritten in
+terms of the function's own output `y` (sigmoid' = y(1-y), tanh' = 1-y^2, exp' = y) so the
+backward pass reuses what the forward pass stored. Nothing here is a hand-written derivative.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import mpmath
+import sympy as sp
+
+ARGS = tuple(sp.Symbol(f"a{i}", real=True) for i in range(16))
+OUT = sp.Symbol("y", real=True)  # the function's own output, for derivatives rewritten in it
+
+_FNS: dict[tuple, Fn] = {}
+
+
+def dim_symbol(name: str) -> sp.Symbol:
+    """The SymPy symbol of a named runtime dimension (used by mean's 1/count)."""
+    return sp.Symbol(f"n[{name}]", positive=True, integer=True)
+
+
+def is_dim_symbol(sym: sp.Symbol) -> bool:
+    return sym.name.startswith("n[") and sym.name.endswith("]")
+
+
+def dim_name(sym: sp.Symbol) -> str:
+    return sym.name[2:-1]
+
+
+@dataclass(frozen=True)
+class Partial:
+    """One derived partial derivative: as `sympy.diff` gave it, as used, and whether it uses y."""
+
+    raw: sp.Expr
+    expr: sp.Expr
+    uses_output: bool
+
+
+class Fn:
+    """A scalar function of `nargs` arguments given by a SymPy expression of `ARGS[:nargs]`.
+
+    Interned: the same (name, expression) gives the same object, so graph nodes that hold it
+    intern too.
+    """
+
+    __slots__ = ("name", "expr", "nargs", "display", "_key")
+
+    def __new__(cls, name: str, expr: sp.Expr, nargs: int, display: tuple[str, ...] | None = None) -> Fn:
+        expr = sp.sympify(expr)
+        key = (name, sp.srepr(expr), nargs)
+        fn = _FNS.get(key)
+        if fn is not None:
+            return fn
+        extra = [s for s in expr.free_symbols if s not in ARGS[:nargs] and not is_dim_symbol(s)]
+        if extra:
+            raise ValueError(f"elementwise function {name!r}: free symbols {sorted(map(str, extra))} "
+                             "are not among its arguments")
+        fn = object.__new__(cls)
+        fn.name, fn.expr, fn.nargs, fn._key = name, expr, nargs, key
+        fn.display = display or tuple(f"a{i}" for i in range(nargs))
+        _FNS[key] = fn
+        return fn
+
+    def __repr__(self) -> str:
+        return f"Fn({self.name}: {self.pretty()})"
+
+    def __reduce__(self):
+        return (Fn, (self.name, self.expr, self.nargs, self.display))
+
+    def pretty(self, expr: sp.Expr | None = None) -> str:
+        """The expression with the user's argument names."""
+        names = {ARGS[i]: sp.Symbol(n) for i, n in enumerate(self.display)}
+        if "y" in self.display:
+            names[OUT] = sp.Symbol("out")
+        return str((self.expr if expr is None else expr).xreplace(names))
+
+    def partial(self, i: int) -> Partial:
+        """d fn / d a_i, derived by SymPy, simplified, possibly in terms of the output y."""
+        return _derive(self, i)
+
+
+def make_fn(name: str, expr: sp.Expr, symbols: tuple[sp.Symbol, ...]) -> Fn:
+    """Build an Fn from an expression over a user's own symbols (any assumptions)."""
+    if len(symbols) > len(ARGS):
+        raise ValueError(f"elementwise function {name!r}: at most {len(ARGS)} arguments")
+    if len(set(symbols)) != len(symbols) or not all(isinstance(s, sp.Symbol) for s in symbols):
+        raise ValueError(f"elementwise function {name!r}: arguments must be distinct SymPy symbols, got {symbols}")
+    expr = sp.sympify(expr)
+    if not isinstance(expr, sp.Expr):
+        raise ValueError(f"elementwise function {name!r}: {expr!r} is not a scalar SymPy expression")
+    extra = expr.free_symbols - set(symbols)
+    if extra:
+        raise ValueError(f"elementwise function {name!r}: free symbols {sorted(map(str, extra))} "
+                         f"are not among its arguments {[str(s) for s in symbols]}")
+    canon = expr.xreplace({s: ARGS[i] for i, s in enumerate(symbols)})
+    if canon.has(sp.I) or canon.has(sp.zoo) or canon.has(sp.nan):
+        raise ValueError(f"elementwise function {name!r}: {expr} is not a real-valued expression")
+    return Fn(name, canon, len(symbols), tuple(str(s) for s in symbols))
+
+
+# --- derivation ---------------------------------------------------------------------------
+
+_TRANSCENDENTAL = (sp.exp, sp.log, sp.tanh, sp.cosh, sp.sinh, sp.erf, sp.sin, sp.cos, sp.atan, sp.LambertW)
+
+
+def cost(expr: sp.Expr) -> int:
+    """A rough evaluation cost: operations, plus extra weight for transcendental calls."""
+    calls = sum(1 for f in expr.atoms(sp.Function) if isinstance(f, _TRANSCENDENTAL))
+    calls += sum(1 for p in expr.atoms(sp.Pow) if not p.exp.is_Integer)
+    piecewise = sum(len(p.args) for p in expr.atoms(sp.Piecewise))
+    return int(sp.count_ops(expr)) + 8 * calls + 4 * piecewise
+
+
+def _simplified(expr: sp.Expr) -> sp.Expr:
+    """The cheaper of `expr` and `sympy.simplify(expr)`."""
+    if sp.count_ops(expr) > 300:
+        return expr
+    try:
+        simple = sp.simplify(expr)
+    except Exception:  # SymPy gives up on some piecewise forms: keep the plain derivative
+        return expr
+    return simple if cost(simple) < cost(expr) else expr
+
+
+_SAMPLE_POINTS = ("-2.31", "-1.13", "-0.37", "0.29", "0.83", "1.71", "2.93", "0.061", "-0.59")
+
+
+def _fit_in_output(fn: Fn, deriv: sp.Expr) -> sp.Expr | None:
+    """Express a one-argument derivative as c0 + c1 y + c2 y^2 + c3/y, if it is one.
+
+    The coefficients are fitted at sample points in 30-digit arithmetic, rationalized, and the
+    result accepted only if it matches the derivative at every sample point.
+    """
+    x = ARGS[0]
+    if deriv.has(sp.Piecewise, sp.Heaviside, sp.sign, sp.Max, sp.Min, sp.Abs) or not deriv.has(x):
+        return None
+    basis = (sp.Integer(1), OUT, OUT**2, 1 / OUT)
+    rows, rhs = [], []
+    with mpmath.workdps(30):
+        for point in _SAMPLE_POINTS:
+            try:
+                y = sp.N(fn.expr.subs(x, sp.Float(point, 30)), 30)
+                d = sp.N(deriv.subs(x, sp.Float(point, 30)), 30)
+            except (TypeError, ValueError, ZeroDivisionError):
+                continue
+            if not (y.is_real and d.is_real and y.is_finite and d.is_finite) or y == 0:
+                continue
+            rows.append([mpmath.mpf(str(b.subs(OUT, y))) for b in basis])
+            rhs.append(mpmath.mpf(str(d)))
+        if len(rows) < 7:
+            return None
+        try:
+            coef = mpmath.lu_solve(mpmath.matrix(rows[:4]), mpmath.matrix(rhs[:4]))
+        except ZeroDivisionError:
+            return None
+        coefs = [sp.nsimplify(sp.Float(str(c), 30), tolerance=1e-20, rational=True) for c in coef]
+        fitted = sum(c * b for c, b in zip(coefs, basis))
+        for row, want in zip(rows, rhs):
+            got = sum(mpmath.mpf(str(c)) * r for c, r in zip(coefs, row))
+            if abs(got - want) > mpmath.mpf("1e-22") * (1 + abs(want)):
+                return None
+    return sp.expand(fitted) if fitted != 0 else None
+
+
+@functools.cache
+def _derive_cached(key: tuple, i: int) -> Partial:
+    fn = _FNS[key]
+    raw = sp.diff(fn.expr, ARGS[i])
+    best = _simplified(raw)
+    uses_output = False
+    if fn.nargs == 1:
+        in_output = _fit_in_output(fn, raw)
+        if in_output is not None and cost(in_output) < cost(best):
+            best, uses_output = in_output, True
+    return Partial(raw=raw, expr=best, uses_output=uses_output)
+
+
+def _derive(fn: Fn, i: int) -> Partial:
+    if not 0 <= i < fn.nargs:
+        raise IndexError(f"{fn.name} has {fn.nargs} arguments, no argument {i}")
+    return _derive_cached(fn._key, i)
+
+
+# --- the built-in functions ----------------------------------------------------------------
+
+a0, a1 = ARGS[0], ARGS[1]
+
+BUILTIN: dict[str, tuple[sp.Expr, int]] = {
+    "neg": (-a0, 1),
+    "add": (a0 + a1, 2),
+    "sub": (a0 - a1, 2),
+    "mul": (a0 * a1, 2),
+    "div": (a0 / a1, 2),
+    "pow": (a0**a1, 2),
+    "relu": (sp.Max(a0, 0), 1),
+    "sigmoid": (1 / (1 + sp.exp(-a0)), 1),
+    "tanh": (sp.tanh(a0), 1),
+    # max(x, 0) + log1p(exp(-|x|)): finite for every x, unlike log(1 + exp(x))
+    "softplus": (sp.Max(a0, 0) + sp.log(1 + sp.exp(-sp.Abs(a0))), 1),
+    "gelu": (a0 / 2 * (1 + sp.erf(a0 / sp.sqrt(2))), 1),
+    "silu": (a0 / (1 + sp.exp(-a0)), 1),
+    "exp": (sp.exp(a0), 1),
+    "log": (sp.log(a0), 1),
+    "sqrt": (sp.sqrt(a0), 1),
+    "square": (a0**2, 1),
+    "abs": (sp.Abs(a0), 1),
+    # binary cross-entropy with logits z and targets t, in its stable form
+    "bce_with_logits": (sp.Max(a0, 0) - a0 * a1 + sp.log(1 + sp.exp(-sp.Abs(a0))), 2),
+}
+
+
+def builtin(name: str) -> Fn:
+    expr, nargs = BUILTIN[name]
+    return Fn(name, expr, nargs)
+
+
+def leaky_relu_fn(negative_slope: float) -> Fn:
+    slope = sp.Float(negative_slope) if not float(negative_slope).is_integer() else sp.Integer(int(negative_slope))
+    return Fn("leaky_relu", sp.Piecewise((a0, a0 > 0), (slope * a0, True)), 1)
+
+
+def elu_fn(alpha: float) -> Fn:
+    alpha_ = sp.Float(alpha) if not float(alpha).is_integer() else sp.Integer(int(alpha))
+    return Fn("elu", sp.Piecewise((a0, a0 > 0), (alpha_ * (sp.exp(a0) - 1), True)), 1)
