@@ -127,6 +127,16 @@ def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def _classifier(graph: Graph, loss: Node) -> dict[str, str] | None:
+    """{output, labels} when a loss is softmax cross-entropy of a named output and an input."""
+    for node in topo_order([loss]):
+        if node.op == "softmax_ce" and node.inputs[1].op == "input":
+            for name, out in graph.outputs.items():
+                if out is node.inputs[0]:
+                    return {"output": name, "labels": node.inputs[1].attrs["name"]}
+    return None
+
+
 def _label_classes(roots: list[Node]) -> dict[str, int]:
     """For integer inputs used as class labels, the number of classes (for error messages)."""
     classes = {}
@@ -202,6 +212,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         "optimizer": optimizer.config() if optimizer else None,
         "outputs": list(graph.outputs),
         "losses": [{"name": lname, "params": list(spec.params or graph.params),
+                    "classifier": _classifier(graph, spec.node),
                     "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "grad", "train")
                                 if f"{kind}_{plan_suffix}" in entry_meta}}
                    for (lname, spec), plan_suffix in zip(graph.losses.items(), _loss_suffixes(graph))],

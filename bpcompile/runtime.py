@@ -313,6 +313,26 @@ class CompiledModel:
             self.step = step
         return float(out[0])
 
+    # --- training loop (bpcompile.training) ----------------------------------------------
+    def fit(self, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+            seed: int = 0, validation: Mapping[str, Any] | None = None, loss: str | None = None,
+            verbose: bool = True) -> dict[str, list[float]]:
+        """Train on a dict of arrays for `epochs`; returns the per-epoch history."""
+        from .training import fit
+        return fit(self, data, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
+                   validation=validation, loss=loss, verbose=verbose)
+
+    def evaluate(self, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy for a classifier) over a dataset."""
+        from .training import evaluate
+        return evaluate(self, data, batch_size=batch_size, loss=loss)
+
+    def predict(self, data: Mapping[str, Any] | None = None, batch_size: int = 256, **inputs: Any):
+        """Named outputs over a dataset in batches; a single output is returned as its array."""
+        from .training import predict
+        out = predict(self, data if data is not None else inputs, batch_size=batch_size)
+        return next(iter(out.values())) if len(out) == 1 else out
+
     # --- checkpoints -----------------------------------------------------------------------
     def _signature(self) -> dict[str, Any]:
         return {"graph": self.name, "dtype": self.dtype.name,
