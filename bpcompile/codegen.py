@@ -146,12 +146,19 @@ class Mono:
 
 @dataclass
 class Context:
-    """What kernel builders need from the model: dtype, the C names of dims, the printer."""
+    """What kernel builders need from the model: dtype, the C names of dims, the printer.
+
+    `dims[len(dim_index)]` and `dims[len(dim_index) + 1]` hold the model seed and the step
+    counter, for kernels that draw random numbers (`rng_decls`)."""
 
     dtype: str
     dim_index: dict[str, int]
     dim_c: dict[str, str]
     used_dims: set[str] = field(default_factory=set)
+    node_ids: dict[Node, int] = field(default_factory=dict)
+
+    def rng_decls(self) -> dict[str, int]:
+        return {"seed_index": len(self.dim_index), "counter_index": len(self.dim_index) + 1}
 
     def c(self, m: Mono) -> str:
         """A Mono as C text, recording which dims the kernel must declare."""
@@ -313,7 +320,12 @@ def _copy(k: Kernel, ctx: Context) -> dict[str, Any]:
     return {"count": ctx.size(k.nodes[0].shape)}
 
 
-BUILDERS: dict[str, Callable[[Kernel, Context], dict[str, Any]]] = {
+def _random(k: Kernel, ctx: Context) -> dict[str, Any]:
+    return {"count": ctx.size(k.nodes[0].shape), "salt": k.nodes[0].attrs["salt"], **ctx.rng_decls()}
+
+
+Builder = Callable[[Kernel, Context], dict[str, Any]]
+BUILDERS: dict[str, Builder] = {
     "elementwise": _elementwise,
     "gemm": _gemm,
     "reduce": _reduce,
@@ -321,9 +333,18 @@ BUILDERS: dict[str, Callable[[Kernel, Context], dict[str, Any]]] = {
     "softmax_ce": _softmax_ce,
     "transpose": _transpose,
     "copy": _copy,
+    "random": _random,
 }
 
 FAILING_KINDS = {"softmax_ce"}  # kernels that validate data and may return an error code
+
+
+def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
+    """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
+    takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`."""
+    BUILDERS[kind] = builder
+    if failing:
+        FAILING_KINDS.add(kind)
 
 
 # --- describing nodes (kernel comments, `bpcompile show`) -------------------------------------
@@ -399,10 +420,15 @@ class ModuleRenderer:
         self.kernel_by_text: dict[str, str] = {}
 
     def name(self, node: Node) -> str:
-        return self.node_names.get(node, "?")
+        if node in self.node_names:
+            return self.node_names[node]
+        if node.inputs:  # an extra result of a multi-output kernel
+            return f"{self.name(node.inputs[0])}.{node.op}"
+        return "?"
 
     def context(self) -> Context:
-        return Context(self.dtype, self.dim_index, self.dim_c)
+        ids = {n: int(v[1:]) for n, v in self.node_names.items() if v.startswith("t") and v[1:].isdigit()}
+        return Context(self.dtype, self.dim_index, self.dim_c, node_ids=ids)
 
     def kernel(self, k: Kernel, sched: Schedule) -> tuple[str, list[str]]:
         """Render a kernel function (or reuse an identical one); returns its name and comment lines."""
@@ -466,7 +492,7 @@ class ModuleRenderer:
             return f"g_{self.param_c[st.name]}", f"grads + {st.index}", f"{n}: gradient of {st.name!r}"
         if st.kind == "output":
             return f"out{st.index}", f"({ctype} *)outputs[{st.index}]", f"{n}: output {st.name!r}"
-        return n, f"({ctype} *)(ws + ws_off[{st.index}])", f"{n}: workspace buffer {st.index}"
+        return c_identifier(n, set()), f"({ctype} *)(ws + ws_off[{st.index}])", f"{n}: workspace buffer {st.index}"
 
     def _dest_expr(self, dest: Storage, node: Node) -> str:
         ctype = "int32_t" if node.dtype == INT else "bp_real"

@@ -34,6 +34,7 @@ class EntryPlan:
     results: list[tuple[Storage, Node]]
     loss: str | None = None
     trains: list[str] = field(default_factory=list)
+    training: bool = True
 
 
 @dataclass
@@ -67,19 +68,21 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | N
     plans = []
     if graph.outputs:
         results = [(Storage("output", k, name), node) for k, (name, node) in enumerate(graph.outputs.items())]
-        plans.append(EntryPlan("forward", f"named outputs {list(graph.outputs)}", results))
+        plans.append(EntryPlan("forward", f"named outputs {list(graph.outputs)} (evaluation mode)", results,
+                               training=False))
     taken: set[str] = set()
     for lname, spec in graph.losses.items():
         suffix = codegen.c_identifier(lname, taken)
-        names = list(spec.params or graph.params)
+        names = graph.trained_params(lname)
         grads = autodiff.grad(spec.node, [graph.params[n] for n in names])
         loss_result = [(Storage("output", 0, lname), spec.node)]
         grad_results = loss_result + [(Storage("grad", offsets[n], n), g) for n, g in zip(names, grads)]
         plans.append(EntryPlan(f"loss_{suffix}", f"loss {lname!r}", loss_result, lname))
         plans.append(EntryPlan(f"grad_{suffix}", f"loss {lname!r} and the gradients of {names}", grad_results, lname))
         if optimizer is not None:
+            state = [(Storage("param", offsets[n], n), v) for n, v in graph.state_updates.items()]
             plans.append(EntryPlan(f"train_{suffix}", f"one training step on loss {lname!r}: forward, backward, "
-                                   f"{optimizer.kind} update of {names}", grad_results, lname, names))
+                                   f"{optimizer.kind} update of {names}", grad_results + state, lname, names))
     return plans
 
 
@@ -156,6 +159,9 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
     dtype = _dtype_name(dtype)
     offsets, param_size = _param_layout(graph)
     plans = _entry_plans(graph, offsets, optimizer)
+    for plan in plans:
+        modal = passes.specialize([node for _, node in plan.results], plan.training)
+        plan.results = [(dest, node) for (dest, _), node in zip(plan.results, modal)]
     simplified = passes.simplify([node for plan in plans for _, node in plan.results])
     it = iter(simplified)
     for plan in plans:
@@ -204,14 +210,14 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         "dims": dims,
         "inputs": [{"name": n, "shape": list(node.shape), "dtype": node.dtype, "classes": classes.get(n)}
                    for n, node in graph.inputs.items()],
-        "params": [{"name": n, "shape": list(node.shape), "offset": offsets[n],
+        "params": [{"name": n, "shape": list(node.shape), "offset": offsets[n], "trainable": n in graph.trainable,
                     "init": graph.param_init[n] if isinstance(graph.param_init[n], str) else "array"}
                    for n, node in graph.params.items()],
         "param_size": param_size,
         "state_size": len(optimizer.slots) * param_size if optimizer else 0,
         "optimizer": optimizer.config() if optimizer else None,
         "outputs": list(graph.outputs),
-        "losses": [{"name": lname, "params": list(spec.params or graph.params),
+        "losses": [{"name": lname, "params": graph.trained_params(lname),
                     "classifier": _classifier(graph, spec.node),
                     "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "grad", "train")
                                 if f"{kind}_{plan_suffix}" in entry_meta}}

@@ -24,6 +24,7 @@ FLOAT = "float"  # the model's float dtype, chosen at compile time (float32 or f
 INT = "int32"
 
 _INTERNED: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
+_GRAPHS: weakref.WeakValueDictionary[int, Graph] = weakref.WeakValueDictionary()
 _graph_ids = itertools.count(1)
 
 
@@ -209,12 +210,15 @@ class Graph:
         self.param_init: dict[str, Any] = {}
         self.outputs: dict[str, Node] = {}
         self.losses: dict[str, LossSpec] = {}
-        self.state: dict[str, Node] = {}  # non-trainable model state (running statistics)
+        self.trainable: set[str] = set()
+        # non-trainable parameters (running statistics) and the values train_step writes to them
+        self.state_updates: dict[str, Node] = {}
+        _GRAPHS[self.uid] = self
 
     def _check_new_name(self, name: str, kind: str) -> None:
         if not isinstance(name, str) or not name or "\0" in name:
             raise ValueError(f"{kind} name must be a non-empty string, got {name!r}")
-        if name in self.inputs or name in self.params or name in self.state:
+        if name in self.inputs or name in self.params:
             raise ValueError(f"graph {self.name!r} already has an input or parameter named {name!r}")
 
     def input(self, name: str, shape: Any, dtype: str | None = None) -> Node:
@@ -225,15 +229,33 @@ class Graph:
         self.inputs[name] = node
         return node
 
-    def param(self, name: str, shape: Any, init: Any = None) -> Node:
-        """Declare a trainable parameter of fixed shape, with its initializer."""
+    def param(self, name: str, shape: Any, init: Any = None, trainable: bool = True) -> Node:
+        """Declare a parameter of fixed shape with its initializer. A non-trainable one (model
+        state such as running statistics) is saved in checkpoints but never given a gradient."""
         self._check_new_name(name, "parameter")
         shape = check_shape(shape, f"parameter {name!r}", allow_named=False)
         from .init import check_init
         self.param_init[name] = check_init(init, shape, name)
         node = Node("param", (), {"name": name, "graph": self.uid}, shape, FLOAT)
         self.params[name] = node
+        if trainable:
+            self.trainable.add(name)
         return node
+
+    def update_state(self, name: str, value: Node) -> None:
+        """Have every train_step write `value` (computed in training mode) to a non-trainable parameter."""
+        _check_node(value, f"state update of {name!r}")
+        if name not in self.params or name in self.trainable:
+            raise ValueError(f"{name!r} is not a non-trainable parameter of graph {self.name!r}")
+        if value.shape != self.params[name].shape:
+            raise ShapeError(f"state update of {name!r}: value shape {shape_str(value.shape)} != parameter "
+                             f"shape {shape_str(self.params[name].shape)}")
+        self.state_updates[name] = value
+
+    def trained_params(self, loss: str) -> list[str]:
+        """The parameters a loss trains: its own list, or every trainable parameter."""
+        spec = self.losses[loss]
+        return list(spec.params) if spec.params is not None else [n for n in self.params if n in self.trainable]
 
     def output(self, name: str, value: Node) -> Node:
         """Name a forward output; `model.forward` returns it."""
@@ -258,8 +280,8 @@ class Graph:
             names = []
             for p in params:
                 pname = p.attrs.get("name") if isinstance(p, Node) and p.op == "param" else p
-                if pname not in self.params:
-                    raise ValueError(f"loss {name!r}: {p!r} is not a parameter of graph {self.name!r}")
+                if pname not in self.params or pname not in self.trainable:
+                    raise ValueError(f"loss {name!r}: {p!r} is not a trainable parameter of graph {self.name!r}")
                 names.append(pname)
             names = tuple(names)
         self.losses[name] = LossSpec(name, value, names)
@@ -281,6 +303,26 @@ def _input_dtype(dtype: Any, name: str) -> str:
 def _check_node(value: Any, what: str) -> None:
     if not isinstance(value, Node):
         raise TypeError(f"{what} must be a graph tensor, got {type(value).__name__}")
+
+
+def graph_of(node: Node) -> Graph | None:
+    """The Graph a node's inputs and parameters were declared in (None for constants)."""
+    for x in topo_order([node]):
+        if x.op in ("input", "param"):
+            return _GRAPHS.get(x.attrs["graph"])
+    return None
+
+
+def structural_hash(node: Node) -> int:
+    """A hash of what a node computes (ops, attrs, shapes, leaf names) that is the same from
+    run to run, unlike id() or Python's hash(); used to salt random streams."""
+    import zlib
+    memo: dict[Node, int] = {}
+    for x in topo_order([node]):
+        attrs = sorted((k, repr(v)) for k, v in x.attrs.items() if k != "graph")
+        text = repr((x.op, attrs, x.shape, x.dtype, [memo[i] for i in x.inputs]))
+        memo[x] = zlib.crc32(text.encode())
+    return memo[node]
 
 
 def topo_order(roots: Sequence[Node]) -> list[Node]:

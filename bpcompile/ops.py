@@ -33,13 +33,16 @@ class OpDef:
     vjp: VJP | None
     ref: Ref
     kernel: str
+    # extra results the same kernel writes (multi-output ops), as nodes of kernel kind "aux"
+    aux: Callable[[Node], list[Node]] | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str) -> None:
-    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel)
+def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
+             aux: Callable[[Node], list[Node]] | None = None) -> None:
+    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux)
 
 
 def _no_grad(op: str) -> VJP:
@@ -526,3 +529,56 @@ def _softmax_ce_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int
 
 register("softmax_ce", vjp=_softmax_ce_vjp, ref=_softmax_ce_ref, kernel="softmax_ce")
 register("softmax_ce_grad", vjp=_no_grad("softmax_ce_grad"), ref=_softmax_ce_grad_ref, kernel="softmax_ce")
+
+
+# --- training / evaluation mode ----------------------------------------------------------
+
+def mode_select(train: Node, evaluate: Node) -> Node:
+    """`train` in training calls (loss, loss_and_grad, train_step), `evaluate` in forward.
+
+    The compiler picks one side per entry point before scheduling (passes.specialize);
+    gradients flow into the training side only.
+    """
+    if train.shape != evaluate.shape or train.dtype != evaluate.dtype:
+        raise ShapeError(f"mode_select: training value {shape_str(train.shape)} and evaluation value "
+                         f"{shape_str(evaluate.shape)} must have the same shape")
+    return Node("mode_select", (train, evaluate), {}, train.shape, train.dtype)
+
+
+register("mode_select", vjp=lambda node, g: [g, None],
+         ref=lambda node, args, dims: args[0 if dims.get("__training__", 1) else 1], kernel="mode")
+
+
+# --- random numbers ------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+
+
+def random_uniform(shape: Shape, salt: int) -> Node:
+    """Uniform [0, 1) numbers from a counter-based generator keyed by (model seed, step, salt,
+    element index): the same call of the same model always draws the same numbers."""
+    return Node("random_uniform", (), {"salt": int(salt) & 0xFFFFFFFF}, tuple(shape), FLOAT)
+
+
+def uniform_stream(seed: int, counter: int, salt: int, count: int) -> np.ndarray:
+    """The generator of templates/random.c.j2 in NumPy (uint64 arithmetic wraps the same way)."""
+    key = np.uint64((seed * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9) & _MASK)
+    ctr = np.uint64((counter * 0xD1B54A32D192ED03) & _MASK)
+    with np.errstate(over="ignore"):
+        x = key ^ ctr
+        x = x + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        for _ in range(2):
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _random_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
+    shape = concrete(node.shape, dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    stream = uniform_stream(dims.get("__seed__", 0), dims.get("__counter__", 0), node.attrs["salt"], count)
+    return stream.reshape(shape)
+
+
+register("random_uniform", vjp=lambda node, g: [], ref=_random_ref, kernel="random")

@@ -75,6 +75,15 @@ def simplify(roots: list[Node], rules: list[Rule] = RULES) -> list[Node]:
     return [memo[r] for r in roots]
 
 
+def specialize(roots: list[Node], training: bool) -> list[Node]:
+    """Resolve every mode_select to its training or its evaluation side."""
+    def pick(node: Node) -> Node | None:
+        if node.op == "mode_select":
+            return node.inputs[0 if training else 1]
+        return None
+    return simplify(roots, [pick])
+
+
 def _with_inputs(node: Node, inputs: tuple[Node, ...]) -> Node:
     return Node(node.op, inputs, node.attrs, node.shape, node.dtype)
 
@@ -201,10 +210,13 @@ def schedule(results: list[tuple[Storage, Node]], leaf_storage: Callable[[Node],
             cluster_of[m] = len(kernels)
         kernels.append(Kernel("elementwise", members, inputs, outputs))
     for node in order:
-        kind = ops.OPS[node.op].kernel
-        if kind in ("leaf", "view", "elementwise"):
+        opdef = ops.OPS[node.op]
+        if opdef.kernel in ("leaf", "view", "elementwise", "aux"):
             continue
-        kernels.append(Kernel(kind, [node], list(node.inputs), [node]))
+        if opdef.kernel == "mode":
+            raise AssertionError("mode_select must be specialized before scheduling")
+        outputs = [node] + (opdef.aux(node) if opdef.aux else [])
+        kernels.append(Kernel(opdef.kernel, outputs, list(node.inputs), outputs))
     kernels = _order_kernels(kernels, order)
 
     storage: dict[Node, Storage] = {}
@@ -215,7 +227,7 @@ def schedule(results: list[tuple[Storage, Node]], leaf_storage: Callable[[Node],
     produced = {out for k in kernels for out in k.outputs}
     for dest, node in results:
         root = _view_root(node)
-        if root in produced and root not in storage:
+        if root in produced and root not in storage and dest.kind != "param":
             storage[root] = dest  # the producing kernel writes straight into the result slot
         else:
             copies.append(Kernel("copy", [node], [node], [node], {"dest": dest}))
@@ -249,7 +261,7 @@ def _order_kernels(kernels: list[Kernel], order: list[Node]) -> list[Kernel]:
             for k, kern in enumerate(kernels)]
     done: list[int] = []
     remaining = set(range(len(kernels)))
-    rank = [max(index[n] for n in kern.nodes) for kern in kernels]
+    rank = [max(index[n] for n in kern.nodes if n in index) for kern in kernels]
     while remaining:
         ready = [k for k in remaining if not (deps[k] - set(done))]
         k = min(ready, key=rank.__getitem__)

@@ -11,9 +11,14 @@ from .ir import FLOAT, Graph, Node, topo_order
 
 
 def evaluate(roots: Sequence[Node], inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
-             dtype: type = np.float64) -> list[np.ndarray]:
-    """Values of `roots` given input and parameter arrays, computed op by op in NumPy."""
+             dtype: type = np.float64, training: bool = True, seed: int = 0, counter: int = 0) -> list[np.ndarray]:
+    """Values of `roots` given input and parameter arrays, computed op by op in NumPy.
+
+    `training` picks the training or evaluation side of mode-dependent ops (batch norm,
+    dropout); `seed` and `counter` key random streams as the compiled model's seed and step do.
+    """
     dims = infer_dims(roots, inputs)
+    dims.update({"__training__": int(training), "__seed__": seed, "__counter__": counter})
     values: dict[Node, np.ndarray] = {}
     for node in topo_order(list(roots)):
         if node.op == "input":
@@ -39,11 +44,10 @@ def infer_dims(roots: Sequence[Node], inputs: Mapping[str, np.ndarray]) -> dict[
 
 
 def loss_and_grad(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
-                  loss: str = "loss") -> tuple[float, dict[str, np.ndarray]]:
+                  loss: str = "loss", seed: int = 0, counter: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradients, from the same backward graph the compiler lowers."""
     from .autodiff import grad
-    spec = graph.losses[loss]
-    names = list(spec.params or graph.params)
-    grads = grad(spec.node, [graph.params[n] for n in names])
-    values = evaluate([spec.node, *grads], inputs, params)
+    names = graph.trained_params(loss)
+    grads = grad(graph.losses[loss].node, [graph.params[n] for n in names])
+    values = evaluate([graph.losses[loss].node, *grads], inputs, params, seed=seed, counter=counter)
     return float(values[0]), dict(zip(names, values[1:]))

@@ -128,6 +128,7 @@ class CompiledModel:
 
     def reset_parameters(self, seed: int = 0) -> None:
         """Draw every parameter from its initializer (in declaration order) and clear optimizer state."""
+        self.seed = int(seed)
         rng = np.random.default_rng(seed)
         for p in self.meta["params"]:
             init = p["init"]
@@ -224,7 +225,7 @@ class CompiledModel:
         return plan
 
     def _call(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray],
-              grads: np.ndarray, hyper: np.ndarray | None = None) -> None:
+              grads: np.ndarray, hyper: np.ndarray | None = None, counter: int | None = None) -> None:
         entry = self._entries[entry_name]
         arrays, dims = self._prepare(entry, given)
         offsets, size = self._plan(dims)
@@ -235,7 +236,8 @@ class CompiledModel:
             arena = aligned_empty(max(size, ALIGN), np.uint8)
         ffi, real = self._ffi, self._ctype
         try:
-            dims_arr = np.asarray(dims, dtype=np.int64)
+            # after the runtime sizes: the seed and step counter of random streams (dropout)
+            dims_arr = np.asarray(dims + (self.seed, self.step if counter is None else counter), dtype=np.int64)
             hyper = hyper if hyper is not None else np.zeros(1)
             rc = entry.fn(ffi.from_buffer("int64_t[]", dims_arr), ffi.from_buffer("char[]", arena),
                           ffi.from_buffer("int64_t[]", offsets[entry_name]),
@@ -309,7 +311,7 @@ class CompiledModel:
             step = self.step + 1
             rate = self.optimizer.lr_at(step) if lr is None else float(lr)
             hyper = np.asarray(list(self.optimizer.hyper(step, rate).values()) or [0.0], dtype=np.float64)
-            self._call(spec["entries"]["train"], inputs, [out], self._grads_flat, hyper)
+            self._call(spec["entries"]["train"], inputs, [out], self._grads_flat, hyper, counter=step)
             self.step = step
         return float(out[0])
 
