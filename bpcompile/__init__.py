@@ -27,10 +27,10 @@ _LAZY = {
     "reshape": "ops", "transpose": "ops", "flatten": "ops", "softmax": "ops", "log_softmax": "ops",
     "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops",
     "add": "ops", "sub": "ops", "mul": "ops", "div": "ops", "power": "ops", "neg": "ops", "const": "ops",
-    "grad": "autodiff", "evaluate": "reference",
+    "grad": "autodiff", "evaluate": "reference", "set_num_threads": "blas",
 }
-_SUBMODULES = {"optim", "schedules", "reference", "ops", "ir", "autodiff", "passes", "codegen", "build",
-               "runtime", "symbolic", "init", "compiler"}
+_SUBMODULES = {"blas", "training", "optim", "schedules", "reference", "ops", "ir", "autodiff", "passes", "codegen",
+               "build", "runtime", "symbolic", "init", "compiler"}
 
 __all__ = ["BPError", "CheckpointError", "CompileError", "InputError", "ShapeError", "CompiledModel", "load",
            *_LAZY, *sorted(_SUBMODULES)]

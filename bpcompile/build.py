@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -81,12 +83,27 @@ def blas() -> dict[str, str] | None:
     """OpenBLAS from the scipy-openblas32 wheel: include dir, lib dir, library, symbol prefix."""
     if os.environ.get("BPCOMPILE_NO_BLAS"):
         return None
-    try:
-        import scipy_openblas32 as sob
-    except ImportError:
+    # Found without importing the package: its helpers load the library, and OpenBLAS must first
+    # be loaded by bpcompile.blas, which chooses its kernels.
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    return {"include": sob.get_include_dir(), "libdir": sob.get_lib_dir(), "lib": sob.get_library(),
-            "prefix": "scipy_", "version": sob.__version__}
+    root = Path(list(spec.submodule_search_locations)[0])
+    if not (root / "lib" / "libscipy_openblas.so").is_file() or not (root / "include" / "cblas.h").is_file():
+        return None
+    return {"include": str(root / "include"), "libdir": str(root / "lib"), "lib": "scipy_openblas",
+            "prefix": "scipy_", "version": importlib.metadata.version("scipy-openblas32")}
+
+
+@functools.cache
+def libmvec() -> bool:
+    """Whether glibc's vector math library is there to link (x86-64 Linux)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    if os.environ.get("BPCOMPILE_NO_LIBMVEC"):
+        return False
+    return any(Path(d, "libmvec.so").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
+                                                       "/usr/lib64", "/lib64", "/usr/lib"))
 
 
 def model_flags() -> list[str]:
@@ -96,6 +113,18 @@ def model_flags() -> list[str]:
     if os.environ.get("BPCOMPILE_SANITIZE"):
         flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
     return flags
+
+
+@functools.cache
+def compiler_fingerprint() -> str:
+    """A hash of bpcompile's own code and templates: a changed compiler never reuses old builds."""
+    from .codegen import template_dir
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for path in sorted(list(here.glob("*.py")) + list(template_dir().glob("*.j2"))):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def safe_name(name: str) -> str:
@@ -111,7 +140,7 @@ def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
     for part in (src.model_c, src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),
                  " ".join(model_flags()), " ".join(WRAPPER_FLAGS), compiler()[1], cpu_signature(),
                  cffi.__version__, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
-                 json.dumps(blas_info, sort_keys=True), __version__):
+                 json.dumps(blas_info, sort_keys=True), __version__, compiler_fingerprint()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -130,6 +159,8 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
     root = Path(root) if root is not None else default_build_root()
     root.mkdir(parents=True, exist_ok=True)
     defines = dict(src.defines)
+    if libmvec():
+        defines["BP_USE_LIBMVEC"] = "1"
     blas_info = blas()
     if blas_info:
         defines["BP_USE_BLAS"] = "1"
@@ -145,7 +176,7 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
         _compile(src, tmp, module, defines, blas_info)
         meta = dict(src.meta, module=module, module_file=module + sysconfig.get_config_var("EXT_SUFFIX"),
-                    key=digest)
+                    key=digest, blas=blas_info)
         _write(tmp / "meta.json", json.dumps(meta, indent=1))
         try:
             os.rename(tmp, final)
@@ -198,7 +229,8 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
                                str(out / cmd[-3]), err)
     _write(out / "compile.log", results[0][1])
     link = [cc, "-shared", *(["-fsanitize=address,undefined"] if "-g" in flags else []),
-            "model.o", "wrapper.o", "-o", module + sysconfig.get_config_var("EXT_SUFFIX"), "-lm"]
+            "model.o", "wrapper.o", "-o", module + sysconfig.get_config_var("EXT_SUFFIX"),
+            *(["-lmvec"] if defines.get("BP_USE_LIBMVEC") else []), "-lm"]
     if blas_info:
         link += [f"-L{blas_info['libdir']}", f"-l{blas_info['lib']}", f"-Wl,-rpath,{blas_info['libdir']}"]
     p = subprocess.run(link, cwd=out, capture_output=True, text=True)

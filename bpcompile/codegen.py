@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.codegen.rewriting import create_expand_pow_optimization, optimize, optims_c99
@@ -270,10 +271,22 @@ def _gemm(k: Kernel, ctx: Context) -> dict[str, Any]:
             "lda": ctx.c(Mono.of(a.shape[-1:])), "ldb": ctx.c(Mono.of(b.shape[-1:])), "ldc": ctx.c(n)}
 
 
+REDUCE_BLOCK = 512  # columns summed at once when reducing leading axes
+
+
 def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
     node = k.nodes[0]
     x = node.inputs[0]
     axes = node.attrs["axes"]
+    lead = len(axes)
+    cols = x.shape[lead:]
+    if axes == tuple(range(lead)) and cols and all(isinstance(d, int) for d in cols):
+        # (rows, cols) with the rows summed: read each row contiguously into a block of
+        # double accumulators (a bias gradient summed over the batch)
+        ncols = int(np.prod(cols))
+        return {"columns": True, "rows": ctx.c(Mono.of(x.shape[:lead])), "cols": ncols,
+                "block": min(ncols, REDUCE_BLOCK), "mean": node.attrs["mean"],
+                "count": ctx.c(Mono.of(x.shape[:lead])) if node.attrs["mean"] else ""}
     strides = contiguous_strides(x.shape)
     kept = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i not in axes]
     red = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i in axes]
@@ -282,6 +295,7 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
     outer = [f"i{d}" for d in range(len(kept_sizes))]
     inner = [f"j{d}" for d in range(len(red_sizes))]
     return {
+        "columns": False,
         "outer": [{"var": v, "size": ctx.c(s)} for v, s in zip(outer, kept_sizes)],
         "inner": [{"var": v, "size": ctx.c(s)} for v, s in zip(inner, red_sizes)],
         "base": index_expr(ctx, outer, kept_strides),

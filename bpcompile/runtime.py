@@ -45,6 +45,9 @@ def _load_module(path: Path, meta: dict) -> Any:
         file = path / meta["module_file"]
         if not file.is_file():
             raise FileNotFoundError(f"{path} holds no built module {meta['module_file']}: rebuild the model")
+        if meta.get("blas"):
+            from . import blas
+            blas.load(meta["blas"]["libdir"], meta["blas"]["lib"])
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -89,6 +92,51 @@ class Entry:
         self.results: list[dict] = spec["results"]
 
 
+class Frame:
+    """What one native call of an entry point needs, for one input signature and one thread:
+    pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
+    Built (with full validation) when the signature changes; reused while it does not."""
+
+    def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...],
+                 given_count: int):
+        ffi = model._ffi
+        self.entry = entry
+        self.given_count = given_count
+        self.signature = [(name, a.dtype, a.shape) for name, a in zip(entry.inputs, arrays)]
+        offsets, size = model._plan(dims)
+        self.dims = dims
+        # after the runtime sizes: the seed and step counter of random streams (dropout)
+        self.dims_arr = np.asarray(dims + (model.seed, 0), dtype=np.int64)
+        self.offsets = offsets[entry.name]
+        self.arena = model._arena(dims, size)
+        self.hyper = np.zeros(max(len(model.optimizer.hyper_names()) if model.optimizer else 0, 1))
+        self.scalar = np.zeros(1, dtype=model.dtype)
+        self.fn = entry.fn
+        self.in_ptrs = ffi.new("void *[]", max(len(arrays), 1))
+        self.out_ptrs = ffi.new("void *[]", max(len(entry.results), 1))
+        self.out_ptrs[0] = ffi.from_buffer(self.scalar)
+        real = model._ctype
+        self.dims_c = ffi.from_buffer("int64_t[]", self.dims_arr)
+        self.counter_index = len(dims) + 1
+        self.hyper_c = ffi.from_buffer("double[]", self.hyper)
+        self.args = (self.dims_c, ffi.from_buffer("char[]", self.arena),
+                     ffi.from_buffer("int64_t[]", self.offsets), ffi.from_buffer(real, model._params_flat),
+                     ffi.from_buffer(real, model._grads_flat), ffi.from_buffer(real, model._state_flat),
+                     self.in_ptrs, self.out_ptrs, self.hyper_c)
+
+    def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
+        """The input arrays in entry order if they match this frame exactly, else None."""
+        if len(given) != self.given_count:
+            return None
+        arrays = []
+        for name, dtype, shape in self.signature:
+            a = given.get(name)
+            if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+                return None
+            arrays.append(a)
+        return arrays
+
+
 class CompiledModel:
     """A compiled graph: call `forward`, `loss`, `loss_and_grad` and `train_step` with NumPy arrays."""
 
@@ -108,6 +156,7 @@ class CompiledModel:
         self._dims: list[str] = meta["dims"]
         self._entries = {name: Entry(self._lib, name, spec) for name, spec in meta["entries"].items()}
         self._losses: dict[str, dict] = {spec["name"]: spec for spec in meta["losses"]}
+        self._only_loss = next(iter(self._losses.values()), None)
         self._params_flat = aligned_empty(meta["param_size"], self.dtype)
         self._grads_flat = aligned_empty(meta["param_size"], self.dtype)
         self._state_flat = aligned_empty(max(meta["state_size"], 1), self.dtype)
@@ -116,8 +165,8 @@ class CompiledModel:
         self.optimizer = optimizer if optimizer is not None else self._optimizer_from_meta()
         self.step = 0
         self._train_lock = threading.Lock()
-        self._plans: dict[tuple, tuple[np.ndarray, int]] = {}
-        self._arenas: dict[tuple, list[np.ndarray]] = {}
+        self._plans: dict[tuple, tuple[dict[str, np.ndarray], int]] = {}
+        self._tls = threading.local()
         self._init_arrays = dict(init_arrays or {})
         self.reset_parameters(seed)
 
@@ -129,6 +178,7 @@ class CompiledModel:
     def reset_parameters(self, seed: int = 0) -> None:
         """Draw every parameter from its initializer (in declaration order) and clear optimizer state."""
         self.seed = int(seed)
+        self._tls = threading.local()  # call frames hold the seed
         rng = np.random.default_rng(seed)
         for p in self.meta["params"]:
             init = p["init"]
@@ -224,32 +274,53 @@ class CompiledModel:
             plan = self._plans[dims] = (offsets, size)
         return plan
 
-    def _call(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray],
-              grads: np.ndarray, hyper: np.ndarray | None = None, counter: int | None = None) -> None:
+    def _frame(self, entry_name: str, given: Mapping[str, Any]) -> tuple[Frame, list[np.ndarray]]:
+        """The call frame for these inputs: the thread's last one for this entry when the inputs
+        have the same names, dtypes, shapes and layout (a cheap check), else a newly validated one."""
+        frames = self._tls.__dict__.setdefault("frames", {})
+        frame = frames.get(entry_name)
+        if frame is not None:
+            arrays = frame.accepts(given)
+            if arrays is not None:
+                return frame, arrays
         entry = self._entries[entry_name]
         arrays, dims = self._prepare(entry, given)
-        offsets, size = self._plan(dims)
-        pool = self._arenas.setdefault(dims, [])
-        try:
-            arena = pool.pop()
-        except IndexError:
-            arena = aligned_empty(max(size, ALIGN), np.uint8)
-        ffi, real = self._ffi, self._ctype
-        try:
-            # after the runtime sizes: the seed and step counter of random streams (dropout)
-            dims_arr = np.asarray(dims + (self.seed, self.step if counter is None else counter), dtype=np.int64)
-            hyper = hyper if hyper is not None else np.zeros(1)
-            rc = entry.fn(ffi.from_buffer("int64_t[]", dims_arr), ffi.from_buffer("char[]", arena),
-                          ffi.from_buffer("int64_t[]", offsets[entry_name]),
-                          ffi.from_buffer(real, self._params_flat), ffi.from_buffer(real, grads),
-                          ffi.from_buffer(real, self._state_flat),
-                          ffi.new("void *[]", [ffi.from_buffer(a) for a in arrays] or [ffi.NULL]),
-                          ffi.new("void *[]", [ffi.from_buffer(o) for o in outputs] or [ffi.NULL]),
-                          ffi.from_buffer("double[]", hyper))
-        finally:
-            pool.append(arena)
-        if rc != 0:
-            raise InputError(self._label_error(entry, arrays))
+        frame = Frame(self, entry, arrays, dims, len(given))
+        frames[entry_name] = frame
+        return frame, arrays
+
+    def _arena(self, dims: tuple[int, ...], size: int) -> np.ndarray:
+        """This thread's workspace arena for one runtime shape (allocated once, then reused)."""
+        arenas = self._tls.__dict__.setdefault("arenas", {})
+        arena = arenas.get(dims)
+        if arena is None:
+            arena = arenas[dims] = aligned_empty(max(size, ALIGN), np.uint8)
+        return arena
+
+    def _run(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray] | None = None,
+             grads: np.ndarray | None = None, counter: int | None = None,
+             hyper: Mapping[str, float] | None = None) -> Frame:
+        """One native call of an entry point; returns the frame (its `scalar` holds a loss)."""
+        frame, arrays = self._frame(entry_name, given)
+        if hyper:
+            hyper_c = frame.hyper_c
+            for i, value in enumerate(hyper.values()):
+                hyper_c[i] = value
+        from_buffer = self._ffi.from_buffer
+        in_ptrs = frame.in_ptrs
+        for i, a in enumerate(arrays):
+            in_ptrs[i] = from_buffer(a)
+        if outputs is not None:
+            for i, o in enumerate(outputs):
+                frame.out_ptrs[i] = from_buffer(o)
+        frame.dims_c[frame.counter_index] = self.step if counter is None else counter
+        args = frame.args
+        if grads is not None:
+            args = list(args)
+            args[4] = from_buffer(self._ctype, grads)
+        if frame.fn(*args) != 0:
+            raise InputError(self._label_error(frame.entry, arrays))
+        return frame
 
     def _label_error(self, entry: Entry, arrays: list[np.ndarray]) -> str:
         for name, array in zip(entry.inputs, arrays):
@@ -270,10 +341,12 @@ class CompiledModel:
         named = dict(zip(self._dims, dims))
         outputs = [np.empty([named[d] if isinstance(d, str) else d for d in r["shape"]], dtype=self.dtype)
                    for r in entry.results]
-        self._call("forward", inputs, outputs, self._grads_flat)
+        self._run("forward", inputs, outputs)
         return {r["name"]: o for r, o in zip(entry.results, outputs)}
 
     def _loss_spec(self, loss: str | None) -> dict:
+        if loss is None and len(self._losses) == 1:
+            return self._only_loss
         if not self._losses:
             raise InputError(f"model {self.name!r} declares no loss (use g.loss(expr))")
         if loss is None:
@@ -287,33 +360,30 @@ class CompiledModel:
     def loss(self, loss: str | None = None, **inputs: Any) -> float:
         """The loss value on a batch (training mode), without gradients."""
         spec = self._loss_spec(loss)
-        out = np.empty(1, dtype=self.dtype)
-        self._call(spec["entries"]["loss"], inputs, [out], self._grads_flat)
-        return float(out[0])
+        return float(self._run(spec["entries"]["loss"], inputs).scalar[0])
 
     def loss_and_grad(self, loss: str | None = None, **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and the gradient of every parameter it trains (fresh arrays each call)."""
         spec = self._loss_spec(loss)
-        out = np.empty(1, dtype=self.dtype)
         grads = aligned_empty(self.meta["param_size"], self.dtype)
-        self._call(spec["entries"]["grad"], inputs, [out], grads)
+        value = float(self._run(spec["entries"]["grad"], inputs, grads=grads).scalar[0])
         layout = {p["name"]: p for p in self.meta["params"]}
-        return float(out[0]), {n: self._view(grads, layout[n]) for n in spec["params"]}
+        return value, {n: self._view(grads, layout[n]) for n in spec["params"]}
 
     def train_step(self, loss: str | None = None, lr: float | None = None, **inputs: Any) -> float:
         """Forward, backward and the optimizer update in one native call; returns the loss
         (computed before the update). `lr` overrides the schedule for this step."""
         spec = self._loss_spec(loss)
-        if self.optimizer is None:
+        optimizer = self.optimizer
+        if optimizer is None:
             raise InputError(f"model {self.name!r} was compiled without an optimizer")
-        out = np.empty(1, dtype=self.dtype)
+        entry = spec["entries"]["train"]
         with self._train_lock:
             step = self.step + 1
-            rate = self.optimizer.lr_at(step) if lr is None else float(lr)
-            hyper = np.asarray(list(self.optimizer.hyper(step, rate).values()) or [0.0], dtype=np.float64)
-            self._call(spec["entries"]["train"], inputs, [out], self._grads_flat, hyper, counter=step)
+            hyper = optimizer.hyper(step, optimizer.lr_at(step) if lr is None else float(lr))
+            value = float(self._run(entry, inputs, counter=step, hyper=hyper).scalar[0])
             self.step = step
-        return float(out[0])
+        return value
 
     # --- training loop (bpcompile.training) ----------------------------------------------
     def fit(self, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
