@@ -184,11 +184,12 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
             if not (final / "meta.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
-    except CompileError:
-        failed = root / f"{final.name}.failed"
+    except CompileError as e:
+        failed = root / f"{final.name}.failed"  # kept for inspection; replaced by the next failure
         shutil.rmtree(failed, ignore_errors=True)
         os.rename(tmp, failed)
-        raise
+        source = str(failed / Path(e.source_path).name) if e.source_path else None
+        raise CompileError(e.message, source, e.compiler_output) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,8 @@ import jinja2
 import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
-from sympy.codegen.rewriting import create_expand_pow_optimization, optimize, optims_c99
+from sympy.codegen.cfunctions import log1p
+from sympy.codegen.rewriting import create_expand_pow_optimization, expm1_opt, optimize
 from sympy.printing.c import C99CodePrinter
 
 from . import symbolic as ew_mod
@@ -110,16 +111,57 @@ class CPrinter(C99CodePrinter):
 _EXPAND_POW = create_expand_pow_optimization(4)
 
 
+def _stable_softplus(expr: sp.Expr) -> sp.Expr:
+    """log(exp(a) + 1) -> max(a, 0) + log(1 + exp(-|a|)): finite where exp(a) overflows."""
+    def rewrite(e):
+        arg = e.args[0]
+        if arg.is_Add and len(arg.args) == 2 and sp.S.One in arg.args:
+            other = arg.args[0] if arg.args[1] == 1 else arg.args[1]
+            if isinstance(other, sp.exp):
+                a = other.args[0]
+                return sp.Max(a, 0) + sp.log(1 + sp.exp(-sp.Abs(a)))
+        return e
+    return expr.replace(lambda e: isinstance(e, sp.log), rewrite)
+
+
+def _stable_logistic(expr: sp.Expr) -> sp.Expr:
+    """exp(a) * (exp(a) + 1)^-1 inside a product -> 1 / (1 + exp(-a)): no inf/inf for large a."""
+    def rewrite(e):
+        factors = list(e.args)
+        for f in factors:
+            if isinstance(f, sp.exp):
+                denom = sp.Pow(f + 1, -1)
+                if denom in factors:
+                    factors.remove(f)
+                    factors.remove(denom)
+                    return sp.Mul(*factors) / (1 + sp.exp(-f.args[0]))
+        return e
+    return expr.replace(lambda e: e.is_Mul, rewrite)
+
+
+def stable_form(expr: sp.Expr) -> sp.Expr:
+    """Overflow-free forms of softplus and the logistic function (before CSE splits them)."""
+    return _stable_logistic(_stable_softplus(expr))
+
+
+def _log1p(expr: sp.Expr) -> sp.Expr:
+    """log(1 + x) -> log1p(x) as written (SymPy's own rule factors x first, and can turn a
+    stable log(1 + exp(-|a|)) into log1p(exp(|a|)) - |a|, which overflows)."""
+    def is_log_one_plus(e) -> bool:
+        return isinstance(e, sp.log) and e.args[0].is_Add and sp.S.One in e.args[0].args
+    return expr.replace(is_log_one_plus, lambda e: log1p(e.args[0] - 1))
+
+
 def c99_form(expr: sp.Expr) -> sp.Expr:
     """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1, small integer powers -> products."""
-    return _EXPAND_POW(optimize(expr, optims_c99))
+    return _EXPAND_POW(_log1p(optimize(expr, [expm1_opt])))
 
 
 def print_formulas(outputs: list[sp.Expr], printer: CPrinter,
                    prefix: str = "x") -> tuple[list[tuple[str, str]], list[str]]:
     """Common subexpressions as (temp name, C expression), then the outputs' C expressions."""
     temps = sp.numbered_symbols(prefix, real=True)
-    replacements, reduced = sp.cse(outputs, symbols=temps)
+    replacements, reduced = sp.cse([stable_form(e) for e in outputs], symbols=temps)
     lines = []
     for sym, value in replacements:
         printer.names[sym] = sym.name

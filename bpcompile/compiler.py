@@ -8,6 +8,7 @@ graph -> autodiff (one backward graph per loss) -> passes.schedule per entry poi
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from . import autodiff, build, codegen, passes
 from .ir import Graph, Node, topo_order
 from .optim import SGD, Optimizer
 from .passes import Storage
-from .runtime import CompiledModel
+from .runtime import OPTIMIZER_FILE, CompiledModel, write_atomic
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
 DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64
@@ -99,12 +100,14 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
         printer.names[sym] = sym.name
     outputs = [new_slots[s] for s in optimizer.slots] + [new_p]
     temps, values = codegen.print_formulas(outputs, printer, prefix="u")
+    used = set().union(*(e.free_symbols for e in outputs))
+    hyper_names = [h for h in hyper_names if hyper[h] in used]
     ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in trains])
     formulas = [f"{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots] + [f"p <- {sp.sstr(new_p)}"]
     return {
         "doc": codegen.comment_text(optimizer.describe()),
         "formulas": [codegen.comment_text(f) for f in formulas],
-        "hyper": [{"name": h, "index": i} for i, h in enumerate(hyper_names)],
+        "hyper": [{"name": h, "index": list(optimizer.hyper_names()).index(h)} for h in hyper_names],
         "clip": repr(optimizer.clip_norm) if optimizer.clip_norm else None,
         "ranges": ranges,
         "slots": [{"name": f"s_{s}", "offset": k * param_size, "value": values[k]}
@@ -146,6 +149,8 @@ def _label_classes(roots: list[Node]) -> dict[str, int]:
     for node in topo_order(roots):
         if node.op in ("softmax_ce", "softmax_ce_grad") and node.inputs[1].op == "input":
             classes[node.inputs[1].attrs["name"]] = node.inputs[0].shape[-1]
+        elif "label_arg" in node.attrs and node.inputs[node.attrs["label_arg"]].op == "input":  # embedding ids
+            classes[node.inputs[node.attrs["label_arg"]].attrs["name"]] = node.attrs["classes"]
     return classes
 
 
@@ -257,4 +262,6 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = 
         raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
     lowered = lower(graph, dtype, optimizer, blas_min_flops)
     path = build.build(lowered.sources, build_dir)
+    if optimizer is not None:
+        write_atomic(path / OPTIMIZER_FILE, json.dumps(optimizer.config()).encode())
     return CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)

@@ -19,6 +19,7 @@ class CompileError(BPError, RuntimeError):
     """The C compiler rejected the generated source; carries its message and the source path."""
 
     def __init__(self, message: str, source_path: str | None = None, compiler_output: str = ""):
+        self.message = message
         self.source_path = source_path
         self.compiler_output = compiler_output
         text = message

@@ -25,6 +25,7 @@ from .errors import CheckpointError, InputError
 from .init import initial_value
 
 ALIGN = 64
+OPTIMIZER_FILE = "optimizer.json"  # the optimizer settings of the latest compile into a build folder
 _MODULES: dict[str, Any] = {}
 _MODULES_LOCK = threading.Lock()
 
@@ -97,11 +98,10 @@ class Frame:
     pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
     Built (with full validation) when the signature changes; reused while it does not."""
 
-    def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...],
-                 given_count: int):
+    def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
         ffi = model._ffi
         self.entry = entry
-        self.given_count = given_count
+        self.names = frozenset(entry.inputs)
         self.signature = [(name, a.dtype, a.shape) for name, a in zip(entry.inputs, arrays)]
         offsets, size = model._plan(dims)
         self.dims = dims
@@ -125,8 +125,9 @@ class Frame:
                      self.in_ptrs, self.out_ptrs, self.hyper_c)
 
     def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
-        """The input arrays in entry order if they match this frame exactly, else None."""
-        if len(given) != self.given_count:
+        """The input arrays in entry order if they match this frame exactly, else None (the
+        caller then validates everything, extra names included)."""
+        if given.keys() != self.names:
             return None
         arrays = []
         for name, dtype, shape in self.signature:
@@ -192,6 +193,12 @@ class CompiledModel:
         cfg = self.meta.get("optimizer")
         if not cfg:
             return None
+        latest = self.build_path / OPTIMIZER_FILE
+        if latest.is_file():  # the learning rate is not part of the build: the latest compile's
+            try:
+                cfg = json.loads(latest.read_text())
+            except (OSError, ValueError):
+                pass
         from .optim import from_config
         return from_config(cfg)
 
@@ -285,7 +292,7 @@ class CompiledModel:
                 return frame, arrays
         entry = self._entries[entry_name]
         arrays, dims = self._prepare(entry, given)
-        frame = Frame(self, entry, arrays, dims, len(given))
+        frame = Frame(self, entry, arrays, dims)
         frames[entry_name] = frame
         return frame, arrays
 
@@ -432,7 +439,11 @@ class CompiledModel:
             raise
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer."""
+        """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer,
+        or a binary parameter file (bpcompile.export; e.g. saved by an exported C library)."""
+        from .export import is_param_file, load_into_model
+        if is_param_file(path):
+            return load_into_model(self, path)
         try:
             with np.load(path, allow_pickle=False) as data:
                 files = {k: data[k] for k in data.files}
@@ -448,6 +459,15 @@ class CompiledModel:
             if theirs.get(key) != mine[key]:
                 raise CheckpointError(f"{path}: checkpoint {key} {theirs.get(key)!r} does not match this "
                                       f"model's {mine[key]!r}")
+        expected = {f"param/{name}": view.shape for name, view in self.params.items()}
+        expected["state"] = (self.meta["state_size"],)
+        expected["step"] = ()
+        for key, shape in expected.items():  # check everything before changing anything
+            if key not in files:
+                raise CheckpointError(f"{path}: damaged checkpoint, {key!r} is missing")
+            if files[key].shape != shape or files[key].dtype.kind not in "fi":
+                raise CheckpointError(f"{path}: {key!r} has shape {files[key].shape} and dtype {files[key].dtype}, "
+                                      f"this model needs shape {shape} numbers")
         for name, view in self.params.items():
             view[...] = files[f"param/{name}"]
         self._state_flat[:self.meta["state_size"]] = files["state"]
@@ -456,6 +476,21 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
                 f"entries {list(self._entries)} at {self.build_path}>")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so a reader sees the old or the new content, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load(build_path: str | Path, seed: int = 0) -> CompiledModel:
