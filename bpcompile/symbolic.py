@@ -129,7 +129,9 @@ def _simplified(expr: sp.Expr) -> sp.Expr:
     return simple if cost(simple) < cost(expr) else expr
 
 
-_SAMPLE_POINTS = ("-2.31", "-1.13", "-0.37", "0.29", "0.83", "1.71", "2.93", "0.061", "-0.59")
+# at least 7 positive points, so functions defined for x > 0 only (sqrt, log) can be fitted too
+_SAMPLE_POINTS = ("-2.31", "-1.13", "-0.37", "0.29", "0.83", "1.71", "2.93", "0.061", "-0.59", "0.47", "1.29",
+                  "3.61")
 
 
 def _fit_in_output(fn: Fn, deriv: sp.Expr) -> sp.Expr | None:

@@ -1,0 +1,250 @@
+"""The build cache: content-hashed folders, no recompilation on a hit, atomic and concurrent
+builds, loading without SymPy or a compiler, and a non-editable (wheel) install."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+import bpcompile as bp
+import bpcompile.build as bpbuild
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mlp_graph(name: str = "cache_mlp", hidden: int = 5) -> bp.Graph:
+    g = bp.Graph(name)
+    x = g.input("x", ("batch", 3))
+    t = g.input("t", ("batch", 2))
+    W1 = g.param("W1", (3, hidden), init="normal")
+    b1 = g.param("b1", (hidden,), init="normal")
+    W2 = g.param("W2", (hidden, 2), init="normal")
+    out = bp.tanh(x @ W1 + b1) @ W2
+    g.output("out", out)
+    g.loss(bp.mse(out, t))
+    return g
+
+
+def data(n: int = 6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)), rng.normal(size=(n, 2))
+
+
+def _no_compiler(*args, **kwargs):
+    raise AssertionError("the C compiler was invoked for a cached build")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def test_second_compile_is_a_cache_hit(build_dir, monkeypatch):
+    first = bp.compile(mlp_graph(), dtype="float64", seed=0)
+    assert first.build_path.parent == build_dir
+    assert first.build_path.name.startswith("cache_mlp-")
+    monkeypatch.setattr(bpbuild, "_compile", _no_compiler)
+    again = bp.compile(mlp_graph(), dtype="float64", seed=0)  # a fresh but identical graph
+    assert again.build_path == first.build_path
+    X, T = data()
+    np.testing.assert_array_equal(again.forward(x=X)["out"], first.forward(x=X)["out"])
+
+
+def test_different_graphs_and_dtypes_get_different_paths(build_dir):
+    paths = {
+        bp.compile(mlp_graph(), dtype="float64").build_path,
+        bp.compile(mlp_graph(), dtype="float32").build_path,
+        bp.compile(mlp_graph(hidden=6), dtype="float64").build_path,
+        bp.compile(mlp_graph("cache_other"), dtype="float64").build_path,
+        bp.compile(mlp_graph(), dtype="float64", optimizer=bp.optim.SGD(lr=0.1, momentum=0.5)).build_path,
+    }
+    assert len(paths) == 5
+    assert all((p / "meta.json").is_file() for p in paths)
+
+
+def test_learning_rate_change_does_not_rebuild(build_dir, monkeypatch):
+    g = mlp_graph()
+    slow = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.01), seed=1)
+    monkeypatch.setattr(bpbuild, "_compile", _no_compiler)
+    fast = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.5), seed=1)
+    sched = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=bp.schedules.StepDecay(0.3, 1, 0.5)), seed=1)
+    assert fast.build_path == slow.build_path == sched.build_path
+    X, T = data()
+    _, grads = fast.loss_and_grad(x=X, t=T)
+    before = {k: v.copy() for k, v in fast.params.items()}
+    fast.train_step(x=X, t=T)
+    slow.train_step(x=X, t=T)
+    sched.train_step(x=X, t=T)
+    for k in before:  # each model steps with its own rate, not the cached build's
+        np.testing.assert_allclose(fast.params[k], before[k] - 0.5 * grads[k], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(slow.params[k], before[k] - 0.01 * grads[k], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(sched.params[k], before[k] - 0.3 * grads[k], rtol=1e-12, atol=1e-15)
+
+
+CONCURRENT = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    import numpy as np
+    import bpcompile as bp
+    sys.path.insert(0, {tests!r})
+    from test_build_cache import mlp_graph, data
+    g = mlp_graph("concurrent")
+    bp.lower(g, "float64")  # import and warm up everything before the start signal
+    tag, sync = sys.argv[1], Path(sys.argv[2])
+    (sync / ("ready-" + tag)).touch()
+    deadline = time.time() + 60
+    while not (sync / "go").exists():
+        if time.time() > deadline:
+            sys.exit("no start signal")
+        time.sleep(0.001)
+    model = bp.compile(g, dtype="float64", seed=0)
+    X, _ = data()
+    print(json.dumps({{"path": str(model.build_path), "out": model.forward(x=X)["out"].tolist()}}))
+""")
+
+
+def test_two_processes_build_the_same_model_at_once(tmp_path):
+    root, sync = tmp_path / "fresh-build", tmp_path / "sync"
+    sync.mkdir()
+    script = tmp_path / "concurrent.py"
+    script.write_text(CONCURRENT.format(tests=str(Path(__file__).parent)))
+    env = subprocess_env(BPCOMPILE_BUILD_DIR=str(root))
+    procs = [subprocess.Popen([sys.executable, str(script), tag, str(sync)], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in "ab"]
+    try:
+        deadline = time.time() + 60
+        while not all((sync / f"ready-{t}").exists() for t in "ab"):
+            assert time.time() < deadline, "subprocesses did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.005)
+        (sync / "go").touch()
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in results)
+    assert a["path"] == b["path"]
+    assert a["out"] == b["out"]
+    path = Path(a["path"])
+    assert path.parent == root
+    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [path.name]
+    assert not list(root.glob(".tmp-*")), "a temporary build folder was left behind"
+    model = bp.load(path)
+    X, _ = data()
+    np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(a["out"]))
+
+
+def test_leftover_temporary_folders_do_not_break_a_build(tmp_path):
+    root = tmp_path / "with-leftovers"
+    root.mkdir()
+    fresh = root / ".tmp-leftover-abc123"  # a build killed a moment ago
+    stale = root / ".tmp-leftover-old999"  # a build killed long ago
+    for d in (fresh, stale):
+        d.mkdir()
+        (d / "model.c").write_text("this is not C {")
+        (d / "meta.json").write_text("{")
+        (d / "half.so").write_bytes(b"\0" * 10)
+    old = time.time() - 3 * 3600
+    os.utime(stale, (old, old))
+    model = bp.compile(mlp_graph("leftover"), dtype="float64", build_dir=root)
+    assert model.build_path.parent == root
+    assert (model.build_path / "meta.json").is_file()
+    X, _ = data()
+    assert model.forward(x=X)["out"].shape == (6, 2)
+    assert not stale.exists(), "a stale temporary folder (older than an hour) was not cleaned up"
+    assert bp.compile(mlp_graph("leftover"), dtype="float64", build_dir=root).build_path == model.build_path
+
+
+LOAD_ONLY = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import bpcompile as bp
+    path, data_file = sys.argv[1], sys.argv[2]
+    d = np.load(data_file)
+    model = bp.load(path, seed=4)
+    out = model.forward(x=d["x"])["out"]
+    loss = model.train_step(x=d["x"], t=d["t"])
+    heavy = sorted(m for m in ("sympy", "jinja2", "cffi.recompiler", "bpcompile.compiler", "bpcompile.codegen",
+                               "bpcompile.symbolic", "bpcompile.ops") if m in sys.modules)
+    print(json.dumps({"out": out.tolist(), "loss": loss, "W1": model.params["W1"].tolist(), "heavy": heavy}))
+""")
+
+
+def test_load_in_fresh_process_needs_no_sympy_or_compiler(build_dir, tmp_path):
+    model = bp.compile(mlp_graph("loadonly"), dtype="float64", optimizer=bp.optim.SGD(lr=0.1, momentum=0.9), seed=4)
+    X, T = data()
+    np.savez(tmp_path / "data.npz", x=X, t=T)
+    script = tmp_path / "load_only.py"
+    script.write_text(LOAD_ONLY)
+    env = subprocess_env(CC="/bin/false", PATH="/nonexistent")  # no compiler can run
+    p = subprocess.run([sys.executable, str(script), str(model.build_path), str(tmp_path / "data.npz")],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["heavy"] == []
+    np.testing.assert_array_equal(np.asarray(res["out"]), model.forward(x=X)["out"])
+    assert res["loss"] == model.train_step(x=X, t=T)
+    np.testing.assert_array_equal(np.asarray(res["W1"]), model.params["W1"])
+
+
+WHEEL_SCRIPT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np
+    import bpcompile as bp
+    site = Path(sys.argv[1]).resolve()
+    assert Path(bp.__file__).resolve().is_relative_to(site), bp.__file__
+    g = bp.Graph("wheel_mlp")
+    x = g.input("x", ("batch", 3))
+    y = g.input("y", ("batch",), dtype="int32")
+    W = g.param("W", (3, 4), init="he_normal")
+    b = g.param("b", (4,))
+    logits = bp.relu(x @ W + b)
+    g.output("logits", logits)
+    g.loss(bp.softmax_cross_entropy(logits, y))
+    model = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.1), seed=0)
+    assert Path(model.build_path).resolve().is_relative_to(Path.cwd().resolve()), model.build_path
+    X = np.random.default_rng(0).normal(size=(8, 3)); Y = np.arange(8) % 4
+    W0 = model.params["W"].copy()
+    loss = model.train_step(x=X, y=Y)
+    assert np.isfinite(loss) and not np.array_equal(W0, model.params["W"])
+    print("wheel ok", bp.__file__, loss)
+""")
+
+
+def test_non_editable_wheel_install_works(tmp_path):
+    src = tmp_path / "src"
+    # the repository as a clean source tree (pip would build in place and write into the repo)
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "bench", "examples", "tests",
+                                                             "__pycache__", "*.egg-info", ".venv*", "dist"))
+    wheels = tmp_path / "wheels"
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (wheel,) = wheels.glob("bpcompile-*.whl")
+    site = tmp_path / "site"
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert list((site / "bpcompile" / "templates").glob("*.j2")), "templates/ did not ship in the wheel"
+    run = tmp_path / "run"
+    run.mkdir()
+    script = run / "use_wheel.py"
+    script.write_text(WHEEL_SCRIPT)
+    env = subprocess_env(PYTHONPATH=str(site), BPCOMPILE_BUILD_DIR=str(run / "build"))
+    p = subprocess.run([sys.executable, str(script), str(site)], cwd=run, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "wheel ok" in p.stdout

@@ -1,0 +1,147 @@
+"""Both matrix-product paths: every product through OpenBLAS (blas_min_flops=0) and every
+product as generated loops (blas_min_flops=10**12), against the NumPy reference in float64,
+over all the transpose combinations that forward and backward passes produce."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bpcompile as bp
+
+ALL_BLAS, NO_BLAS = 0, 10**12
+HAVE_OPENBLAS = importlib.util.find_spec("scipy_openblas32") is not None
+PATHS = [pytest.param(ALL_BLAS, id="blas"), pytest.param(NO_BLAS, id="loops")]
+
+
+def mlp_graph() -> bp.Graph:
+    """x@W (NN), h@V.T with V in PyTorch's (out, in) layout (NT), a Gram term h.T@h contracting the
+    batch (TN); the backward pass adds g@W.T (NT), x.T@g (TN) and g.T@h (TN)."""
+    g = bp.Graph("gemm_mlp")
+    x = g.input("x", ("batch", 5))
+    t = g.input("t", ("batch", 3))
+    W1 = g.param("W1", (5, 7), init="normal")
+    b1 = g.param("b1", (7,), init="normal")
+    V = g.param("V", (6, 7), init="normal")  # (out, in)
+    W3 = g.param("W3", (6, 3), init="normal")
+    R = g.param("R", (7, 7), init="normal")
+    h = bp.tanh(x @ W1 + b1)
+    h2 = bp.sigmoid(h @ V.T)
+    out = h2 @ W3
+    g.output("out", out)
+    g.output("gram", h.T @ h)
+    g.loss(bp.mse(out, t) + 0.1 * bp.mean((h.T @ h) * R))
+    return g
+
+
+def rank3_graph() -> bp.Graph:
+    """A rank-3 input: (batch, 4, 5) @ (5, 6) merges the leading dims into rows; its weight
+    gradient is x.T @ g over the merged rows."""
+    g = bp.Graph("gemm_rank3")
+    x = g.input("x", ("batch", 4, 5))
+    t = g.input("t", ("batch", 2))
+    W = g.param("W", (5, 6), init="normal")
+    b = g.param("b", (6,), init="normal")
+    U = g.param("U", (6, 2), init="normal")
+    h = bp.tanh(x @ W + b)  # (batch, 4, 6)
+    pooled = bp.mean(h, axis=1)  # (batch, 6)
+    out = pooled @ U
+    g.output("h", h)
+    g.output("out", out)
+    g.loss(bp.mse(out, t))
+    return g
+
+
+def _inputs(graph: bp.Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.normal(size=tuple(batch if isinstance(d, str) else d for d in node.shape))
+            for name, node in graph.inputs.items()}
+
+
+def _check_against_reference(graph: bp.Graph, model: bp.CompiledModel, batch: int, seed: int) -> None:
+    inputs = _inputs(graph, batch, seed)
+    params = {k: v.copy() for k, v in model.params.items()}
+    forward_inputs = {k: v for k, v in inputs.items() if k != "t"}
+    outs = model.forward(**forward_inputs)
+    refs = bp.reference.evaluate(list(graph.outputs.values()), forward_inputs, params)
+    for (name, got), want in zip(outs.items(), refs):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"output {name}")
+    value, grads = model.loss_and_grad(**inputs)
+    ref_value, ref_grads = bp.reference.loss_and_grad(graph, inputs, params)
+    assert value == pytest.approx(ref_value, rel=1e-10, abs=1e-12)
+    assert set(grads) == set(ref_grads) == set(params)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-10, atol=1e-12, err_msg=f"gradient of {k}")
+
+
+@pytest.mark.parametrize("min_flops", PATHS)
+@pytest.mark.parametrize("make_graph", [mlp_graph, rank3_graph], ids=["mlp", "rank3"])
+def test_products_match_reference(build_dir, make_graph, min_flops):
+    graph = make_graph()
+    model = bp.compile(graph, dtype="float64", seed=1, blas_min_flops=min_flops)
+    for batch, seed in ((1, 0), (9, 1), (33, 2)):
+        _check_against_reference(graph, model, batch, seed)
+
+
+def _gemm_calls(source: str) -> set[tuple[int, int]]:
+    return {(int(a), int(b)) for a, b in re.findall(r"bp_gemm\((\d), (\d),", source)}
+
+
+@pytest.mark.parametrize("make_graph", [mlp_graph, rank3_graph], ids=["mlp", "rank3"])
+def test_both_paths_agree_and_cover_all_transposes(build_dir, make_graph):
+    graph = make_graph()
+    blas = bp.compile(graph, dtype="float64", seed=3, blas_min_flops=ALL_BLAS)
+    loops = bp.compile(graph, dtype="float64", seed=3, blas_min_flops=NO_BLAS)
+    assert blas.build_path != loops.build_path
+    assert re.search(r"#define BP_BLAS_MIN_FLOPS 0LL", blas.c_source)
+    assert re.search(r"#define BP_BLAS_MIN_FLOPS 1000000000000LL", loops.c_source)
+    for model in (blas, loops):
+        calls = _gemm_calls(model.c_source)
+        assert (0, 0) in calls and (1, 0) in calls, calls
+        if make_graph is mlp_graph:
+            assert (0, 1) in calls, calls  # h @ V.T and g @ W.T
+    inputs = _inputs(graph, 17, 5)
+    lb, gb = blas.loss_and_grad(**inputs)
+    ll, gl = loops.loss_and_grad(**inputs)
+    assert lb == pytest.approx(ll, rel=1e-12)
+    for k in gb:
+        np.testing.assert_allclose(gb[k], gl[k], rtol=1e-11, atol=1e-13, err_msg=k)
+    # one training step each: the same update through either path
+    for model in (blas, loops):
+        model.train_step(**inputs)
+    for k in blas.params:
+        np.testing.assert_allclose(blas.params[k], loops.params[k], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="scipy-openblas32 is not installed")
+def test_blas_is_linked(build_dir):
+    model = bp.compile(mlp_graph(), dtype="float64", blas_min_flops=ALL_BLAS)
+    info = json.loads((model.build_path / "build.json").read_text())
+    commands = [" ".join(cmd) for cmd in info["commands"]]
+    assert any("scipy_openblas" in c and "-shared" in c for c in commands), commands  # the link line
+    assert any("-DBP_USE_BLAS=1" in c for c in commands), commands
+    assert any("cblas_dgemm" in c for c in commands), commands
+    f32 = bp.compile(mlp_graph(), dtype="float32", blas_min_flops=ALL_BLAS)
+    f32_commands = " ".join(" ".join(c) for c in json.loads((f32.build_path / "build.json").read_text())["commands"])
+    assert "cblas_sgemm" in f32_commands
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # the library is loaded into this process
+        assert "libscipy_openblas" in maps.read_text()
+
+
+def test_float32_paths_agree(build_dir):
+    graph = mlp_graph()
+    inputs = _inputs(graph, 21, 8)
+    results = []
+    for min_flops in (ALL_BLAS, NO_BLAS):
+        model = bp.compile(graph, dtype="float32", seed=3, blas_min_flops=min_flops)
+        results.append(model.loss_and_grad(**inputs))
+    (lb, gb), (ll, gl) = results
+    assert lb == pytest.approx(ll, rel=1e-5)
+    for k in gb:
+        np.testing.assert_allclose(gb[k], gl[k], rtol=1e-4, atol=1e-6, err_msg=k)
