@@ -153,7 +153,10 @@ def _log1p(expr: sp.Expr) -> sp.Expr:
 
 
 def c99_form(expr: sp.Expr) -> sp.Expr:
-    """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1, small integer powers -> products."""
+    """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1, small integer powers -> products.
+    Conditions (which CSE may pull out of a Piecewise) are printed as they are."""
+    if not isinstance(expr, sp.Expr) or expr.is_Relational:
+        return expr
     return _EXPAND_POW(_log1p(optimize(expr, [expm1_opt])))
 
 
@@ -283,6 +286,8 @@ def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
     printer = ctx.printer()
     for s in leaf_sym.values():
         printer.names[s] = s.name
+    for o in k.outputs:  # runtime sizes used inside formulas (a mean's 1/n) must be declared too
+        ctx.used_dims.update(ew_mod.dim_name(s) for s in exprs[o].free_symbols if ew_mod.is_dim_symbol(s))
     temps, values = print_formulas([exprs[o] for o in k.outputs], printer)
     sizes = [Mono.of((d,)) for d in shape]
     operand_strides = [broadcast_strides(x.shape, shape) for x in k.inputs] + \

@@ -79,6 +79,8 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | N
         loss_result = [(Storage("output", 0, lname), spec.node)]
         grad_results = loss_result + [(Storage("grad", offsets[n], n), g) for n, g in zip(names, grads)]
         plans.append(EntryPlan(f"loss_{suffix}", f"loss {lname!r}", loss_result, lname))
+        plans.append(EntryPlan(f"eval_{suffix}", f"loss {lname!r} in evaluation mode", loss_result, lname,
+                               training=False))
         plans.append(EntryPlan(f"grad_{suffix}", f"loss {lname!r} and the gradients of {names}", grad_results, lname))
         if optimizer is not None:
             state = [(Storage("param", offsets[n], n), v) for n, v in graph.state_updates.items()]
@@ -224,7 +226,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         "outputs": list(graph.outputs),
         "losses": [{"name": lname, "params": graph.trained_params(lname),
                     "classifier": _classifier(graph, spec.node),
-                    "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "grad", "train")
+                    "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "eval", "grad", "train")
                                 if f"{kind}_{plan_suffix}" in entry_meta}}
                    for (lname, spec), plan_suffix in zip(graph.losses.items(), _loss_suffixes(graph))],
         "entries": entry_meta,

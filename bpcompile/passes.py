@@ -179,6 +179,14 @@ def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
         members.sort(key=index.__getitem__)
         clustered.update(members)
         clusters.append(members)
+        # contract the cluster in `reach`: whatever reaches one member reaches all any member
+        # reaches, so a later cluster cannot form a cycle with this one in the kernel graph
+        closure = 0
+        for m in members:
+            closure |= reach[index[m]]
+        for i in range(len(order)):
+            if reach[i] & mask:
+                reach[i] |= closure
     return clusters
 
 

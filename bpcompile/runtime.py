@@ -364,10 +364,12 @@ class CompiledModel:
             raise InputError(f"model {self.name!r} has no loss {loss!r}; its losses are {list(self._losses)}")
         return self._losses[loss]
 
-    def loss(self, loss: str | None = None, **inputs: Any) -> float:
-        """The loss value on a batch (training mode), without gradients."""
+    def loss(self, loss: str | None = None, training: bool = True, **inputs: Any) -> float:
+        """The loss on a batch without gradients: in training mode (batch statistics, dropout),
+        as loss_and_grad sees it, or with training=False as forward sees it."""
         spec = self._loss_spec(loss)
-        return float(self._run(spec["entries"]["loss"], inputs).scalar[0])
+        entry = spec["entries"]["loss" if training else "eval"]
+        return float(self._run(entry, inputs).scalar[0])
 
     def loss_and_grad(self, loss: str | None = None, **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and the gradient of every parameter it trains (fresh arrays each call)."""

@@ -47,7 +47,8 @@ def _check_batch_size(batch_size: Any) -> int:
 
 
 def evaluate(model, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
-    """Mean loss over a dataset (and accuracy for a classifier), in batches."""
+    """Mean loss over a dataset (and accuracy for a classifier), in batches, in evaluation mode
+    (running statistics, no dropout), as `forward` computes."""
     arrays, n = _dataset(model, data, "evaluate")
     batch_size = _check_batch_size(batch_size)
     spec = model._loss_spec(loss)
@@ -55,7 +56,7 @@ def evaluate(model, data: Mapping[str, Any], batch_size: int = 256, loss: str | 
     classifier = spec.get("classifier")
     for _, batch in _batches(arrays, n, batch_size):
         rows = len(next(iter(batch.values())))
-        total += model.loss(loss=loss, **batch) * rows
+        total += model.loss(loss=loss, training=False, **batch) * rows
         if classifier:
             logits = model.forward(**{k: v for k, v in batch.items() if k in model._entries["forward"].inputs})
             predicted = np.argmax(logits[classifier["output"]], axis=-1)

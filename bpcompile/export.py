@@ -1,0 +1,428 @@
+"""`bpcompile export`: a model as a standalone C99 library, and the binary parameter file.
+
+`export_model(graph, out_dir, ...)` writes, with no Python needed to build or run them:
+
+* `model.h`, `model.c`: the generated kernels and entry points (forward, loss, gradients and the
+  fused optimizer step), followed by a small library around them (`bp_model_create`,
+  `bp_model_train_*`, `bp_model_load` / `bp_model_save`, ...): it owns the flat parameter,
+  gradient and optimizer-state buffers, plans the workspace in C for the runtime sizes it is
+  given (the same greedy plan as `runtime.plan_offsets`, so any batch size works), and computes
+  the optimizer's per-step hyperparameters and learning-rate schedule (`bp_model_hyper`,
+  `bp_model_lr`, generated from the optimizer's config by `templates/export_optim.c.j2`);
+* `Makefile`: `make` builds `libmodel.a` and `./main`; GEMM is a portable loop unless
+  `BLAS_LIBS` names a CBLAS;
+* `main.c`: an example that trains for a few steps on synthetic data and prints the loss;
+* `params.bin`: the initial parameters the Python model gets with the same seed.
+
+The parameter file ("BPPARAM1", version 1; all integers little-endian)::
+
+    offset 0   8 bytes  magic b"BPPARAM1"
+           8   u32      format version, 1
+          12   u32      bytes per value: 4 (float32) or 8 (float64), little-endian IEEE 754
+          16   u32      number of records
+          20   u32      reserved, 0
+          24   u64      optimizer step count
+          32   records: u32 kind (0 parameter, 1 optimizer state), u32 name length, the UTF-8
+               name (a state record is named "<slot>/<parameter>", e.g. "m/W1"), u32 rank,
+               rank x u64 dimensions, then the values, row-major.
+
+`read_param_file` / `write_param_file` read and write it; `CompiledModel.load(path)` accepts it
+as well as its own .npz checkpoints (`load_into_model`). This module imports no SymPy, Jinja2 or
+compiler until an export is made, so reading parameter files stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BPError, CheckpointError
+
+MAGIC = b"BPPARAM1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQ")
+KIND_PARAM, KIND_STATE = 0, 1
+GOLDEN = 0x9E3779B97F4A7C15
+INIT_KINDS = {"zeros": 0, "ones": 1, "uniform": 2, "glorot_uniform": 2, "normal": 3, "he_normal": 3}
+
+
+class ExportError(BPError, ValueError):
+    """A model the standalone export cannot express (an unknown optimizer formula, a missing size)."""
+
+
+# --- the parameter file ---------------------------------------------------------------------
+
+@dataclass
+class ParamFile:
+    """The contents of a parameter file: parameters, optimizer state per slot, step count."""
+
+    params: dict[str, np.ndarray]
+    state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # slot -> parameter -> values
+    step: int = 0
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+
+
+def is_param_file(path: str | os.PathLike) -> bool:
+    """Whether `path` starts with the parameter file's magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def write_param_file(path: str | os.PathLike, params: Mapping[str, Any], *, dtype: Any = None,
+                     state: Mapping[str, Mapping[str, Any]] | None = None, step: int = 0) -> None:
+    """Write parameters (and optionally optimizer state, {slot: {param: array}}) atomically.
+
+    `dtype` (float32 or float64) defaults to the first parameter's float type."""
+    arrays = {str(k): np.asarray(v) for k, v in params.items()}
+    if dtype is None:
+        first = next(iter(arrays.values()), np.zeros(0, np.float32))
+        dtype = first.dtype if first.dtype in (np.float32, np.float64) else np.float32
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"parameter files hold float32 or float64 values, not {dtype}")
+    records: list[tuple[int, str, np.ndarray]] = [(KIND_PARAM, k, v) for k, v in arrays.items()]
+    for slot, values in (state or {}).items():
+        if "/" in slot:
+            raise ValueError(f"optimizer slot name {slot!r} must not contain '/'")
+        records += [(KIND_STATE, f"{slot}/{k}", np.asarray(v)) for k, v in values.items()]
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(records), 0, int(step)))
+            for kind, name, value in records:
+                if value.dtype.kind not in "fiub":
+                    raise ValueError(f"{name}: values must be numbers, got {value.dtype}")
+                raw = name.encode("utf-8")
+                f.write(struct.pack("<II", kind, len(raw)) + raw + struct.pack("<I", value.ndim))
+                f.write(struct.pack(f"<{value.ndim}Q", *value.shape))
+                f.write(np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a parameter file is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_param_file_full(path: str | os.PathLike) -> ParamFile:
+    """Every record of a parameter file; raises CheckpointError on anything malformed."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) < HEADER.size or data[:8] != MAGIC:
+        raise CheckpointError(f"{path}: not a bpcompile parameter file (no {MAGIC.decode()} header)")
+    _, version, itemsize, count, _, step = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise CheckpointError(f"{path}: parameter file version {version}; this bpcompile reads version {VERSION}")
+    if itemsize not in (4, 8):
+        raise CheckpointError(f"{path}: {itemsize} bytes per value; expected 4 (float32) or 8 (float64)")
+    dtype = np.dtype("<f4" if itemsize == 4 else "<f8")
+    out = ParamFile({}, {}, int(step), np.dtype(np.float32 if itemsize == 4 else np.float64))
+    pos = HEADER.size
+    try:
+        for _ in range(count):
+            kind, length = struct.unpack_from("<II", data, pos)
+            pos += 8
+            name = data[pos:pos + length].decode("utf-8")
+            if len(name.encode("utf-8")) != length:
+                raise struct.error("truncated name")
+            pos += length
+            (ndim,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            shape = struct.unpack_from(f"<{ndim}Q", data, pos)
+            pos += 8 * ndim
+            n = int(np.prod(shape, dtype=np.int64))
+            if pos + n * itemsize > len(data):
+                raise struct.error("truncated values")
+            value = np.frombuffer(data, dtype=dtype, count=n, offset=pos).reshape(shape).astype(out.dtype)
+            pos += n * itemsize
+            if kind == KIND_PARAM:
+                out.params[name] = value
+            elif kind == KIND_STATE and "/" in name:
+                slot, pname = name.split("/", 1)
+                out.state.setdefault(slot, {})[pname] = value
+            else:
+                raise CheckpointError(f"{path}: record {name!r} has unknown kind {kind}")
+    except (struct.error, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: damaged parameter file ({e})") from None
+    if pos != len(data):
+        raise CheckpointError(f"{path}: damaged parameter file ({len(data) - pos} unexpected trailing bytes)")
+    return out
+
+
+def read_param_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The parameters of a parameter file, by name (in the file's float type)."""
+    return read_param_file_full(path).params
+
+
+def save_model_params(model: Any, path: str | os.PathLike, with_state: bool = True) -> None:
+    """Write a CompiledModel's parameters (and optimizer state and step) as a parameter file."""
+    state = {}
+    if with_state and model.meta["state_size"] and model.optimizer is not None:
+        size = model.meta["param_size"]
+        for k, slot in enumerate(model.optimizer.slots):
+            flat = model._state_flat[k * size:(k + 1) * size]
+            state[slot] = {p["name"]: model._view(flat, p) for p in model.meta["params"]}
+    write_param_file(path, model.params, dtype=model.dtype, state=state, step=model.step if state else 0)
+
+
+def load_into_model(model: Any, path: str | os.PathLike) -> None:
+    """Restore a CompiledModel from a parameter file: every parameter by name and shape, and the
+    optimizer state and step when the file has them (else the state is cleared, step 0)."""
+    pf = read_param_file_full(path)
+    mine = {p["name"]: tuple(p["shape"]) for p in model.meta["params"]}
+    extra = [k for k in pf.params if k not in mine]
+    if extra:
+        raise CheckpointError(f"{path}: parameter {extra[0]!r} is not a parameter of model {model.name!r} "
+                              f"(its parameters: {list(mine)})")
+    for name, shape in mine.items():
+        if name not in pf.params:
+            raise CheckpointError(f"{path}: no values for parameter {name!r} of model {model.name!r}")
+        if pf.params[name].shape != shape:
+            raise CheckpointError(f"{path}: parameter {name!r} has shape {pf.params[name].shape}, the model's is "
+                                  f"{shape}")
+    slots = tuple(model.optimizer.slots) if model.optimizer is not None and model.meta["state_size"] else ()
+    if pf.state:
+        if set(pf.state) != set(slots) or any(set(v) != set(mine) for v in pf.state.values()):
+            raise CheckpointError(f"{path}: optimizer state slots {sorted(pf.state)} do not match this model's "
+                                  f"optimizer ({list(slots) or 'no state'})")
+        for slot, values in pf.state.items():
+            for name, value in values.items():
+                if value.shape != mine[name]:
+                    raise CheckpointError(f"{path}: state {slot}/{name} has shape {value.shape}, expected "
+                                          f"{mine[name]}")
+    for name, view in model.params.items():
+        view[...] = pf.params[name]
+    model._state_flat[...] = 0
+    size = model.meta["param_size"]
+    for k, slot in enumerate(slots):
+        if slot in pf.state:
+            flat = model._state_flat[k * size:(k + 1) * size]
+            for p in model.meta["params"]:
+                model._view(flat, p)[...] = pf.state[slot][p["name"]]
+    model.step = pf.step if pf.state else 0
+
+
+# --- synthetic data (main.c's, reproduced) ------------------------------------------------------
+
+def splitmix64(seed: int, start: int, count: int) -> np.ndarray:
+    """Outputs start+1 .. start+count of splitmix64 seeded with `seed` (as bp_model_splitmix64)."""
+    with np.errstate(over="ignore"):
+        k = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+        z = np.uint64(seed % 2**64) + k * np.uint64(GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def synthetic_inputs(inputs: list[dict], dims: Mapping[str, int], seed: int = 0,
+                     dtype: Any = np.float32) -> dict[str, np.ndarray]:
+    """The batch the exported main.c trains on: `inputs` as in a build's meta.json."""
+    out, used = {}, 0
+    for spec in inputs:
+        shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
+        n = int(np.prod(shape, dtype=np.int64))
+        z = splitmix64(seed, used, n)
+        used += n
+        if spec["dtype"] == "int32":
+            classes = np.uint64(spec.get("classes") or 2)
+            out[spec["name"]] = (z % classes).astype(np.int32).reshape(shape)
+        else:
+            u = (z >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+            out[spec["name"]] = (2.0 * u - 1.0).astype(dtype).reshape(shape)
+    return out
+
+
+# --- the export ---------------------------------------------------------------------------------
+
+@dataclass
+class ExportResult:
+    path: Path
+    files: dict[str, int]  # file name -> bytes
+    dims: dict[str, int]
+    entries: list[str]
+    default_train: str | None
+    notes: list[str]
+
+
+def _c_string(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in '"\\?' else f"\\{ord(c) & 0xFF:03o}" for c in text)
+
+
+def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
+    from .init import _fans
+    if not isinstance(init, str):
+        return 0, 0.0, "an array given at compile time (its values are in params.bin)"
+    fan_in, fan_out = _fans(shape)
+    scale = {"zeros": 0.0, "ones": 0.0, "uniform": 0.05, "normal": 0.05,
+             "glorot_uniform": float(np.sqrt(6.0 / (fan_in + fan_out))),
+             "he_normal": float(np.sqrt(2.0 / fan_in))}[init]
+    return INIT_KINDS[init], scale, init
+
+
+def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32", optimizer: Any = None,
+                 seed: int = 0, dims: Mapping[str, int] | None = None, batch: int = 32, steps: int = 10,
+                 blas_min_flops: int | None = None) -> ExportResult:
+    """Write the standalone C library of `graph` into `out_dir` (see the module docstring).
+
+    `dims` gives main.c's default runtime sizes (`batch` is the default of a dim named "batch",
+    or of the only named dim); `seed` draws params.bin as `bp.compile(..., seed=seed)` does."""
+    from . import codegen, compiler
+    from .init import initial_value
+    from .optim import SGD, Optimizer
+
+    if optimizer is None and graph.losses:
+        optimizer = SGD(lr=0.01)
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
+    kwargs = {} if blas_min_flops is None else {"blas_min_flops": int(blas_min_flops)}
+    lowered = compiler.lower(graph, dtype, optimizer, **kwargs)
+    meta = lowered.sources.meta
+    notes: list[str] = []
+
+    env = codegen.environment()
+    env.filters["c_double"] = lambda x: repr(float(x))
+    env.globals["c_string"] = _c_string
+    env.globals["c_comment"] = codegen.comment_text
+    optim_macros = env.get_template("export_optim.c.j2").module
+
+    # runtime sizes main.c starts with
+    names = list(meta["dims"])
+    sizes = {k: int(v) for k, v in (dims or {}).items()}
+    unknown = [k for k in sizes if k not in names]
+    if unknown:
+        raise ExportError(f"model {graph.name!r} has no runtime dimension {unknown[0]!r} (its dimensions: "
+                          f"{names or 'none'})")
+    batch_dim = "batch" if "batch" in names else (names[0] if len(names) == 1 else None)
+    if batch_dim is not None:
+        sizes.setdefault(batch_dim, int(batch))
+    missing = [d for d in names if d not in sizes]
+    if missing:
+        raise ExportError(f"model {graph.name!r}: runtime dimension {missing[0]!r} needs a default size "
+                          f"(--dim {missing[0]}=N)")
+    if any(v < 1 for v in sizes.values()):
+        raise ExportError(f"runtime sizes must be at least 1, got {sizes}")
+
+    taken: set[str] = set()
+    dim_ctx = [{"name": d, "c": codegen.c_identifier(d, taken), "default": sizes[d]} for d in names]
+    taken = set()
+    inputs_ctx = []
+    for spec in meta["inputs"]:
+        shape = [d if isinstance(d, int) else -1 - names.index(d) for d in spec["shape"]]
+        inputs_ctx.append({"name": spec["name"], "c": codegen.c_identifier(spec["name"], taken),
+                           "is_int": spec["dtype"] == "int32", "classes": int(spec.get("classes") or 0),
+                           "shape": shape, "shape_text": "[" + ", ".join(map(str, spec["shape"])) + "]"})
+    params_ctx = []
+    for p in meta["params"]:
+        shape = tuple(p["shape"])
+        kind, scale, init_doc = _init_scale(graph.param_init[p["name"]], shape)
+        if not isinstance(graph.param_init[p["name"]], str):
+            notes.append(f"parameter {p['name']!r} has an array initializer: bp_model_init_params sets it to zero; "
+                         "params.bin holds its values")
+        params_ctx.append({"name": p["name"], "offset": p["offset"], "size": int(np.prod(shape, dtype=np.int64)),
+                           "shape": list(shape), "init_kind": kind, "init_scale": scale, "init": init_doc})
+    max_ndim = max([len(s["shape"]) for s in meta["inputs"]] + [len(p["shape"]) for p in meta["params"]] + [1])
+
+    input_index = {spec["name"]: i for i, spec in enumerate(meta["inputs"])}
+    train_entries = {spec["entries"]["train"] for spec in meta["losses"] if "train" in spec["entries"]}
+    buffers, entries_ctx = [], []
+    docs = {e.name: e.doc for e in lowered.entries}
+    for name, spec in meta["entries"].items():
+        first = len(buffers)
+        for k, (coef, bdims, start, end) in enumerate(spec["buffers"]):
+            buffers.append({"coef": coef, "dims": [names.index(d) for d in bdims], "start": start, "end": end,
+                            "entry": name, "index": k})
+        entries_ctx.append({"name": name, "doc": docs.get(name, name),
+                            "inputs": [input_index[i] for i in spec["inputs"]], "first": first,
+                            "count": len(spec["buffers"]), "train": name in train_entries})
+    default_train = default_loss = None
+    if meta["losses"] and meta["losses"][0]["entries"].get("train"):
+        default_train = meta["losses"][0]["entries"]["train"]
+        default_loss = meta["losses"][0]["entries"]["loss"]
+        if len(meta["losses"]) > 1:
+            notes.append(f"main.c trains loss {meta['losses'][0]['name']!r}; the other losses have their own "
+                         "bp_model_train_* functions")
+
+    # the optimizer's per-step values, as C
+    hyper: list[str] = []
+    opt_cfg: dict[str, Any] = {}
+    schedule = {"kind": "Constant", "lr": 0.0}
+    if optimizer is not None:
+        hyper = list(optimizer.hyper_names())
+        opt_cfg = optimizer.config()
+        schedule = opt_cfg["lr"]
+        for h in hyper:
+            if not str(optim_macros.hyper_formula(h, opt_cfg)).strip():
+                raise ExportError(f"optimizer {type(optimizer).__name__}: hyperparameter {h!r} has no C formula in "
+                                  "templates/export_optim.c.j2")
+        if not str(optim_macros.lr_expr(schedule)).strip():
+            raise ExportError(f"learning-rate schedule {schedule.get('kind')!r} has no C formula in "
+                              "templates/export_optim.c.j2; use a constant rate or Constant, StepDecay, Cosine, "
+                              "LinearWarmup")
+        if type(optimizer.lr).__name__ == "FromFunction":
+            notes.append("the learning rate is a Python function: the library uses its first value, "
+                         f"{schedule['lr']!r}, for every step (set m.lr to change it)")
+
+    forward_results = []
+    if "forward" in meta["entries"]:
+        for r in meta["entries"]["forward"]["results"]:
+            factors = [str(d) if isinstance(d, int) else f"m.dims[{names.index(d)}]" for d in r["shape"]] or ["1"]
+            forward_results.append({"name": r["name"], "size": "*".join(factors)})
+
+    context = {
+        "model_name": graph.name, "dtype": dtype, "seed": int(seed),
+        "real": "float" if dtype == "float32" else "double",
+        "dims": dim_ctx, "inputs": inputs_ctx, "params": params_ctx, "max_ndim": max_ndim,
+        "param_size": meta["param_size"], "state_size": meta["state_size"],
+        "param_count": sum(p["size"] for p in params_ctx),
+        "slots": list(optimizer.slots) if optimizer is not None else [],
+        "hyper": hyper, "optimizer": opt_cfg,
+        "optimizer_kind": type(optimizer).__name__ if optimizer is not None else "no",
+        "optimizer_doc": optimizer.describe() if optimizer is not None else "no optimizer",
+        "schedule": schedule, "schedule_doc": str(schedule),
+        "entries": entries_ctx, "buffers": buffers, "total_buffers": len(buffers),
+        "max_buffer_dims": max([len(b["dims"]) for b in buffers] + [1]),
+        "default_train": default_train, "default_loss": default_loss,
+        "steps": int(steps), "batch_dim": batch_dim or "", "batch_default": sizes.get(batch_dim, 1) if batch_dim else 1,
+        "batch_index": names.index(batch_dim) if batch_dim is not None else None,
+        "digits": 9 if dtype == "float32" else 17, "forward_results": forward_results,
+        "blas_min_flops": int(blas_min_flops if blas_min_flops is not None else compiler.DEFAULT_BLAS_MIN_FLOPS),
+    }
+    files = {
+        "model.h": lowered.sources.model_h + env.get_template("export_api.h.j2").render(**context),
+        "model.c": lowered.sources.model_c + env.get_template("export_api.c.j2").render(**context),
+        "main.c": env.get_template("export_main.c.j2").render(**context),
+        "Makefile": env.get_template("export_Makefile.j2").render(**context),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text, encoding="utf-8")
+
+    # params.bin: the parameters bp.compile(graph, dtype, optimizer, seed=seed) starts from
+    rng = np.random.default_rng(seed)
+    initial = {}
+    for p in meta["params"]:
+        init = p["init"]
+        if init == "array":
+            init = np.asarray(lowered.init_arrays[p["name"]], dtype=np.float64)
+        initial[p["name"]] = initial_value(init, tuple(p["shape"]), rng).astype(dtype)
+    write_param_file(out / "params.bin", initial, dtype=dtype)
+    sizes_out = {name: (out / name).stat().st_size for name in [*files, "params.bin"]}
+    return ExportResult(out, sizes_out, {d: sizes[d] for d in names}, list(meta["entries"]), default_train, notes)

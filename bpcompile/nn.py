@@ -1,0 +1,225 @@
+"""Layer helpers for people used to Keras / PyTorch modules.
+
+Each layer creates its parameters on a graph when constructed (with sensible default inits
+and unique names such as "dense1.weight") and is then called on tensors:
+
+    g = bp.Graph("cnn")
+    conv = bp.nn.Conv2d(g, 1, 16, 3, padding=1, activation="relu")
+    fc = bp.nn.Dense(g, 16 * 4 * 4, 10)
+    logits = fc(bp.flatten(bp.max_pool2d(conv(x), 2)))
+
+`layer.params` lists a layer's trainable parameter nodes (e.g. for `g.loss(..., params=...)`).
+Weights use PyTorch's layouts (Conv2d (out, in, kh, kw); LSTM (4H, in) / (4H, H)), except
+Dense, whose weight is (in, out) as bpcompile's `x @ W` convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import ops
+from .ir import Graph, Node
+
+__all__ = ["Layer", "Dense", "Conv2d", "BatchNorm", "LSTM", "GRU", "RNN", "Embedding", "Dropout", "Sequential"]
+
+
+def _activation(activation: str | Callable[[Node], Node] | None) -> Callable[[Node], Node] | None:
+    if activation is None or callable(activation):
+        return activation
+    fn = getattr(ops, str(activation), None)
+    if fn is None or not callable(fn):
+        raise ValueError(f"unknown activation {activation!r}; use a bpcompile op name such as 'relu' or a callable")
+    return fn
+
+
+def _unique_name(g: Graph, kind: str) -> str:
+    k = 1
+    while any(p == f"{kind}{k}" or p.startswith(f"{kind}{k}.") for p in g.params):
+        k += 1
+    return f"{kind}{k}"
+
+
+class Layer:
+    """A callable holding the parameters it created on a graph."""
+
+    kind = "layer"
+
+    def __init__(self, g: Graph | None, name: str | None):
+        if g is not None and not isinstance(g, Graph):
+            raise TypeError(f"{type(self).__name__} expects a bp.Graph first, got {type(g).__name__}")
+        self.graph = g
+        self.name = name if name is not None else (_unique_name(g, self.kind) if g is not None else self.kind)
+        self.params: list[Node] = []
+
+    def _param(self, suffix: str, shape: tuple[int, ...], init: Any) -> Node:
+        node = self.graph.param(f"{self.name}.{suffix}", shape, init=init)
+        self.params.append(node)
+        return node
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, params={[p.attrs['name'] for p in self.params]})"
+
+
+class Dense(Layer):
+    """y = activation(x @ W + b), W (in, out) glorot-uniform (he-normal before a relu), b zeros."""
+
+    kind = "dense"
+
+    def __init__(self, g: Graph, in_features: int, out_features: int, activation: Any = None, bias: bool = True,
+                 init: Any = None, name: str | None = None):
+        super().__init__(g, name)
+        self.activation = _activation(activation)
+        if init is None:
+            init = "he_normal" if activation in ("relu", ops.relu) else "glorot_uniform"
+        self.weight = self._param("weight", (in_features, out_features), init)
+        self.bias = self._param("bias", (out_features,), "zeros") if bias else None
+
+    def __call__(self, x: Node) -> Node:
+        y = x @ self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return self.activation(y) if self.activation else y
+
+
+class Conv2d(Layer):
+    """2-D convolution on NCHW, weight (out, in, kh, kw) he-normal, bias zeros."""
+
+    kind = "conv"
+
+    def __init__(self, g: Graph, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
+                 padding: Any = 0, activation: Any = None, bias: bool = True, init: Any = "he_normal",
+                 name: str | None = None):
+        super().__init__(g, name)
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.stride, self.padding = stride, padding
+        self.activation = _activation(activation)
+        self.weight = self._param("weight", (out_channels, in_channels, kh, kw), init)
+        self.bias = self._param("bias", (out_channels,), "zeros") if bias else None
+
+    def __call__(self, x: Node) -> Node:
+        from .nn_ops import conv2d
+        y = conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return self.activation(y) if self.activation else y
+
+
+class BatchNorm(Layer):
+    """Batch normalization over channels of (N, C) or (N, C, H, W): gamma ones, beta zeros;
+    running statistics "<name>.weight.running_mean" / ".running_var" (non-trainable)."""
+
+    kind = "bn"
+
+    def __init__(self, g: Graph, num_features: int, momentum: float = 0.1, eps: float = 1e-5,
+                 name: str | None = None):
+        super().__init__(g, name)
+        self.momentum, self.eps = momentum, eps
+        self.weight = self._param("weight", (num_features,), "ones")
+        self.bias = self._param("bias", (num_features,), "zeros")
+
+    def __call__(self, x: Node) -> Node:
+        from .nn_ops import batch_norm
+        return batch_norm(x, self.weight, self.bias, momentum=self.momentum, eps=self.eps)
+
+
+class _Recurrent(Layer):
+    gates = 1
+
+    def __init__(self, g: Graph, input_size: int, hidden_size: int, bias: bool = True, name: str | None = None):
+        super().__init__(g, name)
+        self.hidden_size = hidden_size
+        gh = self.gates * hidden_size
+        self.W_ih = self._param("W_ih", (gh, input_size), "glorot_uniform")
+        self.W_hh = self._param("W_hh", (gh, hidden_size), "glorot_uniform")
+        self.b_ih = self._param("b_ih", (gh,), self._bias_init()) if bias else None
+        self.b_hh = self._param("b_hh", (gh,), "zeros") if bias else None
+
+    def _bias_init(self) -> Any:
+        return "zeros"
+
+
+class LSTM(_Recurrent):
+    """One LSTM layer over (batch, time, features); call(x, h0=None, c0=None) -> (out, (h, c)).
+    Weights glorot-uniform; the forget gate's input bias starts at 1 (a common default that
+    helps gradients flow through time early in training)."""
+
+    kind = "lstm"
+    gates = 4
+
+    def _bias_init(self) -> Any:
+        b = np.zeros(4 * self.hidden_size)
+        b[self.hidden_size:2 * self.hidden_size] = 1.0
+        return b
+
+    def __call__(self, x: Node, h0: Node | None = None, c0: Node | None = None):
+        from .nn_ops import lstm
+        return lstm(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0, c0)
+
+
+class GRU(_Recurrent):
+    """One GRU layer (PyTorch's equations); call(x, h0=None) -> (out, h)."""
+
+    kind = "gru"
+    gates = 3
+
+    def __call__(self, x: Node, h0: Node | None = None):
+        from .nn_ops import gru
+        return gru(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
+
+
+class RNN(_Recurrent):
+    """One tanh RNN layer; call(x, h0=None) -> (out, h)."""
+
+    kind = "rnn"
+
+    def __call__(self, x: Node, h0: Node | None = None):
+        from .nn_ops import rnn
+        return rnn(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
+
+
+class Embedding(Layer):
+    """A (num_embeddings, embedding_dim) table, normal(0, 0.05) init; call(ids) gathers rows."""
+
+    kind = "embedding"
+
+    def __init__(self, g: Graph, num_embeddings: int, embedding_dim: int, init: Any = "normal",
+                 name: str | None = None):
+        super().__init__(g, name)
+        self.weight = self._param("weight", (num_embeddings, embedding_dim), init)
+
+    def __call__(self, ids: Node) -> Node:
+        from .nn_ops import embedding
+        return embedding(ids, self.weight)
+
+
+class Dropout(Layer):
+    """Dropout with probability p in training calls, the identity in forward (no parameters).
+    `salt` separates the masks of two Dropout layers applied to the same tensor."""
+
+    kind = "dropout"
+
+    def __init__(self, p: float = 0.5, salt: int = 0, g: Graph | None = None, name: str | None = None):
+        super().__init__(g, name or "dropout")
+        self.p, self.salt = float(p), int(salt)
+
+    def __call__(self, x: Node) -> Node:
+        from .nn_ops import dropout
+        return dropout(x, self.p, salt=self.salt)
+
+
+class Sequential(Layer):
+    """Layers (or any callables) applied in order; `params` gathers theirs."""
+
+    kind = "seq"
+
+    def __init__(self, *layers: Callable[[Node], Node]):
+        super().__init__(None, "sequential")
+        self.layers = list(layers)
+        for layer in self.layers:
+            self.params.extend(getattr(layer, "params", []))
+
+    def __call__(self, x: Node) -> Node:
+        for layer in self.layers:
+            x = layer(x)
+        return x
