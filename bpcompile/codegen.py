@@ -341,7 +341,12 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
     red_sizes, (red_strides,) = coalesce([s for s, _ in red], [[st for _, st in red]])
     outer = [f"i{d}" for d in range(len(kept_sizes))]
     inner = [f"j{d}" for d in range(len(red_sizes))]
+    # a contiguous innermost reduced dim is summed with 8 partial sums, so that it vectorizes
+    contiguous = bool(red_strides) and red_strides[-1] == Mono(1) and (red_sizes[-1].dims or red_sizes[-1].coef >= 8)
     return {
+        "contiguous_last": contiguous,
+        "row_offset": index_expr(ctx, inner[:-1], red_strides[:-1]) if contiguous else "",
+        "last_size": ctx.c(red_sizes[-1]) if contiguous else "",
         "columns": False,
         "outer": [{"var": v, "size": ctx.c(s)} for v, s in zip(outer, kept_sizes)],
         "inner": [{"var": v, "size": ctx.c(s)} for v, s in zip(inner, red_sizes)],

@@ -256,7 +256,8 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = 
 
     `optimizer` (default SGD(lr=0.01) when the graph has a loss) is fused into `train_step`;
     `seed` draws the initial parameters. Products of at least `blas_min_flops` multiply-adds
-    call OpenBLAS, smaller ones run as generated loops.
+    with every dimension >= 16 call OpenBLAS, others run as generated loops; 0 sends every
+    product to OpenBLAS.
     """
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
