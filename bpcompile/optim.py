@@ -23,6 +23,7 @@ class Optimizer:
 
     kind = ""
     slots: tuple[str, ...] = ()
+    step_dependent = False  # whether hyper() changes with the step at a fixed learning rate
 
     def __init__(self, lr: float | Schedule | Callable[[int], float], weight_decay: float = 0.0,
                  clip_norm: float | None = None):
@@ -96,6 +97,7 @@ class SGD(Optimizer):
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening = 0")
         self.slots = ("buf",) if self.momentum else ()
+        self.step_dependent = bool(self.momentum)  # the first step starts the buffer
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         if not self.momentum:
@@ -121,6 +123,7 @@ class Adam(Optimizer):
     kind = "adam"
     slots = ("m", "v")
     decoupled = False
+    step_dependent = True  # bias corrections
 
     def __init__(self, lr: Any = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, clip_norm: float | None = None):

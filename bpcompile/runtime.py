@@ -111,6 +111,8 @@ class Frame:
         self.arena = model._arena(dims, size)
         self.hyper = np.zeros(max(len(model.optimizer.hyper_names()) if model.optimizer else 0, 1))
         self.scalar = np.zeros(1, dtype=model.dtype)
+        self.scalar_c = ffi.from_buffer(model._ctype, self.scalar)
+        self.hyper_key: Any = None  # what the hyperparameters in `hyper` were computed for
         self.fn = entry.fn
         self.in_ptrs = ffi.new("void *[]", max(len(arrays), 1))
         self.out_ptrs = ffi.new("void *[]", max(len(entry.results), 1))
@@ -132,7 +134,7 @@ class Frame:
         arrays = []
         for name, dtype, shape in self.signature:
             a = given.get(name)
-            if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
                 return None
             arrays.append(a)
         return arrays
@@ -284,7 +286,10 @@ class CompiledModel:
     def _frame(self, entry_name: str, given: Mapping[str, Any]) -> tuple[Frame, list[np.ndarray]]:
         """The call frame for these inputs: the thread's last one for this entry when the inputs
         have the same names, dtypes, shapes and layout (a cheap check), else a newly validated one."""
-        frames = self._tls.__dict__.setdefault("frames", {})
+        try:
+            frames = self._tls.frames
+        except AttributeError:
+            frames = self._tls.frames = {}
         frame = frames.get(entry_name)
         if frame is not None:
             arrays = frame.accepts(given)
@@ -306,13 +311,19 @@ class CompiledModel:
 
     def _run(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray] | None = None,
              grads: np.ndarray | None = None, counter: int | None = None,
-             hyper: Mapping[str, float] | None = None) -> Frame:
-        """One native call of an entry point; returns the frame (its `scalar` holds a loss)."""
+             hyper: tuple[Any, int, float] | None = None) -> Frame:
+        """One native call of an entry point; returns the frame (its `scalar_c[0]` holds a loss).
+        `hyper` is (optimizer, step, learning rate): the step's hyperparameters, recomputed only
+        when they can differ from the last call's."""
         frame, arrays = self._frame(entry_name, given)
-        if hyper:
-            hyper_c = frame.hyper_c
-            for i, value in enumerate(hyper.values()):
-                hyper_c[i] = value
+        if hyper is not None:
+            optimizer, step, rate = hyper
+            key = (step, rate) if optimizer.step_dependent else rate
+            if key != frame.hyper_key:
+                hyper_c = frame.hyper_c
+                for i, value in enumerate(optimizer.hyper(step, rate).values()):
+                    hyper_c[i] = value
+                frame.hyper_key = key
         from_buffer = self._ffi.from_buffer
         in_ptrs = frame.in_ptrs
         for i, a in enumerate(arrays):
@@ -369,13 +380,13 @@ class CompiledModel:
         as loss_and_grad sees it, or with training=False as forward sees it."""
         spec = self._loss_spec(loss)
         entry = spec["entries"]["loss" if training else "eval"]
-        return float(self._run(entry, inputs).scalar[0])
+        return self._run(entry, inputs).scalar_c[0]
 
     def loss_and_grad(self, loss: str | None = None, **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and the gradient of every parameter it trains (fresh arrays each call)."""
         spec = self._loss_spec(loss)
         grads = aligned_empty(self.meta["param_size"], self.dtype)
-        value = float(self._run(spec["entries"]["grad"], inputs, grads=grads).scalar[0])
+        value = self._run(spec["entries"]["grad"], inputs, grads=grads).scalar_c[0]
         layout = {p["name"]: p for p in self.meta["params"]}
         return value, {n: self._view(grads, layout[n]) for n in spec["params"]}
 
@@ -389,8 +400,8 @@ class CompiledModel:
         entry = spec["entries"]["train"]
         with self._train_lock:
             step = self.step + 1
-            hyper = optimizer.hyper(step, optimizer.lr_at(step) if lr is None else float(lr))
-            value = float(self._run(entry, inputs, counter=step, hyper=hyper).scalar[0])
+            rate = optimizer.lr_at(step) if lr is None else float(lr)
+            value = self._run(entry, inputs, counter=step, hyper=(optimizer, step, rate)).scalar_c[0]
             self.step = step
         return value
 
