@@ -19,8 +19,9 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.codegen.cfunctions import log1p
-from sympy.codegen.rewriting import create_expand_pow_optimization, expm1_opt, optimize
+from sympy.codegen.rewriting import expm1_opt, optimize
 from sympy.printing.c import C99CodePrinter
+from sympy.printing.precedence import PRECEDENCE
 
 from . import symbolic as ew_mod
 from .ir import INT, Node, Shape, size_factors
@@ -70,6 +71,14 @@ class CPrinter(C99CodePrinter):
             return self.names[expr]
         return super()._print_Symbol(expr)
 
+    def _print_Pow(self, expr) -> str:
+        """x**2 .. x**4 as products (no pow call); printed here, not rewritten in the expression,
+        so that Max/Min/Abs around them keep their SymPy meaning."""
+        if expr.exp.is_Integer and 2 <= int(expr.exp) <= 4:
+            base = self.parenthesize(expr.base, PRECEDENCE["Mul"])
+            return "(" + "*".join([base] * int(expr.exp)) + ")"
+        return super()._print_Pow(expr)
+
     def _print_NumberSymbol(self, expr) -> str:
         return self._print(sp.Float(expr.evalf(20), 20))  # pi, E: a literal, not a macro or global
 
@@ -108,9 +117,6 @@ class CPrinter(C99CodePrinter):
         return self._minmax(expr, "<")
 
 
-_EXPAND_POW = create_expand_pow_optimization(4)
-
-
 def _stable_softplus(expr: sp.Expr) -> sp.Expr:
     """log(exp(a) + 1) -> max(a, 0) + log(1 + exp(-|a|)): finite where exp(a) overflows."""
     def rewrite(e):
@@ -125,7 +131,8 @@ def _stable_softplus(expr: sp.Expr) -> sp.Expr:
 
 
 def _stable_logistic(expr: sp.Expr) -> sp.Expr:
-    """exp(a) * (exp(a) + 1)^-1 inside a product -> 1 / (1 + exp(-a)): no inf/inf for large a."""
+    """exp(a) (exp(a) + 1)^-1 -> 1 / (1 + exp(-a)) inside a product (and the squared form):
+    no inf/inf for large a."""
     def rewrite(e):
         factors = list(e.args)
         for f in factors:
@@ -135,6 +142,11 @@ def _stable_logistic(expr: sp.Expr) -> sp.Expr:
                     factors.remove(f)
                     factors.remove(denom)
                     return sp.Mul(*factors) / (1 + sp.exp(-f.args[0]))
+                denom2 = sp.Pow(f + 1, -2)  # exp(a) / (exp(a) + 1)^2 = 1 / ((1 + exp(a)) (1 + exp(-a)))
+                if denom2 in factors:
+                    factors.remove(f)
+                    factors.remove(denom2)
+                    return sp.Mul(*factors) / ((1 + f) * (1 + sp.exp(-f.args[0])))
         return e
     return expr.replace(lambda e: e.is_Mul, rewrite)
 
@@ -153,11 +165,11 @@ def _log1p(expr: sp.Expr) -> sp.Expr:
 
 
 def c99_form(expr: sp.Expr) -> sp.Expr:
-    """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1, small integer powers -> products.
-    Conditions (which CSE may pull out of a Piecewise) are printed as they are."""
+    """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1 (small integer powers become products
+    in CPrinter). Conditions (which CSE may pull out of a Piecewise) are printed as they are."""
     if not isinstance(expr, sp.Expr) or expr.is_Relational:
         return expr
-    return _EXPAND_POW(_log1p(optimize(expr, [expm1_opt])))
+    return _log1p(optimize(expr, [expm1_opt]))
 
 
 def print_formulas(outputs: list[sp.Expr], printer: CPrinter,

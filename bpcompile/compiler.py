@@ -186,6 +186,12 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         roots = [node for _, node in plan.results]
         reached = set(topo_order(roots))
         needed = [n for n, node in graph.inputs.items() if node in reached]
+        known = {d for n in needed for d in graph.inputs[n].shape if isinstance(d, str)}
+        for d in sorted({d for node in reached for d in node.shape if isinstance(d, str)} - known):
+            source = next((n for n, node in graph.inputs.items() if d in node.shape), None)
+            if source is not None and source not in needed:
+                needed.append(source)  # read only for its size (e.g. the loss of x - x)
+                known.update(x for x in graph.inputs[source].shape if isinstance(x, str))
         _check_dims_known(graph, roots, needed)
 
         def leaf_storage(node: Node, needed=needed) -> Storage:
@@ -241,7 +247,7 @@ def _loss_suffixes(graph: Graph) -> list[str]:
 
 
 def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> None:
-    """Every named dim of a computed value must come from an input the entry reads."""
+    """Every named dim of a computed value must come from an input the entry is given."""
     known = {d for n in inputs for d in graph.inputs[n].shape if isinstance(d, str)}
     for node in topo_order(roots):
         for d in node.shape:

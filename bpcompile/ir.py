@@ -20,6 +20,9 @@ from .errors import ShapeError
 Dim = Union[int, str]
 Shape = tuple[Dim, ...]
 
+# keyword arguments of the model's methods (train_step(loss=..., lr=...), fit(data, batch_size=...))
+RESERVED_INPUT_NAMES = frozenset({"loss", "lr", "data", "batch_size", "self", "training"})
+
 FLOAT = "float"  # the model's float dtype, chosen at compile time (float32 or float64)
 INT = "int32"
 
@@ -224,6 +227,9 @@ class Graph:
     def input(self, name: str, shape: Any, dtype: str | None = None) -> Node:
         """Declare an input; str dims (e.g. "batch") are sizes given at run time."""
         self._check_new_name(name, "input")
+        if name in RESERVED_INPUT_NAMES:
+            raise ValueError(f"input name {name!r} is taken by the model's call methods "
+                             f"({', '.join(sorted(RESERVED_INPUT_NAMES))}); choose another name")
         kind = _input_dtype(dtype, name)
         node = Node("input", (), {"name": name, "graph": self.uid}, check_shape(shape, f"input {name!r}"), kind)
         self.inputs[name] = node

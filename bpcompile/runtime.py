@@ -134,7 +134,10 @@ class Frame:
         arrays = []
         for name, dtype, shape in self.signature:
             a = given.get(name)
-            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape or not a.flags.c_contiguous:
+            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+                return None
+            flags = a.flags
+            if not (flags.c_contiguous and flags.aligned):
                 return None
             arrays.append(a)
         return arrays
@@ -268,7 +271,7 @@ class CompiledModel:
             elif want != got:
                 raise InputError(f"input {name!r}: expected shape {tuple(shape)}, got {array.shape} "
                                  f"(axis {axis} is {got}, expected {want})")
-        return np.ascontiguousarray(array, dtype=target)
+        return np.require(array, dtype=target, requirements=["C_CONTIGUOUS", "ALIGNED"])
 
     # --- the native call ---------------------------------------------------------------------
     def _plan(self, dims: tuple[int, ...]) -> tuple[dict[str, np.ndarray], int]:
@@ -466,7 +469,12 @@ class CompiledModel:
             raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
         if "signature" not in files:
             raise CheckpointError(f"{path}: not a bpcompile checkpoint (no signature)")
-        theirs = json.loads(str(files["signature"]))
+        try:
+            theirs = json.loads(str(files["signature"]))
+        except ValueError:
+            theirs = None
+        if not isinstance(theirs, dict):
+            raise CheckpointError(f"{path}: damaged checkpoint (unreadable signature)")
         mine = self._signature()
         for key in ("graph", "dtype", "params", "state_size", "optimizer"):
             if theirs.get(key) != mine[key]:
