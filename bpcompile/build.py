@@ -166,6 +166,8 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         defines["BP_USE_BLAS"] = "1"
         defines["BP_CBLAS_GEMM"] = blas_info["prefix"] + ("cblas_sgemm" if src.meta["dtype"] == "float32"
                                                           else "cblas_dgemm")
+        if os.environ.get("BPCOMPILE_THREAD_MIN_FLOPS"):
+            defines["BP_BLAS_THREAD_MIN_FLOPS"] = str(int(os.environ["BPCOMPILE_THREAD_MIN_FLOPS"])) + "LL"
         defines["BP_BLAS_SET_THREADS"] = blas_info["prefix"] + "openblas_set_num_threads"
         defines["BP_BLAS_GET_THREADS"] = blas_info["prefix"] + "openblas_get_num_threads"
     digest = cache_key(src, defines)
