@@ -272,5 +272,6 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = 
     lowered = lower(graph, dtype, optimizer, blas_min_flops)
     path = build.build(lowered.sources, build_dir)
     if optimizer is not None:
-        write_atomic(path / OPTIMIZER_FILE, json.dumps(optimizer.config()).encode())
+        config = json.dumps(optimizer.config()).encode()
+        write_atomic(path / OPTIMIZER_FILE, lambda f: f.write(config))
     return CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)

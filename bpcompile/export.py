@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BPError, CheckpointError
+from .runtime import write_atomic
 
 MAGIC = b"BPPARAM1"
 VERSION = 1
@@ -95,26 +95,17 @@ def write_param_file(path: str | os.PathLike, params: Mapping[str, Any], *, dtyp
         if "/" in slot:
             raise ValueError(f"optimizer slot name {slot!r} must not contain '/'")
         records += [(KIND_STATE, f"{slot}/{k}", np.asarray(v)) for k, v in values.items()]
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(records), 0, int(step)))
-            for kind, name, value in records:
-                if value.dtype.kind not in "fiub":
-                    raise ValueError(f"{name}: values must be numbers, got {value.dtype}")
-                raw = name.encode("utf-8")
-                f.write(struct.pack("<II", kind, len(raw)) + raw + struct.pack("<I", value.ndim))
-                f.write(struct.pack(f"<{value.ndim}Q", *value.shape))
-                f.write(np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; a parameter file is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    def write(f) -> None:
+        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(records), 0, int(step)))
+        for kind, name, value in records:
+            if value.dtype.kind not in "fiub":
+                raise ValueError(f"{name}: values must be numbers, got {value.dtype}")
+            raw = name.encode("utf-8")
+            f.write(struct.pack("<II", kind, len(raw)) + raw + struct.pack("<I", value.ndim))
+            f.write(struct.pack(f"<{value.ndim}Q", *value.shape))
+            f.write(np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes())
+
+    write_atomic(Path(path), write)
 
 
 def read_param_file_full(path: str | os.PathLike) -> ParamFile:

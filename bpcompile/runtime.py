@@ -15,9 +15,9 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -442,17 +442,7 @@ class CompiledModel:
         arrays["state"] = self._state_flat[:self.meta["state_size"]]
         arrays["step"] = np.asarray(self.step, dtype=np.int64)
         arrays["signature"] = np.asarray(json.dumps(self._signature()))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: np.savez(f, **arrays))
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer,
@@ -499,12 +489,17 @@ class CompiledModel:
                 f"entries {list(self._entries)} at {self.build_path}>")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a reader sees the old or the new content, never a part."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Replace `path` with what `write` writes to a file, so that a reader (or a crash) sees the
+    old or the new content, never a part: temporary file, fsync, rename."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(f.fileno(), 0o666 & ~mask)  # mkstemp makes it private; this is an ordinary file
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
