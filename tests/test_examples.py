@@ -9,41 +9,18 @@ scikit-learn is missing. Models are built in the session's temporary build folde
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from testutil import check_script_shape, load_example
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ["two_layer_sigmoid", "relu_regression", "linear_logistic", "digits_mlp", "custom_mish"]
-
-
-def load_example(name: str) -> ModuleType:
-    """Import examples/<name>.py as a module (examples/ is not a package)."""
-    module_name = f"bpcompile_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_example_is_a_script_with_main(name):
     """A module docstring, main(argv=None) with argparse, and the __main__ guard."""
-    tree = ast.parse((EXAMPLES / f"{name}.py").read_text())
-    assert ast.get_docstring(tree), f"{name}.py has no module docstring"
-    mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
-    assert mains and [a.arg for a in mains[0].args.args] == ["argv"], f"{name}.py needs main(argv=None)"
-    guard = tree.body[-1]
-    assert isinstance(guard, ast.If) and "__main__" in ast.unparse(guard.test), f"{name}.py ends without the guard"
+    check_script_shape(name)
 
 
 def test_two_layer_sigmoid_matches_hand_derived_deltas(build_dir, capsys):

@@ -4,37 +4,17 @@ The digits examples are skipped when scikit-learn is missing."""
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from testutil import check_script_shape, load_example
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ["cnn_digits", "lstm_sequence", "gan_mixture", "batchnorm_dropout"]
-
-
-def load_example(name: str) -> ModuleType:
-    module_name = f"bpcompile_example_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_example_is_a_script_with_main(name):
-    tree = ast.parse((EXAMPLES / f"{name}.py").read_text())
-    assert ast.get_docstring(tree), f"{name}.py has no module docstring"
-    mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
-    assert mains and [a.arg for a in mains[0].args.args] == ["argv"], f"{name}.py needs main(argv=None)"
-    guard = tree.body[-1]
-    assert isinstance(guard, ast.If) and "__main__" in ast.unparse(guard.test)
+    check_script_shape(name)
 
 
 def test_cnn_digits_reaches_97_percent(build_dir, capsys):

@@ -32,6 +32,7 @@ from pathlib import Path
 import mpmath
 import numpy as np
 import pytest
+from testutil import run_threads
 
 import bpcompile as bp
 
@@ -434,26 +435,6 @@ def test_float32_weight_gradient_over_a_million_rows(build_dir):
 
 # --- concurrency --------------------------------------------------------------------------------
 
-def _threads(fns):
-    results = [None] * len(fns)
-    errors = []
-    barrier = threading.Barrier(len(fns))
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = fns[i]()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    return results
-
 
 CONFIGS = [("float32", bp.optim.Adam(lr=1e-2)), ("float64", bp.optim.SGD(lr=0.05, momentum=0.9, nesterov=True)),
            ("float32", bp.optim.RMSprop(lr=1e-3, clip_norm=0.5)), ("float64", bp.optim.AdamW(lr=1e-2))]
@@ -476,7 +457,7 @@ def test_threads_training_separate_models_equal_sequential(build_dir):
     models = [make(i) for i in range(4)]
     twins = [make(i) for i in range(4)]
     sequential = [train(twins[i], i) for i in range(4)]
-    parallel = _threads([lambda i=i: train(models[i], i) for i in range(4)])
+    parallel = run_threads([lambda i=i: train(models[i], i) for i in range(4)], timeout=300)
     for (l_seq, p_seq), (l_par, p_par) in zip(sequential, parallel):
         assert l_seq == l_par
         for k in p_seq:
@@ -507,7 +488,7 @@ def test_threads_sharing_one_model_for_inference(build_dir):
                 bad += got_l != gl or any(not np.array_equal(got_g[n], grads[n]) for n in grads)
         return bad
 
-    assert sum(_threads([lambda t=t: work(t) for t in range(8)])) == 0
+    assert sum(run_threads([lambda t=t: work(t) for t in range(8)], timeout=300)) == 0
 
 
 def _env(**extra) -> dict:

@@ -4,12 +4,12 @@ thread safety, checkpoints, seeds and initial values, and the fit/evaluate/predi
 from __future__ import annotations
 
 import json
-import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from testutil import run_threads
 
 import bpcompile as bp
 
@@ -153,26 +153,6 @@ def test_loss_and_grad_returns_fresh_arrays(mlp):
 # --- threads ---------------------------------------------------------------------------------
 
 
-def _run_threads(fns):
-    results, errors = [None] * len(fns), []
-    barrier = threading.Barrier(len(fns))
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = fns[i]()
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    return results
-
-
 def test_one_model_called_from_four_threads(build_dir):
     g = mlp_graph("rt_threads", n_in=32, hidden=64, classes=10)
     model = bp.compile(g, dtype="float64", seed=0)
@@ -189,7 +169,7 @@ def test_one_model_called_from_four_threads(build_dir):
         return outs
 
     expected = [(model.forward(x=X)["logits"], model.loss_and_grad(x=X, y=Y)) for X, Y in datasets]
-    results = _run_threads([lambda d=d: work(*d) for d in datasets])
+    results = run_threads([lambda d=d: work(*d) for d in datasets], timeout=120)
     for (logits, (loss, grads)), outs in zip(expected, results):
         for r in range(repeats):
             np.testing.assert_array_equal(outs[2 * r], logits)
@@ -211,7 +191,7 @@ def test_models_trained_in_parallel_threads_equal_sequential(build_dir):
         return losses, {k: v.copy() for k, v in model.params.items()}
 
     sequential = [train(i) for i in range(4)]
-    parallel = _run_threads([lambda i=i: train(i) for i in range(4)])
+    parallel = run_threads([lambda i=i: train(i) for i in range(4)], timeout=120)
     for (l_seq, p_seq), (l_par, p_par) in zip(sequential, parallel):
         assert l_seq == l_par
         assert l_seq[-1] < l_seq[0]
@@ -226,7 +206,7 @@ def test_train_steps_from_several_threads_are_serialized(build_dir):
     X, Y = cls_data(64, 7, n_in=32, classes=10)
     model = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.05, momentum=0.9), seed=1)
     twin = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.05, momentum=0.9), seed=1)
-    _run_threads([lambda: [model.train_step(x=X, y=Y) for _ in range(10)] for _ in range(4)])
+    run_threads([lambda: [model.train_step(x=X, y=Y) for _ in range(10)] for _ in range(4)], timeout=120)
     for _ in range(40):
         twin.train_step(x=X, y=Y)
     assert model.step == twin.step == 40
