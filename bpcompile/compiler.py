@@ -232,18 +232,13 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         "outputs": list(graph.outputs),
         "losses": [{"name": lname, "params": graph.trained_params(lname),
                     "classifier": _classifier(graph, spec.node),
-                    "entries": {kind: f"{kind}_{plan_suffix}" for kind in ("loss", "eval", "grad", "train")
-                                if f"{kind}_{plan_suffix}" in entry_meta}}
-                   for (lname, spec), plan_suffix in zip(graph.losses.items(), _loss_suffixes(graph))],
+                    # entry kind ("loss", "eval", "grad", "train") -> entry name, e.g. "train_d"
+                    "entries": {plan.name.split("_", 1)[0]: plan.name for plan in plans if plan.loss == lname}}
+                   for lname, spec in graph.losses.items()],
         "entries": entry_meta,
     }
     sources = build.Sources(graph.name, c_source, header, cdef, meta)
     return Lowered(sources, entries, node_names, graph, init_arrays)
-
-
-def _loss_suffixes(graph: Graph) -> list[str]:
-    taken: set[str] = set()
-    return [codegen.c_identifier(n, taken) for n in graph.losses]
 
 
 def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> None:
