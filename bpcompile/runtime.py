@@ -358,8 +358,7 @@ class CompiledModel:
         if "forward" not in self._entries:
             raise InputError(f"model {self.name!r} declares no outputs (use g.output(name, tensor))")
         entry = self._entries["forward"]
-        arrays, dims = self._prepare(entry, inputs)
-        named = dict(zip(self._dims, dims))
+        named = dict(zip(self._dims, self._frame("forward", inputs)[0].dims))  # validated once per signature
         outputs = [np.empty([named[d] if isinstance(d, str) else d for d in r["shape"]], dtype=self.dtype)
                    for r in entry.results]
         self._run("forward", inputs, outputs)
