@@ -27,13 +27,13 @@ _LAZY = {
     "reshape": "ops", "transpose": "ops", "flatten": "ops", "softmax": "ops", "log_softmax": "ops",
     "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops",
     "add": "ops", "sub": "ops", "mul": "ops", "div": "ops", "power": "ops", "neg": "ops", "const": "ops",
-    "grad": "autodiff", "evaluate": "reference", "set_num_threads": "blas",
+    "grad": "autodiff", "evaluate": "reference", "set_num_threads": "threads", "num_threads": "threads",
     "conv2d": "nn_ops", "max_pool2d": "nn_ops", "avg_pool2d": "nn_ops", "lstm": "nn_ops", "gru": "nn_ops",
     "rnn": "nn_ops", "batch_norm": "nn_ops", "dropout": "nn_ops", "embedding": "nn_ops", "concat": "nn_ops",
     "slice": "nn_ops",
 }
 _SUBMODULES = {"blas", "training", "optim", "schedules", "reference", "ops", "ir", "autodiff", "passes", "codegen",
-               "build", "runtime", "symbolic", "init", "compiler", "nn_ops", "nn"}
+               "build", "runtime", "symbolic", "init", "compiler", "nn_ops", "nn", "threads"}
 
 __all__ = ["BPError", "CheckpointError", "CompileError", "InputError", "ShapeError", "CompiledModel", "load",
            *_LAZY, *sorted(_SUBMODULES)]

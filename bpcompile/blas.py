@@ -9,7 +9,9 @@ gets its own setting, read when bpcompile first loads a model:
                                    OPENBLAS_CORETYPE says
   BPCOMPILE_BLAS_CORETYPE=inherit  honour OPENBLAS_CORETYPE as NumPy does
   BPCOMPILE_BLAS_CORETYPE=<name>   a named OpenBLAS core, e.g. Haswell or SkylakeX
-  BPCOMPILE_NUM_THREADS=<n>        OpenBLAS threads for bpcompile's products (default: all cores)
+
+The library runs single-threaded: bpcompile splits large products across its own thread pool
+(see threads.py), and each piece is one OpenBLAS call.
 """
 
 from __future__ import annotations
@@ -44,22 +46,13 @@ def load(libdir: str, libname: str) -> Any:
                 os.environ.pop("OPENBLAS_CORETYPE", None)
             else:
                 os.environ["OPENBLAS_CORETYPE"] = saved
-        threads = os.environ.get("BPCOMPILE_NUM_THREADS")
-        if threads:
-            set_num_threads(int(threads))
+        _LIB.scipy_openblas_set_num_threads(ctypes.c_int(1))
         return _LIB
 
 
-def set_num_threads(n: int) -> None:
-    """Threads OpenBLAS uses for bpcompile's large products (1 turns threading off)."""
-    if n < 1:
-        raise ValueError(f"the number of threads must be >= 1, got {n}")
-    if _LIB is not None:
-        _LIB.scipy_openblas_set_num_threads(ctypes.c_int(n))
-
-
 def info() -> dict[str, Any]:
-    """The loaded library's kernel family and thread count (empty before the first model loads)."""
+    """The loaded library's kernel family and its own thread count, always 1 (empty before the
+    first model loads)."""
     if _LIB is None:
         return {}
     _LIB.scipy_openblas_get_corename.restype = ctypes.c_char_p

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .errors import CompileError
 
-MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-Wall", "-Wextra"]
+MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 WRAPPER_FLAGS = ["-O2", "-fPIC", "-fno-strict-aliasing", "-w"]
 STALE_SECONDS = 3600
 
@@ -166,10 +166,6 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         defines["BP_USE_BLAS"] = "1"
         defines["BP_CBLAS_GEMM"] = blas_info["prefix"] + ("cblas_sgemm" if src.meta["dtype"] == "float32"
                                                           else "cblas_dgemm")
-        if os.environ.get("BPCOMPILE_THREAD_MIN_FLOPS"):
-            defines["BP_BLAS_THREAD_MIN_FLOPS"] = str(int(os.environ["BPCOMPILE_THREAD_MIN_FLOPS"])) + "LL"
-        defines["BP_BLAS_SET_THREADS"] = blas_info["prefix"] + "openblas_set_num_threads"
-        defines["BP_BLAS_GET_THREADS"] = blas_info["prefix"] + "openblas_get_num_threads"
     digest = cache_key(src, defines)
     final = root / f"{safe_name(src.name)}-{digest[:16]}"
     if (final / "meta.json").is_file():
@@ -235,7 +231,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     _write(out / "compile.log", results[0][1])
     link = [cc, "-shared", *(["-fsanitize=address,undefined"] if "-g" in flags else []),
             "model.o", "wrapper.o", "-o", module + sysconfig.get_config_var("EXT_SUFFIX"),
-            *(["-lmvec"] if defines.get("BP_USE_LIBMVEC") else []), "-lm"]
+            *(["-lmvec"] if defines.get("BP_USE_LIBMVEC") else []), "-lm", "-pthread"]
     if blas_info:
         link += [f"-L{blas_info['libdir']}", f"-l{blas_info['lib']}", f"-Wl,-rpath,{blas_info['libdir']}"]
     p = subprocess.run(link, cwd=out, capture_output=True, text=True)

@@ -315,7 +315,9 @@ def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
         (hoisted if all(s.coef == 0 for s in st) else loads).append(load)
     stores = [{"array": f"out{j}", "index": index_expr(ctx, loop_vars, operand_strides[len(k.inputs) + j]),
                "value": v} for j, v in enumerate(values)]
-    return {"loops": loops, "hoisted": hoisted, "loads": loads, "temps": temps, "stores": stores}
+    split = {"what": f"its outer loop ({loops[0]['var']})", "work": ctx.size(shape),
+             "grain": 16 if len(loops) == 1 else 1} if loops else None
+    return {"loops": loops, "hoisted": hoisted, "loads": loads, "temps": temps, "stores": stores, "split": split}
 
 
 def _gemm(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -515,20 +517,41 @@ class ModuleRenderer:
         lines = [f"{self.name(n)} = {describe(n, self.name)}  {_shape(n.shape)}" for n in k.nodes]
         if k.kind == "copy":
             lines = [f"copy of {self.name(k.nodes[0])}  {_shape(k.nodes[0].shape)}"]
-        params = [{"decl": _decl(x, "in", i, const=True)} for i, x in enumerate(k.inputs)]
+        params = [{"decl": _decl(x, "in", i, const=True), "name": f"in{i}"} for i, x in enumerate(k.inputs)]
         if k.kind != "copy":
-            params += [{"decl": _decl(o, "out", j, const=False)} for j, o in enumerate(k.outputs)]
+            params += [{"decl": _decl(o, "out", j, const=False), "name": f"out{j}"} for j, o in enumerate(k.outputs)]
         else:
-            params += [{"decl": _decl(k.nodes[0], "out", 0, const=False)}]
+            params += [{"decl": _decl(k.nodes[0], "out", 0, const=False), "name": "out0"}]
+        split = body.pop("split", None)
+        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real"}
         text = self.env.get_template(f"{k.kind}.c.j2").render(
-            fname="KERNEL_NAME", comment=[comment_text(s) for s in lines], params=params,
-            dims=ctx.dim_decls(), real="bp_real", failing=k.kind in FAILING_KINDS, **body)
+            comment=[comment_text(s) for s in lines], dims=ctx.dim_decls(), failing=k.kind in FAILING_KINDS,
+            split=split, **common, **body)
+        if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool
+            text += self.env.get_template("parallel.c.j2").render(dims=ctx.dim_decls(), **common, **split)
+        return self._function(text, k.kind), lines
+
+    def _function(self, text: str, kind: str) -> str:
+        """The name of a rendered function (text naming itself KERNEL_NAME), added once."""
         fname = self.kernel_by_text.get(text)
         if fname is None:
-            fname = f"k{len(self.kernel_texts)}_{k.kind}"
+            fname = f"k{len(self.kernel_texts)}_{kind}"
             self.kernel_by_text[text] = fname
             self.kernel_texts.append(text.replace("KERNEL_NAME", fname))
-        return fname, lines
+        return fname
+
+    def update(self, context: dict[str, Any]) -> str:
+        """The optimizer update of a train entry as a function on the thread pool; its name."""
+        params = [{"decl": "bp_real *restrict params", "name": "params"},
+                  {"decl": "const bp_real *restrict grads", "name": "grads"},
+                  {"decl": "bp_real *restrict state", "name": "state"},
+                  {"decl": "const double *restrict hyper", "name": "hyper"}]
+        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real"}
+        count = sum(end - start for start, end in context["ranges"])
+        text = self.env.get_template("update.c.j2").render(**common, **context)
+        text += self.env.get_template("parallel.c.j2").render(
+            dims=[], what="each parameter range", work="0" if context["clip"] else str(count), **common)
+        return self._function(text, "update")
 
     def entry(self, entry: EntryCode) -> str:
         sched = entry.schedule
@@ -543,9 +566,7 @@ class ModuleRenderer:
                 args += [pointers[o]["var"] for o in k.outputs]
             calls.append({"fname": fname, "args": args, "comment": [comment_text(s) for s in lines],
                           "failing": k.kind in FAILING_KINDS})
-        update = None
-        if entry.update is not None:
-            update = self.env.get_template("update.c.j2").render(real="bp_real", **entry.update)
+        update = self.update(entry.update) if entry.update is not None else None
         return self.env.get_template("entry.c.j2").render(
             name=entry.name, doc=comment_text(entry.doc), pointers=list(pointers.values()), calls=calls,
             update=update, real="bp_real")
@@ -585,6 +606,9 @@ class ModuleRenderer:
     def header(self, entries: list[EntryCode]) -> str:
         return self.env.get_template("model.h.j2").render(
             model_name=comment_text(self.model_name), entries=[e.name for e in entries], dtype=self.dtype)
+
+
+POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
 
 
 def entry_prototype(name: str, dtype: str) -> str:

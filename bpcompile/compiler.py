@@ -24,6 +24,7 @@ from .runtime import OPTIMIZER_FILE, CompiledModel, write_atomic
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
 DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64
+DEFAULT_PARALLEL_MIN_WORK = 32768  # elements of a loop, or multiply-adds / 16 of a product
 
 
 @dataclass
@@ -156,8 +157,14 @@ def _label_classes(roots: list[Node]) -> dict[str, int]:
     return classes
 
 
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
 def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None,
-          blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS) -> Lowered:
+          blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS, parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> Lowered:
     """Run every stage but the C compiler: the sources and metadata of the native module."""
     if not isinstance(graph, Graph):
         raise TypeError(f"compile expects a bp.Graph, got {type(graph).__name__}")
@@ -180,7 +187,8 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
     param_c = {n: codegen.c_identifier(n, taken) for n in graph.params}
     input_c = {n: codegen.c_identifier(n, taken) for n in graph.inputs}
     renderer = codegen.ModuleRenderer(graph.name, dtype, dims, node_names, param_c, input_c,
-                                      {"blas_min_flops": int(blas_min_flops)})
+                                      {"blas_min_flops": _count("blas_min_flops", blas_min_flops),
+                                       "parallel_min_work": _count("parallel_min_work", parallel_min_work)})
     entries, entry_meta = [], {}
     for plan in plans:
         roots = [node for _, node in plan.results]
@@ -213,7 +221,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         }
     c_source = renderer.module(entries)
     header = renderer.header(entries)
-    cdef = "\n".join(codegen.entry_prototype(e.name, dtype) for e in entries)
+    cdef = "\n".join([codegen.entry_prototype(e.name, dtype) for e in entries] + [codegen.POOL_PROTOTYPE])
     classes = _label_classes(simplified)
     init_arrays = {n: v for n, v in graph.param_init.items() if not isinstance(v, str)}
     meta = {
@@ -252,19 +260,22 @@ def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> Non
 
 
 def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None, seed: int = 0,
-            build_dir: str | Path | None = None, *, blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS) -> CompiledModel:
+            build_dir: str | Path | None = None, *, blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS,
+            parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> CompiledModel:
     """Compile `graph` to a native module (cached in `build_dir`) and load it.
 
     `optimizer` (default SGD(lr=0.01) when the graph has a loss) is fused into `train_step`;
     `seed` draws the initial parameters. Products of at least `blas_min_flops` multiply-adds
     with every dimension >= 16 call OpenBLAS, others run as generated loops; 0 sends every
-    product to OpenBLAS.
+    product to OpenBLAS. Loops of at least `parallel_min_work` elements, products of at least
+    16 times as many multiply-adds, and recurrent layers of as much work are split across the
+    thread pool (`bp.set_num_threads`); 0 splits everything that can be split.
     """
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
-    lowered = lower(graph, dtype, optimizer, blas_min_flops)
+    lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, build_dir)
     if optimizer is not None:
         config = json.dumps(optimizer.config()).encode()

@@ -989,9 +989,13 @@ def _state(array: str, hidden: int) -> str:
     return f"{array}[b*{hidden} + j]"
 
 
-def _forward_common(k: Kernel, ctx: Context, hidden: int, gates: int) -> dict[str, Any]:
+def _sizes(k: Kernel, ctx: Context, hidden: int, gates: int) -> dict[str, Any]:
+    """Sizes of a recurrent kernel, and its split across the thread pool by batch rows (each
+    row's recurrence is independent of the others')."""
     node = k.nodes[0]
-    return {"B": _c(ctx, node.shape[0]), "T": _c(ctx, node.shape[1]), "H": hidden, "GH": gates * hidden}
+    B, T = _c(ctx, node.shape[0]), _c(ctx, node.shape[1])
+    return {"B": B, "T": T, "H": hidden, "GH": gates * hidden,
+            "split": {"what": "its batch rows", "work": f"({B})*({T})*{gates * hidden * hidden // 16}"}}
 
 
 def _lstm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -1008,7 +1012,7 @@ def _lstm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     stores = [_seq("out1", 4 * H), _seq("out1", 4 * H, H), _seq("out1", 4 * H, 2 * H), _seq("out1", 4 * H, 3 * H),
               _seq("out0", 2 * H, H), _seq("out0", 2 * H)]
     body = _formulas(ctx, loads, [cell.expr(o) for o in outs], stores)
-    return {**_forward_common(k, ctx, H, 4), "kind": "LSTM", "seq": "out0", "seq_width": 2 * H, "h0": "in2",
+    return {**_sizes(k, ctx, H, 4), "kind": "LSTM", "seq": "out0", "seq_width": 2 * H, "h0": "in2",
             "whh": "in1", "dst": "out1", "dst_width": 4 * H, **body}
 
 
@@ -1024,7 +1028,7 @@ def _gru_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     stores = [_seq("out1", 4 * H), _seq("out1", 4 * H, H), _seq("out1", 4 * H, 2 * H), _seq("out1", 4 * H, 3 * H),
               _seq("out0", H)]
     body = _formulas(ctx, loads, [cell.expr(o) for o in outs], stores)
-    return {**_forward_common(k, ctx, H, 3), "kind": "GRU", "seq": "out0", "seq_width": H, "h0": "in3",
+    return {**_sizes(k, ctx, H, 3), "kind": "GRU", "seq": "out0", "seq_width": H, "h0": "in3",
             "whh": "in1", "dst": "out1", "dst_width": 4 * H, **body}
 
 
@@ -1034,7 +1038,7 @@ def _rnn_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     cell, s = _rnn_cell()
     loads = [(s["x"], _seq("in0", H)), (s["hh"], _seq("out0", H))]
     body = _formulas(ctx, loads, [cell.expr(s["h"])], [_seq("out0", H)])
-    return {**_forward_common(k, ctx, H, 1), "kind": "tanh RNN", "seq": "out0", "seq_width": H, "h0": "in2",
+    return {**_sizes(k, ctx, H, 1), "kind": "tanh RNN", "seq": "out0", "seq_width": H, "h0": "in2",
             "whh": "in1", "dst": "out0", "dst_width": H, **body}
 
 
@@ -1054,8 +1058,7 @@ def _lstm_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     stores = [_seq("out0", 4 * H), _seq("out0", 4 * H, H), _seq("out0", 4 * H, 2 * H), _seq("out0", 4 * H, 3 * H),
               _state("out2", H)]
     body = _formulas(ctx, loads, grads, stores)
-    node = k.nodes[0]
-    return {"kind": "LSTM", "B": _c(ctx, node.shape[0]), "T": _c(ctx, node.shape[1]), "H": H, "GH": 4 * H,
+    return {"kind": "LSTM", **_sizes(k, ctx, H, 4),
             "whh": "in0", "dh": "out1", "dc": "out2", "dpre": "out0", "scratch": None, **body}
 
 
@@ -1075,8 +1078,7 @@ def _gru_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     stores = [_seq("out0", 3 * H), _seq("out0", 3 * H, H), _seq("out0", 3 * H, 2 * H),
               _seq("out1", 3 * H), _seq("out1", 3 * H, H), _seq("out1", 3 * H, 2 * H), _state("out3", H)]
     body = _formulas(ctx, loads, outs, stores)
-    node = k.nodes[0]
-    return {"kind": "GRU", "B": _c(ctx, node.shape[0]), "T": _c(ctx, node.shape[1]), "H": H, "GH": 3 * H,
+    return {"kind": "GRU", **_sizes(k, ctx, H, 3),
             "whh": "in0", "dh": "out2", "dc": None, "dpre": "out1", "scratch": "out3", **body}
 
 
@@ -1088,8 +1090,7 @@ def _rnn_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     loads = [(s["h"], _seq("in1", H)), (dh, f"{_seq('in2', H)} + {_state('out1', H)}")]
     (da,) = cell.backward({s["h"]: dh}, [s["x"]], {s["h"]})
     body = _formulas(ctx, loads, [da], [_seq("out0", H)])
-    node = k.nodes[0]
-    return {"kind": "tanh RNN", "B": _c(ctx, node.shape[0]), "T": _c(ctx, node.shape[1]), "H": H, "GH": H,
+    return {"kind": "tanh RNN", **_sizes(k, ctx, H, 1),
             "whh": "in0", "dh": "out1", "dc": None, "dpre": "out0", "scratch": None, **body}
 
 
