@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from . import threads
 from .errors import CheckpointError, InputError
 from .init import initial_value
 
@@ -53,6 +54,7 @@ def _load_module(path: Path, meta: dict) -> Any:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         sys.modules.setdefault(name, module)
+        threads.attach(module.lib)
         _MODULES[name] = module
         return module
 
@@ -93,6 +95,15 @@ class Entry:
         self.results: list[dict] = spec["results"]
 
 
+def _contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """NumPy's strides of a C-contiguous array of this shape."""
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
 class Frame:
     """What one native call of an entry point needs, for one input signature and one thread:
     pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
@@ -102,7 +113,10 @@ class Frame:
         ffi = model._ffi
         self.entry = entry
         self.names = frozenset(entry.inputs)
-        self.signature = [(name, a.dtype, a.shape) for name, a in zip(entry.inputs, arrays)]
+        self.signature = [(name, a.dtype, a.shape, _contiguous_strides(a.shape, a.dtype.itemsize))
+                          for name, a in zip(entry.inputs, arrays)]
+        self.bound: list[np.ndarray | None] = [None] * len(arrays)  # the arrays in_ptrs points at
+        self.from_buffer = ffi.from_buffer
         offsets, size = model._plan(dims)
         self.dims = dims
         # after the runtime sizes: the seed and step counter of random streams (dropout)
@@ -132,15 +146,24 @@ class Frame:
         if given.keys() != self.names:
             return None
         arrays = []
-        for name, dtype, shape in self.signature:
+        for (name, dtype, shape, strides), last in zip(self.signature, self.bound):
             a = given.get(name)
             if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
                 return None
-            flags = a.flags
-            if not (flags.c_contiguous and flags.aligned):
-                return None
+            if a is not last or a.strides != strides:  # else: the last call's array, still contiguous
+                flags = a.flags
+                if not (flags.c_contiguous and flags.aligned):
+                    return None
             arrays.append(a)
         return arrays
+
+    def bind(self, arrays: list[np.ndarray]) -> None:
+        """Point the native call at these input arrays (unchanged pointers are kept)."""
+        bound, in_ptrs = self.bound, self.in_ptrs
+        for i, a in enumerate(arrays):
+            if a is not bound[i]:
+                in_ptrs[i] = self.from_buffer(a)
+                bound[i] = a
 
 
 class CompiledModel:
@@ -327,10 +350,8 @@ class CompiledModel:
                 for i, value in enumerate(optimizer.hyper(step, rate).values()):
                     hyper_c[i] = value
                 frame.hyper_key = key
+        frame.bind(arrays)
         from_buffer = self._ffi.from_buffer
-        in_ptrs = frame.in_ptrs
-        for i, a in enumerate(arrays):
-            in_ptrs[i] = from_buffer(a)
         if outputs is not None:
             for i, o in enumerate(outputs):
                 frame.out_ptrs[i] = from_buffer(o)
