@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         (f"loss_and_grad, batch {args.batch}", grad_s), (f"train_step, batch {args.batch}", step_s),
         ("native train call alone", native_s), ("Python side of train_step", step_s - native_s),
     ]
-    print(f"model {'-'.join(map(str, sizes))}, float32, Adam; OpenBLAS {bp.blas.info()}")
+    print(f"model {'-'.join(map(str, sizes))}, float32, Adam; BLAS {bp.blas.info()}")
     print(f"SymPy imported by bp.load: {load['sympy']}")
     print("| measure | time |\n|---|---|")
     for name, seconds in rows:

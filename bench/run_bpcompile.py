@@ -110,7 +110,9 @@ def build(w: Workload, variant: str) -> common.Trainer:
 
 def version() -> str:
     where = next(iter(getattr(bp, '__path__', [])), '?')
-    return f"{getattr(bp, '__version__', '?')} from {where}"
+    blas = bp.build.blas()
+    blas_name = f"{blas['name']} {blas['version']}" if blas else "no BLAS"
+    return f"{getattr(bp, '__version__', '?')} from {where}, {blas_name}, {bp.num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _load_module(path: Path, meta: dict) -> Any:
             raise FileNotFoundError(f"{path} holds no built module {meta['module_file']}: rebuild the model")
         if meta.get("blas"):
             from . import blas
-            blas.load(meta["blas"]["libdir"], meta["blas"]["lib"])
+            blas.load(meta["blas"])
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

@@ -4,7 +4,6 @@ over all the transpose combinations that forward and backward passes produce."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 import bpcompile as bp
 
 ALL_BLAS, NO_BLAS = 0, 10**12
-HAVE_OPENBLAS = importlib.util.find_spec("scipy_openblas32") is not None
 PATHS = [pytest.param(ALL_BLAS, id="blas"), pytest.param(NO_BLAS, id="loops")]
 
 
@@ -88,6 +86,15 @@ def test_products_match_reference(build_dir, make_graph, min_flops):
         _check_against_reference(graph, model, batch, seed)
 
 
+@pytest.mark.parametrize("make_graph", [mlp_graph, rank3_graph], ids=["mlp", "rank3"])
+def test_every_installed_blas_matches_reference(build_dir, blas_backend, make_graph):
+    graph = make_graph()
+    model = bp.compile(graph, dtype="float64", seed=1, blas_min_flops=ALL_BLAS)
+    assert blas_backend in json.loads((model.build_path / "meta.json").read_text())["blas"]["name"]
+    for batch, seed in ((1, 0), (33, 2)):
+        _check_against_reference(graph, model, batch, seed)
+
+
 def _gemm_calls(source: str) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in re.findall(r"bp_gemm\((\d), (\d),", source)}
 
@@ -118,20 +125,24 @@ def test_both_paths_agree_and_cover_all_transposes(build_dir, make_graph):
         np.testing.assert_allclose(blas.params[k], loops.params[k], rtol=1e-12, atol=1e-14, err_msg=k)
 
 
-@pytest.mark.skipif(not HAVE_OPENBLAS, reason="scipy-openblas32 is not installed")
-def test_blas_is_linked(build_dir):
+LINKED = {"openblas": ("libscipy_openblas", "scipy_cblas_"), "mkl": ("libmkl_rt", "CBLAS_")}
+
+
+def test_blas_is_linked(build_dir, blas_backend):
+    library, symbol = LINKED[blas_backend]
     model = bp.compile(mlp_graph(), dtype="float64", blas_min_flops=ALL_BLAS)
     info = json.loads((model.build_path / "build.json").read_text())
     commands = [" ".join(cmd) for cmd in info["commands"]]
-    assert any("scipy_openblas" in c and "-shared" in c for c in commands), commands  # the link line
+    assert any(library in c and "-shared" in c for c in commands), commands  # the link line
     assert any("-DBP_USE_BLAS=1" in c for c in commands), commands
-    assert any("cblas_dgemm" in c for c in commands), commands
+    assert any(f"-DBP_CBLAS_GEMM={symbol}dgemm" in c.replace("DGEMM", "dgemm") for c in commands), commands
     f32 = bp.compile(mlp_graph(), dtype="float32", blas_min_flops=ALL_BLAS)
     f32_commands = " ".join(" ".join(c) for c in json.loads((f32.build_path / "build.json").read_text())["commands"])
-    assert "cblas_sgemm" in f32_commands
+    assert f"-DBP_CBLAS_GEMM={symbol}sgemm" in f32_commands.replace("SGEMM", "sgemm")
+    assert blas_backend in bp.blas.info()
     maps = Path("/proc/self/maps")
     if maps.exists():  # the library is loaded into this process
-        assert "libscipy_openblas" in maps.read_text()
+        assert library in maps.read_text()
 
 
 def test_float32_paths_agree(build_dir):
@@ -145,3 +156,30 @@ def test_float32_paths_agree(build_dir):
     assert lb == pytest.approx(ll, rel=1e-5)
     for k in gb:
         np.testing.assert_allclose(gb[k], gl[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_unknown_blas_choice_is_named(build_dir, monkeypatch):
+    from bpcompile import build
+    monkeypatch.setenv("BPCOMPILE_BLAS", "fastest")
+    build.blas.cache_clear()
+    try:
+        with pytest.raises(bp.CompileError, match="BPCOMPILE_BLAS must be one of auto, mkl, openblas, none, "
+                                                  "got 'fastest'"):
+            bp.compile(mlp_graph())
+    finally:
+        build.blas.cache_clear()
+
+
+@pytest.mark.parametrize("choice,package", [("mkl", "mkl"), ("openblas", "scipy-openblas32")])
+def test_missing_blas_that_was_asked_for_is_named(build_dir, monkeypatch, choice, package):
+    from bpcompile import build
+    monkeypatch.setenv("BPCOMPILE_BLAS", choice)
+    monkeypatch.setattr(build, "_mkl", lambda: None)
+    monkeypatch.setattr(build, "_openblas", lambda: None)
+    build.blas.cache_clear()
+    try:
+        with pytest.raises(bp.CompileError, match=f"BPCOMPILE_BLAS={choice} but that library is not installed "
+                                                  rf"\(pip install {package}\)"):
+            bp.compile(mlp_graph())
+    finally:
+        build.blas.cache_clear()

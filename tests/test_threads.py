@@ -79,7 +79,7 @@ def _compile(graph: bp.Graph, build_dir: Path) -> bp.CompiledModel:
 
 
 @pytest.mark.parametrize("make_graph", [mlp_graph, recurrent_graph], ids=["mlp", "recurrent"])
-def test_split_work_matches_reference_at_every_thread_count(build_dir, restore_threads, make_graph):
+def test_split_work_matches_reference_at_every_thread_count(build_dir, restore_threads, blas_backend, make_graph):
     graph = make_graph()
     model = _compile(graph, build_dir)
     inputs = _inputs(graph, batch=67, seed=1)  # 67 rows: uneven shares, and some of 16 rows
@@ -99,7 +99,7 @@ def test_split_work_matches_reference_at_every_thread_count(build_dir, restore_t
         model.reset_parameters(0)  # back to `params`, with fresh optimizer state
     for n in COUNTS[1:]:
         for k in trained[1]:
-            np.testing.assert_allclose(trained[n][k], trained[1][k], rtol=1e-12, atol=1e-14,
+            np.testing.assert_allclose(trained[n][k], trained[1][k], rtol=1e-11, atol=1e-13,
                                        err_msg=f"{k} after 3 Adam steps, {n} threads vs 1")
 
 
