@@ -36,6 +36,10 @@ def load(info: dict[str, str]) -> Any:
     with _LOCK:
         if name not in _LIBS:
             path = Path(info["libdir"]) / info.get("file", f"lib{info.get('lib', 'scipy_openblas')}.so")
+            if not path.is_file():
+                package = "mkl" if name == "mkl" else "scipy-openblas32"
+                raise FileNotFoundError(f"the model was built against {path}, which is missing: reinstall "
+                                        f"{package}, or rebuild the model (BPCOMPILE_BLAS chooses the library)")
             _LIBS[name] = _load_mkl(path) if name == "mkl" else _load_openblas(path)
         return _LIBS[name]
 

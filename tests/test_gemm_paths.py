@@ -183,3 +183,9 @@ def test_missing_blas_that_was_asked_for_is_named(build_dir, monkeypatch, choice
             bp.compile(mlp_graph())
     finally:
         build.blas.cache_clear()
+
+
+def test_missing_blas_library_of_a_build_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(bp.blas, "_LIBS", {})  # as in a fresh process
+    with pytest.raises(FileNotFoundError, match=r"built against .*libmkl_rt\.so\.9, which is missing: reinstall mkl"):
+        bp.blas.load({"name": "mkl", "libdir": str(tmp_path), "file": "libmkl_rt.so.9"})
