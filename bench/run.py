@@ -49,6 +49,7 @@ class Runner:
 
 FRAMEWORKS: dict[str, Runner] = {
     "bpcompile": Runner("run_bpcompile.py"),
+    "bpcompile.openblas": Runner("run_bpcompile.py", "openblas"),
     "numpy": Runner("run_numpy.py"),
     "torch": Runner("run_torch.py"),
     "torch.compile": Runner("run_torch.py", "compile"),

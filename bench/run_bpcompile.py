@@ -1,6 +1,7 @@
 """bpcompile, through its public API (shared/DESIGN.md): bp.Graph -> bp.compile -> train_step.
 
     python bench/run_bpcompile.py --workload W2 --json
+    python bench/run_bpcompile.py --workload W2 --variant openblas   # OpenBLAS even if MKL is installed
 
 bpcompile is imported as installed, else from this repository's working tree. The weights
 are passed as ``init=<ndarray>`` so the losses match the other runners step for step.
@@ -11,6 +12,7 @@ fresh temporary folder per run, so the reported compile time is a cold build.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,5 +117,9 @@ def version() -> str:
     return f"{getattr(bp, '__version__', '?')} from {where}, {blas_name}, {bp.num_threads()} threads"
 
 
+VARIANTS = ("default", "openblas")  # default: the BLAS bpcompile picks (MKL when installed)
+
 if __name__ == "__main__":
-    common.run_cli("bpcompile", build, requires=("bpcompile",), version=version)
+    if "--variant" in sys.argv[:-1] and sys.argv[sys.argv.index("--variant") + 1] == "openblas":
+        os.environ["BPCOMPILE_BLAS"] = "openblas"  # before bpcompile first chooses its BLAS
+    common.run_cli("bpcompile", build, variants=VARIANTS, requires=("bpcompile",), version=version)
