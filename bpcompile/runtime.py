@@ -112,7 +112,6 @@ class Frame:
     def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
         ffi = model._ffi
         self.entry = entry
-        self.names = frozenset(entry.inputs)
         self.signature = [(name, a.dtype, a.shape, _contiguous_strides(a.shape, a.dtype.itemsize))
                           for name, a in zip(entry.inputs, arrays)]
         self.bound: list[np.ndarray | None] = [None] * len(arrays)  # the arrays in_ptrs points at
@@ -141,29 +140,33 @@ class Frame:
                      self.in_ptrs, self.out_ptrs, self.hyper_c)
 
     def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
-        """The input arrays in entry order if they match this frame exactly, else None (the
-        caller then validates everything, extra names included)."""
-        if given.keys() != self.names:
+        """The input arrays in entry order if they match this frame exactly, now pointed at by
+        the native call's input pointers; else None (the caller then validates everything,
+        extra names included)."""
+        if len(given) != len(self.signature):  # with every name below found: no extra names
             return None
         arrays = []
-        for (name, dtype, shape, strides), last in zip(self.signature, self.bound):
+        bound = self.bound
+        for i, (name, dtype, shape, strides) in enumerate(self.signature):
             a = given.get(name)
             if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
                 return None
-            if a is not last or a.strides != strides:  # else: the last call's array, still contiguous
+            if a is not bound[i]:
                 flags = a.flags
                 if not (flags.c_contiguous and flags.aligned):
                     return None
+                self.in_ptrs[i] = self.from_buffer(a)
+                bound[i] = a
+            elif a.strides != strides and not a.flags.c_contiguous:  # the last call's array, reshaped since
+                return None
             arrays.append(a)
         return arrays
 
     def bind(self, arrays: list[np.ndarray]) -> None:
-        """Point the native call at these input arrays (unchanged pointers are kept)."""
-        bound, in_ptrs = self.bound, self.in_ptrs
+        """Point the native call at these (validated) input arrays."""
         for i, a in enumerate(arrays):
-            if a is not bound[i]:
-                in_ptrs[i] = self.from_buffer(a)
-                bound[i] = a
+            self.in_ptrs[i] = self.from_buffer(a)
+            self.bound[i] = a
 
 
 class CompiledModel:
@@ -324,6 +327,7 @@ class CompiledModel:
         entry = self._entries[entry_name]
         arrays, dims = self._prepare(entry, given)
         frame = Frame(self, entry, arrays, dims)
+        frame.bind(arrays)
         frames[entry_name] = frame
         return frame, arrays
 
@@ -350,7 +354,6 @@ class CompiledModel:
                 for i, value in enumerate(optimizer.hyper(step, rate).values()):
                     hyper_c[i] = value
                 frame.hyper_key = key
-        frame.bind(arrays)
         from_buffer = self._ffi.from_buffer
         if outputs is not None:
             for i, o in enumerate(outputs):
