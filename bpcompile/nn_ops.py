@@ -336,8 +336,10 @@ def _im2col_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     c, h, w = node.attrs["image"]
     cols = node.inputs[0] if node.op == "col2im" else node
     _, oh, ow, ckk = cols.shape
-    return {"back": node.op == "col2im", "batch": _c(ctx, cols.shape[0]), "C": c, "H": h, "W": w, "OH": oh,
-            "OW": ow, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "PH": ph, "PW": pw, "CKK": ckk}
+    batch = _c(ctx, cols.shape[0])
+    return {"back": node.op == "col2im", "batch": batch, "C": c, "H": h, "W": w, "OH": oh,
+            "OW": ow, "KH": kh, "KW": kw, "SH": sh, "SW": sw, "PH": ph, "PW": pw, "CKK": ckk,
+            "split": {"what": "its images", "work": f"({batch})*{oh * ow * ckk}"}}
 
 
 codegen.register_kernel("im2col", _im2col_builder)
@@ -458,8 +460,10 @@ def _pool_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
         kernel, stride = (1, 1), (1, 1)  # unused: the argmax says where each gradient goes
     else:
         kernel, stride = node.attrs["kernel"], node.attrs["stride"]
-    return {"grad": grad, "max": node.op.startswith("max"), "planes": _c(ctx, *big[:2]), "H": big[2], "W": big[3],
-            "OH": small[2], "OW": small[3], "KH": kernel[0], "KW": kernel[1], "SH": stride[0], "SW": stride[1]}
+    planes = _c(ctx, *big[:2])
+    return {"grad": grad, "max": node.op.startswith("max"), "planes": planes, "H": big[2], "W": big[3],
+            "OH": small[2], "OW": small[3], "KH": kernel[0], "KW": kernel[1], "SH": stride[0], "SW": stride[1],
+            "split": {"what": "its planes", "work": f"({planes})*{big[2] * big[3]}"}}
 
 
 codegen.register_kernel("pool", _pool_builder)

@@ -62,6 +62,21 @@ def recurrent_graph() -> bp.Graph:
     return g
 
 
+def cnn_graph() -> bp.Graph:
+    """im2col and col2im split by images, max and average pooling (and their gradients) by planes."""
+    g = bp.Graph("threads_cnn")
+    x = g.input("x", ("batch", 2, 9, 9))
+    y = g.input("y", ("batch",), dtype="int32")
+    h = bp.conv2d(x, g.param("c0_w", (4, 2, 3, 3), init="normal"), g.param("c0_b", (4,), init="normal"), padding=1)
+    h = bp.max_pool2d(bp.relu(h), 2)
+    h = bp.conv2d(h, g.param("c1_w", (3, 4, 2, 2), init="normal"), stride=1)
+    h = bp.avg_pool2d(bp.tanh(h), 3)
+    out = bp.flatten(h) @ g.param("fc", (3, 5), init="normal")
+    g.output("out", out)
+    g.loss(bp.softmax_cross_entropy(out, y))
+    return g
+
+
 def _inputs(graph: bp.Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
@@ -78,7 +93,7 @@ def _compile(graph: bp.Graph, build_dir: Path) -> bp.CompiledModel:
                       blas_min_flops=0, parallel_min_work=0)
 
 
-@pytest.mark.parametrize("make_graph", [mlp_graph, recurrent_graph], ids=["mlp", "recurrent"])
+@pytest.mark.parametrize("make_graph", [mlp_graph, recurrent_graph, cnn_graph], ids=["mlp", "recurrent", "cnn"])
 def test_split_work_matches_reference_at_every_thread_count(build_dir, restore_threads, blas_backend, make_graph):
     graph = make_graph()
     model = _compile(graph, build_dir)
