@@ -8,7 +8,9 @@ Measures, each in fresh processes where it matters:
   loss_and_grad     median per call at the given batch
   train_step        median per call
   native call       the entry point called directly with prepared arguments (no Python checks)
-  call overhead     train_step minus the native call: the Python side of a step
+  call overhead     train_step minus the native call: the Python side of a step, measured on
+                    this model and on a tiny one (2-16-1, batch 32), where the native call is
+                    short enough for the difference to be well above the noise
 
 Run: python bench/compile_and_call.py [--sizes 784,256,10] [--batch 128] [--repeats 7]
 """
@@ -62,6 +64,29 @@ def median_seconds(fn, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
+def native_seconds(model, x, y, repeats: int, inner: int) -> float:
+    """The train entry point called directly, with the arguments a train_step prepared."""
+    model.train_step(x=x, y=y)
+    frame, _ = model._frame("train_loss", {"x": x, "y": y})
+    return median_seconds(lambda: frame.fn(*frame.args), repeats, inner)
+
+
+def tiny_model_seconds(bp, repeats: int) -> tuple[float, float]:
+    """(train_step, native call) per step of a 2-16-1 ReLU MLP with MSE and SGD, batch 32."""
+    import numpy as np
+    g = bp.Graph("tiny_2_16_1")
+    x_in, t_in = g.input("x", ("batch", 2)), g.input("t", ("batch", 1))
+    h = bp.relu(x_in @ g.param("W0", (2, 16)) + g.param("b0", (16,)))
+    g.loss(bp.mse(h @ g.param("W1", (16, 1)) + g.param("b1", (1,)), t_in))
+    model = bp.compile(g, dtype="float32", optimizer=bp.optim.SGD(lr=0.01))
+    rng = np.random.default_rng(0)
+    x, t = rng.normal(size=(32, 2)).astype(np.float32), rng.normal(size=(32, 1)).astype(np.float32)
+    step_s = median_seconds(lambda: model.train_step(x=x, t=t), repeats, 20000)
+    model.train_step(x=x, t=t)
+    frame, _ = model._frame("train_loss", {"x": x, "t": t})
+    return step_s, median_seconds(lambda: frame.fn(*frame.args), repeats, 20000)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="784,256,10")
@@ -105,17 +130,16 @@ def main(argv: list[str] | None = None) -> None:
     inner = max(1, int(2e-3 / max(1e-6, median_seconds(lambda: model.train_step(x=x, y=y), 3, 3))))
     grad_s = median_seconds(lambda: model.loss_and_grad(x=x, y=y), args.repeats, inner)
     step_s = median_seconds(lambda: model.train_step(x=x, y=y), args.repeats, inner)
-    frame, arrays = model._frame("train_loss", {"x": x, "y": y})
-    for i, a in enumerate(arrays):
-        frame.in_ptrs[i] = model._ffi.from_buffer(a)
-    for i, value in enumerate(model.optimizer.hyper(model.step + 1, model.optimizer.lr_at(1)).values()):
-        frame.hyper_c[i] = value
-    native_s = median_seconds(lambda: frame.fn(*frame.args), args.repeats, inner)
+    native_s = native_seconds(model, x, y, args.repeats, inner)
+    tiny_step_s, tiny_native_s = tiny_model_seconds(bp, args.repeats)
     rows = [
         ("cold compile", cold["seconds"]), ("cached compile (new process)", cached["seconds"]),
         ("bp.load (new process, incl. import)", load["seconds"]), ("fresh `python -c` load + one step", fresh_step),
         (f"loss_and_grad, batch {args.batch}", grad_s), (f"train_step, batch {args.batch}", step_s),
         ("native train call alone", native_s), ("Python side of train_step", step_s - native_s),
+        ("tiny 2-16-1 model, batch 32: train_step", tiny_step_s),
+        ("tiny model: native train call alone", tiny_native_s),
+        ("tiny model: Python side of train_step", tiny_step_s - tiny_native_s),
     ]
     print(f"model {'-'.join(map(str, sizes))}, float32, Adam; BLAS {bp.blas.info()}")
     print(f"SymPy imported by bp.load: {load['sympy']}")
