@@ -64,11 +64,16 @@ def median_seconds(fn, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
-def native_seconds(model, x, y, repeats: int, inner: int) -> float:
-    """The train entry point called directly, with the arguments a train_step prepared."""
-    model.train_step(x=x, y=y)
-    frame, _ = model._frame("train_loss", {"x": x, "y": y})
-    return median_seconds(lambda: frame.fn(*frame.args), repeats, inner)
+def step_and_native_seconds(model, inputs: dict, repeats: int, inner: int) -> tuple[float, float]:
+    """Median seconds of train_step and of its entry point called directly with the arguments a
+    train_step prepared, timed in alternation so that drifts of the machine hit both alike."""
+    model.train_step(**inputs)
+    frame, _ = model._frame("train_loss", inputs)
+    step, native = [], []
+    for _ in range(repeats):
+        step.append(median_seconds(lambda: model.train_step(**inputs), 1, inner))
+        native.append(median_seconds(lambda: frame.fn(*frame.args), 1, inner))
+    return statistics.median(step), statistics.median(native)
 
 
 def tiny_model_seconds(bp, repeats: int) -> tuple[float, float]:
@@ -81,17 +86,14 @@ def tiny_model_seconds(bp, repeats: int) -> tuple[float, float]:
     model = bp.compile(g, dtype="float32", optimizer=bp.optim.SGD(lr=0.01))
     rng = np.random.default_rng(0)
     x, t = rng.normal(size=(32, 2)).astype(np.float32), rng.normal(size=(32, 1)).astype(np.float32)
-    step_s = median_seconds(lambda: model.train_step(x=x, t=t), repeats, 20000)
-    model.train_step(x=x, t=t)
-    frame, _ = model._frame("train_loss", {"x": x, "t": t})
-    return step_s, median_seconds(lambda: frame.fn(*frame.args), repeats, 20000)
+    return step_and_native_seconds(model, {"x": x, "t": t}, repeats, 20000)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="784,256,10")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     build_dir = tempfile.mkdtemp(prefix="bpbench-")
@@ -129,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     y = rng.integers(0, sizes[-1], args.batch).astype(np.int32)
     inner = max(1, int(2e-3 / max(1e-6, median_seconds(lambda: model.train_step(x=x, y=y), 3, 3))))
     grad_s = median_seconds(lambda: model.loss_and_grad(x=x, y=y), args.repeats, inner)
-    step_s = median_seconds(lambda: model.train_step(x=x, y=y), args.repeats, inner)
-    native_s = native_seconds(model, x, y, args.repeats, inner)
+    step_s, native_s = step_and_native_seconds(model, {"x": x, "y": y}, args.repeats, inner)
     tiny_step_s, tiny_native_s = tiny_model_seconds(bp, args.repeats)
     rows = [
         ("cold compile", cold["seconds"]), ("cached compile (new process)", cached["seconds"]),
