@@ -345,9 +345,11 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
         # (rows, cols) with the rows summed: read each row contiguously into a block of
         # double accumulators (a bias gradient summed over the batch)
         ncols = int(np.prod(cols))
-        return {"columns": True, "rows": ctx.c(Mono.of(x.shape[:lead])), "cols": ncols,
+        rows = ctx.c(Mono.of(x.shape[:lead]))
+        return {"columns": True, "rows": rows, "cols": ncols,
                 "block": min(ncols, REDUCE_BLOCK), "mean": node.attrs["mean"],
-                "count": ctx.c(Mono.of(x.shape[:lead])) if node.attrs["mean"] else ""}
+                "count": rows if node.attrs["mean"] else "",
+                "split": {"what": "its columns", "work": f"({rows})*{ncols}"} if ncols >= 32 else None}
     strides = contiguous_strides(x.shape)
     kept = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i not in axes]
     red = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i in axes]
