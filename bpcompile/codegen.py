@@ -423,7 +423,10 @@ FAILING_KINDS = {"softmax_ce"}  # kernels that validate data and may return an e
 
 def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
     """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
-    takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`."""
+    takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`.
+    A context with `split` = {"what": ..., "work": C expression} runs on the thread pool: the
+    template then renders `<name>_part(dims, part, parts, ...)` over its share of the work, and
+    templates/parallel.c.j2 wraps it under the kernel's name."""
     BUILDERS[kind] = builder
     if failing:
         FAILING_KINDS.add(kind)
