@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from testutil import run_started_together, subprocess_env
 
 import bpcompile as bp
 import bpcompile.build as bpbuild
@@ -40,12 +41,6 @@ def data(n: int = 6, seed: int = 0):
 
 def _no_compiler(*args, **kwargs):
     raise AssertionError("the C compiler was invoked for a cached build")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(extra)
-    return env
 
 
 def test_second_compile_is_a_cache_hit(build_dir, monkeypatch):
@@ -91,59 +86,37 @@ def test_learning_rate_change_does_not_rebuild(build_dir, monkeypatch):
 
 
 CONCURRENT = textwrap.dedent("""
-    import json, os, sys, time
+    import json, sys
     from pathlib import Path
-    import numpy as np
     import bpcompile as bp
-    sys.path.insert(0, {tests!r})
     from test_build_cache import mlp_graph, data
+    from testutil import wait_for_start
     g = mlp_graph("concurrent")
     bp.lower(g, "float64")  # import and warm up everything before the start signal
-    tag, sync = sys.argv[1], Path(sys.argv[2])
-    (sync / ("ready-" + tag)).touch()
-    deadline = time.time() + 60
-    while not (sync / "go").exists():
-        if time.time() > deadline:
-            sys.exit("no start signal")
-        time.sleep(0.001)
+    wait_for_start(Path(sys.argv[1]), sys.argv[2])
     model = bp.compile(g, dtype="float64", seed=0)
     X, _ = data()
-    print(json.dumps({{"path": str(model.build_path), "out": model.forward(x=X)["out"].tolist()}}))
+    print(json.dumps({"path": str(model.build_path), "out": model.forward(x=X)["out"].tolist()}))
 """)
 
 
-def test_two_processes_build_the_same_model_at_once(tmp_path):
-    root, sync = tmp_path / "fresh-build", tmp_path / "sync"
-    sync.mkdir()
+def test_processes_building_the_same_model_at_once(tmp_path):
+    root = tmp_path / "fresh-build"
     script = tmp_path / "concurrent.py"
-    script.write_text(CONCURRENT.format(tests=str(Path(__file__).parent)))
+    script.write_text(CONCURRENT)
     env = subprocess_env(BPCOMPILE_BUILD_DIR=str(root))
-    procs = [subprocess.Popen([sys.executable, str(script), tag, str(sync)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in "ab"]
-    try:
-        deadline = time.time() + 60
-        while not all((sync / f"ready-{t}").exists() for t in "ab"):
-            assert time.time() < deadline, "subprocesses did not start"
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.005)
-        (sync / "go").touch()
-        results = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err
-    a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in results)
-    assert a["path"] == b["path"]
-    assert a["out"] == b["out"]
-    path = Path(a["path"])
+    runs = run_started_together([[sys.executable, str(script)]] * 3, tmp_path / "sync", env, tmp_path)
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    results = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in runs]
+    assert len({r["path"] for r in results}) == 1
+    assert all(r["out"] == results[0]["out"] for r in results)
+    path = Path(results[0]["path"])
     assert path.parent == root
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [path.name]
     assert not list(root.glob(".tmp-*")), "a temporary build folder was left behind"
     model = bp.load(path)
     X, _ = data()
-    np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(a["out"]))
+    np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(results[0]["out"]))
 
 
 def test_leftover_temporary_folders_do_not_break_a_build(tmp_path):

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -32,7 +31,7 @@ from pathlib import Path
 import mpmath
 import numpy as np
 import pytest
-from testutil import run_threads
+from testutil import run_threads, subprocess_env
 
 import bpcompile as bp
 
@@ -491,58 +490,6 @@ def test_threads_sharing_one_model_for_inference(build_dir):
     assert sum(run_threads([lambda t=t: work(t) for t in range(8)], timeout=300)) == 0
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
-COMPILE_SCRIPT = """
-    import json, sys, time
-    from pathlib import Path
-    import numpy as np
-    import bpcompile as bp
-    from test_robustness import clf_graph, data
-    g = clf_graph("rb_procs")
-    bp.lower(g, "float64")  # warm up before the start signal
-    sync = Path(sys.argv[1])
-    (sync / ("ready-" + sys.argv[2])).touch()
-    deadline = time.time() + 120
-    while not (sync / "go").exists() and time.time() < deadline:
-        time.sleep(0.001)
-    model = bp.compile(g, dtype="float64", seed=0)
-    X, Y = data()
-    print(json.dumps({"path": str(model.build_path), "loss": model.loss(x=X, y=Y)}))
-"""
-
-
-def test_processes_compiling_the_same_graph_at_once(tmp_path):
-    root, sync = tmp_path / "build", tmp_path / "sync"
-    sync.mkdir()
-    script = tmp_path / "compile.py"
-    script.write_text(textwrap.dedent(COMPILE_SCRIPT))
-    env = _env(BPCOMPILE_BUILD_DIR=str(root))
-    procs = [subprocess.Popen([sys.executable, str(script), str(sync), str(i)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
-    try:
-        deadline = time.time() + 120
-        while len(list(sync.glob("ready-*"))) < 3:
-            assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.01)
-        (sync / "go").touch()
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert len({r["path"] for r in results}) == 1 and len({r["loss"] for r in results}) == 1
-    assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == [Path(results[0]["path"]).name]
-    assert not list(root.glob(".tmp-*"))
-
-
 SLOW_CC = """#!/bin/sh
 # a C compiler that stops (for SIGKILL) at the step named by $BP_STALL: compile (-c model.c) or link
 case "$*" in
@@ -575,7 +522,7 @@ def test_killed_mid_build_leaves_a_usable_cache(tmp_path, stall):
         X, Y = data()
         print(repr(model.loss(x=X, y=Y)))
     """))
-    p = subprocess.Popen([sys.executable, str(script)], env=_env(BPCOMPILE_BUILD_DIR=str(root), CC=str(cc),
+    p = subprocess.Popen([sys.executable, str(script)], env=subprocess_env(BPCOMPILE_BUILD_DIR=str(root), CC=str(cc),
                                                                   BP_STALL=stall, BP_STALL_MARK=str(mark)),
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -590,7 +537,7 @@ def test_killed_mid_build_leaves_a_usable_cache(tmp_path, stall):
     assert not [q for q in root.iterdir() if not q.name.startswith(".")], "a build folder appeared"
     assert list(root.glob(".tmp-*")), "expected the killed build's temporary folder"
     # the same cache key (CC prints gcc's version): the next run must rebuild, not load a half module
-    again = subprocess.run([sys.executable, str(script)], env=_env(BPCOMPILE_BUILD_DIR=str(root), CC=str(cc),
+    again = subprocess.run([sys.executable, str(script)], env=subprocess_env(BPCOMPILE_BUILD_DIR=str(root), CC=str(cc),
                                                                    BP_STALL="none", BP_STALL_MARK=str(mark)),
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -638,7 +585,7 @@ def test_killed_during_save_keeps_the_previous_checkpoint(tmp_path, build_dir):
     ckpt, mark = tmp_path / "model.npz", tmp_path / "saving"
     script = tmp_path / "save.py"
     script.write_text(textwrap.dedent(SAVE_SCRIPT))
-    p = subprocess.Popen([sys.executable, str(script), str(ckpt), str(mark)], env=_env(), cwd=tmp_path,
+    p = subprocess.Popen([sys.executable, str(script), str(ckpt), str(mark)], env=subprocess_env(), cwd=tmp_path,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 120

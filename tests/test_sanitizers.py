@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sanitizers
+from testutil import subprocess_env
 
 import bpcompile as bp
 
@@ -56,9 +57,7 @@ def mlp_graph(name: str = "san_mlp") -> bp.Graph:
 def _run_sanitized(code: str, tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     script = tmp_path / "sanitized.py"
     script.write_text(textwrap.dedent(code))
-    env = sanitizers.sanitizer_env()
-    env["BPCOMPILE_BUILD_DIR"] = str(tmp_path / "build")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    env = subprocess_env(sanitizers.sanitizer_env(), BPCOMPILE_BUILD_DIR=str(tmp_path / "build"))
     return subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=timeout)
 

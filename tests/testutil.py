@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TESTS = Path(__file__).resolve().parent
+EXAMPLES = TESTS.parent / "examples"
 
 
 def load_example(name: str) -> ModuleType:
@@ -56,3 +60,44 @@ def run_threads(fns: list[Callable[[], Any]], timeout: float) -> list[Any]:
         t.join(timeout=timeout)
     assert not errors, errors
     return results
+
+
+def subprocess_env(base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a test's subprocess: `base` (default this process's) with tests/ on
+    PYTHONPATH (so scripts import the test modules and this one), then `extra`."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def wait_for_start(sync: Path, tag: str, timeout: float = 120) -> None:
+    """In a subprocess of run_started_together: say this one is ready, then wait for the start."""
+    (sync / f"ready-{tag}").touch()
+    deadline = time.time() + timeout
+    while not (sync / "go").exists():
+        if time.time() > deadline:
+            sys.exit("no start signal")
+        time.sleep(0.001)
+
+
+def run_started_together(commands: list[list[str]], sync: Path, env: dict[str, str], cwd: Path,
+                         timeout: float = 300) -> list[tuple[int, str, str]]:
+    """Start every command (each calls wait_for_start with its index as tag), give the start signal
+    once all are ready, and return each one's (exit code, stdout, stderr)."""
+    sync.mkdir(exist_ok=True)
+    procs = [subprocess.Popen(cmd + [str(sync), str(i)], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, cmd in enumerate(commands)]
+    try:
+        deadline = time.time() + timeout
+        while len(list(sync.glob("ready-*"))) < len(procs):
+            assert time.time() < deadline, "subprocesses did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.005)
+        (sync / "go").touch()
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
