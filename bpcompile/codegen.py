@@ -424,9 +424,10 @@ FAILING_KINDS = {"softmax_ce"}  # kernels that validate data and may return an e
 def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
     """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
     takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`.
-    A context with `split` = {"what": ..., "work": C expression} runs on the thread pool: the
-    template then renders `<name>_part(dims, part, parts, ...)` over its share of the work, and
-    templates/parallel.c.j2 wraps it under the kernel's name."""
+    Templates open their function with `{{ signature }}` (kernel_signature). A context with
+    `split` = {"what": ..., "work": C expression} runs on the thread pool: the signature is then
+    `<name>_part(dims, part, parts, ...)`, the template renders the function over that piece's
+    share of the work, and templates/parallel.c.j2 wraps it under the kernel's name."""
     BUILDERS[kind] = builder
     if failing:
         FAILING_KINDS.add(kind)
@@ -528,10 +529,12 @@ class ModuleRenderer:
         else:
             params += [{"decl": _decl(k.nodes[0], "out", 0, const=False), "name": "out0"}]
         split = body.pop("split", None)
-        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real"}
+        failing = k.kind in FAILING_KINDS
+        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
+                  "whole_signature": kernel_signature(params, failing, split=False)}
         text = self.env.get_template(f"{k.kind}.c.j2").render(
-            comment=[comment_text(s) for s in lines], dims=ctx.dim_decls(), failing=k.kind in FAILING_KINDS,
-            split=split, **common, **body)
+            comment=[comment_text(s) for s in lines], dims=ctx.dim_decls(), failing=failing, split=split,
+            signature=kernel_signature(params, failing, split=bool(split)), **common, **body)
         if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool
             text += self.env.get_template("parallel.c.j2").render(dims=ctx.dim_decls(), **common, **split)
         return self._function(text, k.kind), lines
@@ -551,9 +554,11 @@ class ModuleRenderer:
                   {"decl": "const bp_real *restrict grads", "name": "grads"},
                   {"decl": "bp_real *restrict state", "name": "state"},
                   {"decl": "const double *restrict hyper", "name": "hyper"}]
-        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real"}
+        common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
+                  "whole_signature": kernel_signature(params, failing=False, split=False)}
         count = sum(end - start for start, end in context["ranges"])
-        text = self.env.get_template("update.c.j2").render(**common, **context)
+        text = self.env.get_template("update.c.j2").render(
+            signature=kernel_signature(params, failing=False, split=True), **common, **context)
         text += self.env.get_template("parallel.c.j2").render(
             dims=[], what="each parameter range", work="0" if context["clip"] else str(count), **common)
         return self._function(text, "update")
@@ -611,6 +616,14 @@ class ModuleRenderer:
     def header(self, entries: list[EntryCode]) -> str:
         return self.env.get_template("model.h.j2").render(
             model_name=comment_text(self.model_name), entries=[e.name for e in entries], dtype=self.dtype)
+
+
+def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -> str:
+    """The C signature of a kernel function (named KERNEL_NAME until it is added): it takes the
+    runtime dims, then (part, parts) when it is the body a thread-pool piece runs, then its arrays;
+    it returns int (non-zero: bad data) when `failing`."""
+    args = ["const int64_t *dims", *(["int64_t part", "int64_t parts"] if split else []), *(p["decl"] for p in params)]
+    return f"static {'int' if failing else 'void'} KERNEL_NAME{'_part' if split else ''}({', '.join(args)})"
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
