@@ -87,6 +87,13 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | N
             state = [(Storage("param", offsets[n], n), v) for n, v in graph.state_updates.items()]
             plans.append(EntryPlan(f"train_{suffix}", f"one training step on loss {lname!r}: forward, backward, "
                                    f"{optimizer.kind} update of {names}", grad_results + state, lname, names))
+            # the train step in two calls (data-parallel training reduces the gradients in between):
+            # the same kernels without the update, and the update alone from the gradient buffer
+            plans.append(EntryPlan(f"backward_{suffix}", f"loss {lname!r}, the gradients of {names} into the "
+                                   "gradient buffer and the running statistics: train step without the update",
+                                   grad_results + state, lname))
+            plans.append(EntryPlan(f"update_{suffix}", f"the {optimizer.kind} update of {names} from the gradient "
+                                   "buffer: the last part of a train step", [], lname, names))
     return plans
 
 

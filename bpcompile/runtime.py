@@ -419,11 +419,34 @@ class CompiledModel:
     def train_step(self, loss: str | None = None, lr: float | None = None, **inputs: Any) -> float:
         """Forward, backward and the optimizer update in one native call; returns the loss
         (computed before the update). `lr` overrides the schedule for this step."""
+        return self._optimizer_call("train", loss, lr, inputs)
+
+    def backward(self, loss: str | None = None, **inputs: Any) -> float:
+        """The first half of `train_step`, one native call: the loss, the gradients written into
+        the model's gradient buffer (the views `model.grads`, one flat array) and the running
+        statistics updated, with the dropout stream of the coming step; no update, step unchanged.
+        Then `apply_gradients` completes the step; between the two the gradients may be changed
+        in place (e.g. summed across processes by bp.distributed)."""
+        spec = self._loss_spec(loss)
+        if "backward" not in spec["entries"]:
+            raise InputError(f"model {self.name!r} was compiled without an optimizer")
+        return self._run(spec["entries"]["backward"], inputs, counter=self.step + 1).scalar_c[0]
+
+    def apply_gradients(self, loss: str | None = None, lr: float | None = None) -> None:
+        """The second half of `train_step`, one native call: the fused optimizer update of the
+        parameters trained by `loss` from the gradients now in the gradient buffer (`model.grads`),
+        with the global clip_norm, weight decay and the learning rate of the schedule at the next
+        step (or `lr`); then the step count advances. `backward` + `apply_gradients` computes the
+        same parameters as `train_step`, bit for bit."""
+        self._optimizer_call("update", loss, lr, {})
+
+    def _optimizer_call(self, kind: str, loss: str | None, lr: float | None, inputs: Mapping[str, Any]) -> float:
+        """A native call that applies the optimizer update at the next step ("train" or "update")."""
         spec = self._loss_spec(loss)
         optimizer = self.optimizer
         if optimizer is None:
             raise InputError(f"model {self.name!r} was compiled without an optimizer")
-        entry = spec["entries"]["train"]
+        entry = spec["entries"][kind]
         with self._train_lock:
             step = self.step + 1
             rate = optimizer.lr_at(step) if lr is None else float(lr)
