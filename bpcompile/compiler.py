@@ -112,7 +112,8 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
         members = [n for n in trains if group_of[n] == k]
         ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in members])
         label = f"group {k} ({members}): " if optimizer.param_groups else ""
-        formulas += [f"{label}{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots] + [f"{label}p <- {sp.sstr(new_p)}"]
+        formulas += [f"{label}{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots]
+        formulas.append(f"{label}p <- {sp.sstr(new_p)}")
         groups.append({"ranges": ranges, "temps": temps, "new_param": values[-1],
                        "slots": [{"name": f"s_{s}", "offset": j * param_size, "value": values[j]}
                                  for j, s in enumerate(optimizer.slots)]})

@@ -139,7 +139,8 @@ def _param_groups(groups: list[dict[str, Any]] | None, weight_decay: float) -> l
                 raise ValueError(f"param_groups[{k}] names parameter {name!r} twice")
             names.append(name)
         out.append({"params": names,
-                    "weight_decay": _non_negative(group.get("weight_decay", weight_decay), f"param_groups[{k}] weight_decay"),
+                    "weight_decay": _non_negative(group.get("weight_decay", weight_decay),
+                                                  f"param_groups[{k}] weight_decay"),
                     "lr_scale": _non_negative(group.get("lr_scale", 1.0), f"param_groups[{k}] lr_scale")})
     return out
 
