@@ -22,7 +22,7 @@ CASES = [
     ("adamax", optim.Adamax(lr=0.01), ref.Adamax(lr=0.01)),
     ("nadam", optim.NAdam(lr=0.01, weight_decay=0.01), ref.NAdam(lr=0.01, weight_decay=0.01)),
     ("adam-amsgrad", optim.Adam(lr=0.01, amsgrad=True), ref.AdamAmsgrad(lr=0.01)),
-    ("adamw-amsgrad", optim.AdamW(lr=0.01, amsgrad=True), ref.AdamWAmsgrad(lr=0.01)),
+    ("adamw-amsgrad", optim.AdamW(lr=0.01, amsgrad=True), ref.AdamWAmsgrad(lr=0.01, weight_decay=0.01)),
     ("rmsprop-centered", optim.RMSprop(lr=0.01, centered=True, momentum=0.5),
      ref.RMSpropCentered(lr=0.01, momentum=0.5)),
 ]
