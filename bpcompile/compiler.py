@@ -99,31 +99,39 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | N
 
 def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offsets: dict[str, int],
                     param_size: int, renderer: codegen.ModuleRenderer) -> dict[str, Any]:
-    """The update loop's template context: ranges of the flat buffer, slots, printed formulas."""
+    """The update loop's template context: ranges of the flat buffer, slots, printed formulas,
+    one set per parameter group (each group's constants are its own hyperparameters)."""
     p, g = sp.Symbol("p", real=True), sp.Symbol("g", real=True)
     slots = {s: sp.Symbol(f"s_{s}", real=True) for s in optimizer.slots}
-    hyper_names = list(optimizer.hyper_names())
-    hyper = {h: sp.Symbol(h, real=True) for h in hyper_names}
-    new_p, new_slots = optimizer.update(p, g, slots, hyper)
+    all_names = list(optimizer.hyper_names())
+    group_of = optimizer.group_of(list(graph.params))
     printer = renderer.context().printer()
-    for sym in [p, g, *slots.values(), *hyper.values()]:
-        printer.names[sym] = sym.name
-    outputs = [new_slots[s] for s in optimizer.slots] + [new_p]
-    temps, values = codegen.print_formulas(outputs, printer, prefix="u")
-    used = set().union(*(e.free_symbols for e in outputs))
-    hyper_names = [h for h in hyper_names if hyper[h] in used]
-    ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in trains])
-    formulas = [f"{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots] + [f"p <- {sp.sstr(new_p)}"]
+    groups, used, formulas = [], set(), []
+    for k in sorted({group_of[n] for n in trains}):
+        suffix = f"_g{k}" if k else ""
+        hyper = {h: sp.Symbol(h + suffix, real=True) for h in optimizer.group(k).hyper(1, 1.0)}
+        new_p, new_slots = optimizer.group(k).update(p, g, slots, hyper)
+        for sym in [p, g, *slots.values(), *hyper.values()]:
+            printer.names[sym] = sym.name
+        outputs = [new_slots[s] for s in optimizer.slots] + [new_p]
+        temps, values = codegen.print_formulas(outputs, printer, prefix=f"u{k}_" if k else "u")
+        used |= set().union(*(e.free_symbols for e in outputs))
+        members = [n for n in trains if group_of[n] == k]
+        ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in members])
+        label = f"group {k} ({members}): " if optimizer.param_groups else ""
+        formulas += [f"{label}{s} <- {sp.sstr(new_slots[s])}" for s in optimizer.slots]
+        formulas.append(f"{label}p <- {sp.sstr(new_p)}")
+        groups.append({"ranges": ranges, "temps": temps, "new_param": values[-1],
+                       "slots": [{"name": f"s_{s}", "offset": j * param_size, "value": values[j]}
+                                 for j, s in enumerate(optimizer.slots)]})
+    hyper_names = [h for h in all_names if sp.Symbol(h, real=True) in used]
     return {
         "doc": codegen.comment_text(optimizer.describe()),
         "formulas": [codegen.comment_text(f) for f in formulas],
-        "hyper": [{"name": h, "index": list(optimizer.hyper_names()).index(h)} for h in hyper_names],
+        "hyper": [{"name": h, "index": all_names.index(h)} for h in hyper_names],
         "clip": repr(optimizer.clip_norm) if optimizer.clip_norm else None,
-        "ranges": ranges,
-        "slots": [{"name": f"s_{s}", "offset": k * param_size, "value": values[k]}
-                  for k, s in enumerate(optimizer.slots)],
-        "temps": temps,
-        "new_param": values[-1],
+        "ranges": [r for grp in groups for r in grp["ranges"]],
+        "groups": groups,
     }
 
 

@@ -355,6 +355,9 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     opt_cfg: dict[str, Any] = {}
     schedule = {"kind": "Constant", "lr": 0.0}
     if optimizer is not None:
+        if optimizer.param_groups:
+            raise ExportError(f"optimizer {type(optimizer).__name__}: param_groups are not supported by the "
+                              "standalone export; export without them")
         hyper = list(optimizer.hyper_names())
         opt_cfg = optimizer.config()
         schedule = opt_cfg["lr"]

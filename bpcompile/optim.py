@@ -9,6 +9,7 @@ an update is generated, so a built model loads without it.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,16 +27,50 @@ class Optimizer:
     step_dependent = False  # whether hyper() changes with the step at a fixed learning rate
 
     def __init__(self, lr: float | Schedule | Callable[[int], float], weight_decay: float = 0.0,
-                 clip_norm: float | None = None):
+                 clip_norm: float | None = None, param_groups: list[dict[str, Any]] | None = None):
         self.lr = as_schedule(lr)
         self.weight_decay = _non_negative(weight_decay, "weight_decay")
         if clip_norm is not None and not (isinstance(clip_norm, int | float) and clip_norm > 0):
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.param_groups = _param_groups(param_groups, self.weight_decay)
+
+    # --- parameter groups ----------------------------------------------------------------
+    def group_of(self, names: list[str]) -> dict[str, int]:
+        """Group number of each parameter in `names` (0: the optimizer's own settings, k: the
+        k-th entry of param_groups); a name that is not a parameter, or is in two groups, is an error."""
+        groups = dict.fromkeys(names, 0)
+        for k, group in enumerate(self.param_groups, 1):
+            for name in group["params"]:
+                if name not in groups:
+                    raise ValueError(f"param_groups[{k - 1}] names {name!r}, which is not a parameter of the "
+                                     f"model (its parameters: {list(names)})")
+                if groups[name]:
+                    raise ValueError(f"parameter {name!r} is in param_groups[{groups[name] - 1}] and "
+                                     f"param_groups[{k - 1}]")
+                groups[name] = k
+        return groups
+
+    def group(self, k: int) -> Optimizer:
+        """The optimizer with group k's settings (k = 0: itself)."""
+        if k == 0:
+            return self
+        clone = copy.copy(self)
+        clone.weight_decay = self.param_groups[k - 1]["weight_decay"]
+        clone.param_groups = []
+        return clone
+
+    def step_hyper(self, step: int, lr: float) -> dict[str, float]:
+        """Every hyperparameter of step `step` in the order of the C `hyper` array: the
+        optimizer's own, then each group's (named `<name>_g<k>`, with its lr_scale and weight decay)."""
+        h = dict(self.hyper(step, lr))
+        for k, group in enumerate(self.param_groups, 1):
+            h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper(step, lr * group["lr_scale"]).items()})
+        return h
 
     # --- what the generated code needs ---------------------------------------------------
     def hyper_names(self) -> tuple[str, ...]:
-        return tuple(self.hyper(1, 1.0))
+        return tuple(self.step_hyper(1, 1.0))
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         """Scalar hyperparameters of step `step` (counted from 1), passed to C each call."""
@@ -54,6 +89,8 @@ class Optimizer:
         cfg = {"kind": self.kind, "lr": self.lr.config(), "weight_decay": self.weight_decay,
                "clip_norm": self.clip_norm}
         cfg.update(self._settings())
+        if self.param_groups:
+            cfg["param_groups"] = [dict(g, params=list(g["params"])) for g in self.param_groups]
         return cfg
 
     def _settings(self) -> dict[str, Any]:
@@ -77,6 +114,37 @@ def _non_negative(value: float, name: str) -> float:
     return float(value)
 
 
+def _param_groups(groups: list[dict[str, Any]] | None, weight_decay: float) -> list[dict[str, Any]]:
+    """param_groups as [{"params": [names], "weight_decay": float, "lr_scale": float}]; param
+    nodes are replaced by their names, missing settings take the optimizer's."""
+    if groups is None:
+        return []
+    if not isinstance(groups, list | tuple):
+        raise ValueError(f"param_groups must be a list of dicts, got {type(groups).__name__}")
+    out = []
+    for k, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"param_groups[{k}] must be a dict with a 'params' list, got {group!r}")
+        unknown = set(group) - {"params", "weight_decay", "lr_scale"}
+        if unknown:
+            raise ValueError(f"param_groups[{k}] has unknown settings {sorted(unknown)} "
+                             "(a group sets 'params', 'weight_decay', 'lr_scale')")
+        names = []
+        for p in group["params"]:
+            name = p if isinstance(p, str) else getattr(p, "attrs", {}).get("name") if getattr(p, "op", "") == "param" \
+                else None
+            if not isinstance(name, str):
+                raise ValueError(f"param_groups[{k}]: {p!r} is neither a parameter name nor a parameter node")
+            if name in names:
+                raise ValueError(f"param_groups[{k}] names parameter {name!r} twice")
+            names.append(name)
+        out.append({"params": names,
+                    "weight_decay": _non_negative(group.get("weight_decay", weight_decay),
+                                                  f"param_groups[{k}] weight_decay"),
+                    "lr_scale": _non_negative(group.get("lr_scale", 1.0), f"param_groups[{k}] lr_scale")})
+    return out
+
+
 def _unit(value: float, name: str) -> float:
     if not isinstance(value, int | float) or not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -89,8 +157,9 @@ class SGD(Optimizer):
     kind = "sgd"
 
     def __init__(self, lr: Any = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 clip_norm: float | None = None, dampening: float = 0.0):
-        super().__init__(lr, weight_decay, clip_norm)
+                 clip_norm: float | None = None, dampening: float = 0.0,
+                 param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
         self.momentum = _non_negative(momentum, "momentum")
         self.dampening = _non_negative(dampening, "dampening")
         self.nesterov = bool(nesterov)
@@ -126,10 +195,13 @@ class Adam(Optimizer):
     step_dependent = True  # bias corrections
 
     def __init__(self, lr: Any = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, clip_norm: float | None = None):
-        super().__init__(lr, weight_decay, clip_norm)
+                 weight_decay: float = 0.0, clip_norm: float | None = None, amsgrad: bool = False,
+                 param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
         self.betas = (_unit(betas[0], "betas[0]"), _unit(betas[1], "betas[1]"))
         self.eps = _non_negative(eps, "eps")
+        self.amsgrad = bool(amsgrad)
+        self.slots = ("m", "v", "vmax") if self.amsgrad else ("m", "v")
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         b1, b2 = self.betas
@@ -147,10 +219,13 @@ class Adam(Optimizer):
             g = self.regularized(p, g)
         m = b1 * state["m"] + (1 - b1) * g
         v = b2 * state["v"] + (1 - b2) * g**2
-        return p - h["step_size"] * m / (sp.sqrt(v) / h["sqrt_bc2"] + self.eps), {"m": m, "v": v}
+        if not self.amsgrad:
+            return p - h["step_size"] * m / (sp.sqrt(v) / h["sqrt_bc2"] + self.eps), {"m": m, "v": v}
+        vmax = sp.Max(state["vmax"], v)  # torch.maximum(max_exp_avg_sq, exp_avg_sq)
+        return p - h["step_size"] * m / (sp.sqrt(vmax) / h["sqrt_bc2"] + self.eps), {"m": m, "v": v, "vmax": vmax}
 
     def _settings(self):
-        return {"betas": list(self.betas), "eps": self.eps}
+        return {"betas": list(self.betas), "eps": self.eps, "amsgrad": self.amsgrad}
 
 
 class AdamW(Adam):
@@ -160,8 +235,9 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, lr: Any = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, clip_norm: float | None = None):
-        super().__init__(lr, betas, eps, weight_decay, clip_norm)
+                 weight_decay: float = 1e-2, clip_norm: float | None = None, amsgrad: bool = False,
+                 param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, betas, eps, weight_decay, clip_norm, amsgrad, param_groups)
 
 
 class RMSprop(Optimizer):
@@ -170,28 +246,163 @@ class RMSprop(Optimizer):
     kind = "rmsprop"
 
     def __init__(self, lr: Any = 1e-2, alpha: float = 0.99, eps: float = 1e-8, momentum: float = 0.0,
-                 weight_decay: float = 0.0, clip_norm: float | None = None):
-        super().__init__(lr, weight_decay, clip_norm)
+                 weight_decay: float = 0.0, clip_norm: float | None = None, centered: bool = False,
+                 param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
         self.alpha = _unit(alpha, "alpha")
         self.eps = _non_negative(eps, "eps")
         self.momentum = _non_negative(momentum, "momentum")
-        self.slots = ("v", "buf") if self.momentum else ("v",)
+        self.centered = bool(centered)
+        self.slots = ("v",) + (("gavg",) if self.centered else ()) + (("buf",) if self.momentum else ())
 
     def update(self, p, g, state, h):
         import sympy as sp
         g = self.regularized(p, g)
         v = self.alpha * state["v"] + (1 - self.alpha) * g**2
-        step = g / (sp.sqrt(v) + self.eps)
+        new = {"v": v}
+        if self.centered:  # the variance estimate: v - (running mean of g)^2
+            new["gavg"] = state["gavg"] + (1 - self.alpha) * (g - state["gavg"])
+            step = g / (sp.sqrt(v - new["gavg"] ** 2) + self.eps)
+        else:
+            step = g / (sp.sqrt(v) + self.eps)
         if not self.momentum:
-            return p - h["lr"] * step, {"v": v}
-        buf = self.momentum * state["buf"] + step
-        return p - h["lr"] * buf, {"v": v, "buf": buf}
+            return p - h["lr"] * step, new
+        new["buf"] = self.momentum * state["buf"] + step
+        return p - h["lr"] * new["buf"], new
 
     def _settings(self):
-        return {"alpha": self.alpha, "eps": self.eps, "momentum": self.momentum}
+        return {"alpha": self.alpha, "eps": self.eps, "momentum": self.momentum, "centered": self.centered}
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {c.kind: c for c in (SGD, Adam, AdamW, RMSprop)}
+class Adagrad(Optimizer):
+    """sum += g^2; p -= lr / (1 + (t-1) lr_decay) * g / (sqrt(sum) + eps); as torch.optim.Adagrad."""
+
+    kind = "adagrad"
+    slots = ("sum",)
+
+    def __init__(self, lr: Any = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+                 clip_norm: float | None = None, param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
+        self.lr_decay = _non_negative(lr_decay, "lr_decay")
+        self.eps = _non_negative(eps, "eps")
+        self.step_dependent = bool(self.lr_decay)
+
+    def hyper(self, step: int, lr: float) -> dict[str, float]:
+        return {"clr": lr / (1 + (step - 1) * self.lr_decay)}
+
+    def update(self, p, g, state, h):
+        import sympy as sp
+        g = self.regularized(p, g)
+        acc = state["sum"] + g**2
+        return p - h["clr"] * g / (sp.sqrt(acc) + self.eps), {"sum": acc}
+
+    def _settings(self):
+        return {"lr_decay": self.lr_decay, "eps": self.eps}
+
+
+class Adadelta(Optimizer):
+    """v = rho v + (1-rho) g^2; d = sqrt(u + eps) / sqrt(v + eps) g; u = rho u + (1-rho) d^2;
+    p -= lr d; as torch.optim.Adadelta."""
+
+    kind = "adadelta"
+    slots = ("v", "u")
+
+    def __init__(self, lr: Any = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
+                 clip_norm: float | None = None, param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
+        self.rho = _unit(rho, "rho")
+        self.eps = _non_negative(eps, "eps")
+
+    def update(self, p, g, state, h):
+        import sympy as sp
+        g = self.regularized(p, g)
+        v = self.rho * state["v"] + (1 - self.rho) * g**2
+        delta = sp.sqrt(state["u"] + self.eps) / sp.sqrt(v + self.eps) * g
+        u = self.rho * state["u"] + (1 - self.rho) * delta**2
+        return p - h["lr"] * delta, {"v": v, "u": u}
+
+    def _settings(self):
+        return {"rho": self.rho, "eps": self.eps}
+
+
+class Adamax(Optimizer):
+    """m = b1 m + (1-b1) g; u = max(b2 u, |g| + eps); p -= lr / (1 - b1^t) m / u; as torch.optim.Adamax."""
+
+    kind = "adamax"
+    slots = ("m", "u")
+    step_dependent = True
+
+    def __init__(self, lr: Any = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, clip_norm: float | None = None,
+                 param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
+        self.betas = (_unit(betas[0], "betas[0]"), _unit(betas[1], "betas[1]"))
+        self.eps = _non_negative(eps, "eps")
+
+    def hyper(self, step: int, lr: float) -> dict[str, float]:
+        return {"step_size": lr / (1 - self.betas[0] ** step)}
+
+    def update(self, p, g, state, h):
+        import sympy as sp
+        b1, b2 = self.betas
+        g = self.regularized(p, g)
+        m = state["m"] + (1 - b1) * (g - state["m"])
+        u = sp.Max(b2 * state["u"], sp.Abs(g) + self.eps)
+        return p - h["step_size"] * m / u, {"m": m, "u": u}
+
+    def _settings(self):
+        return {"betas": list(self.betas), "eps": self.eps}
+
+
+class NAdam(Optimizer):
+    """Adam with Nesterov momentum and torch's momentum-decay schedule mu_t, as torch.optim.NAdam."""
+
+    kind = "nadam"
+    slots = ("m", "v")
+    step_dependent = True
+
+    def __init__(self, lr: Any = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
+                 clip_norm: float | None = None, param_groups: list[dict[str, Any]] | None = None):
+        super().__init__(lr, weight_decay, clip_norm, param_groups)
+        self.betas = (_unit(betas[0], "betas[0]"), _unit(betas[1], "betas[1]"))
+        self.eps = _non_negative(eps, "eps")
+        self.momentum_decay = _non_negative(momentum_decay, "momentum_decay")
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+
+    def _mu(self, step: int) -> float:
+        return self.betas[0] * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
+
+    def hyper(self, step: int, lr: float) -> dict[str, float]:
+        mu_product = 1.0
+        for k in range(1, step + 1):  # torch keeps this product as per-parameter state
+            mu_product *= self._mu(k)
+        mu, mu_next = self._mu(step), self._mu(step + 1)
+        h = {"g_coef": lr * (1.0 - mu) / (1.0 - mu_product),
+             "m_coef": lr * mu_next / (1.0 - mu_product * mu_next), "bc2": 1 - self.betas[1] ** step}
+        if self.decoupled_weight_decay:
+            h["decay"] = 1 - lr * self.weight_decay
+        return h
+
+    def update(self, p, g, state, h):
+        import sympy as sp
+        b1, b2 = self.betas
+        if self.decoupled_weight_decay:
+            p = p * h["decay"]
+        else:
+            g = self.regularized(p, g)
+        m = state["m"] + (1 - b1) * (g - state["m"])
+        v = b2 * state["v"] + (1 - b2) * g**2
+        denom = sp.sqrt(v / h["bc2"]) + self.eps
+        return p - h["g_coef"] * g / denom - h["m_coef"] * m / denom, {"m": m, "v": v}
+
+    def _settings(self):
+        return {"betas": list(self.betas), "eps": self.eps, "momentum_decay": self.momentum_decay,
+                "decoupled_weight_decay": self.decoupled_weight_decay}
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {c.kind: c for c in (SGD, Adam, AdamW, RMSprop, Adagrad, Adadelta,
+                                                               Adamax, NAdam)}
 
 
 def from_config(cfg: dict[str, Any]) -> Optimizer:

@@ -351,7 +351,7 @@ class CompiledModel:
             key = (step, rate) if optimizer.step_dependent else rate
             if key != frame.hyper_key:
                 hyper_c = frame.hyper_c
-                for i, value in enumerate(optimizer.hyper(step, rate).values()):
+                for i, value in enumerate(optimizer.step_hyper(step, rate).values()):
                     hyper_c[i] = value
                 frame.hyper_key = key
         from_buffer = self._ffi.from_buffer

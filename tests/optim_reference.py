@@ -312,3 +312,150 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {
     "adamw": AdamW,
     "rmsprop": RMSprop,
 }
+
+
+# ---------------------------------------------------------------- more of torch.optim
+# (Adam's and RMSprop's extra options are subclasses so the classes above stay as they are)
+
+
+class AdamAmsgrad(Adam):
+    """``torch.optim.Adam(amsgrad=True)`` (AdamW with ``decoupled_weight_decay``): the
+    denominator uses ``vmax = max(vmax, v)`` (state ``max_exp_avg_sq``, from 0)."""
+
+    def _update(self, p, g, state):
+        beta1, beta2 = self.betas
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p),
+                         max_exp_avg_sq=np.zeros_like(p))
+        state["step"] += 1
+        t = state["step"]
+        if self.weight_decay != 0:
+            if self.decoupled_weight_decay:
+                p = p * (1 - self.lr * self.weight_decay)
+            else:
+                g = g + self.weight_decay * p
+        state["exp_avg"] = beta1 * state["exp_avg"] + (1 - beta1) * g
+        state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+        state["max_exp_avg_sq"] = np.maximum(state["max_exp_avg_sq"], state["exp_avg_sq"])
+        denom = np.sqrt(state["max_exp_avg_sq"]) / math.sqrt(1 - beta2**t) + self.eps
+        return p - self.lr / (1 - beta1**t) * (state["exp_avg"] / denom)
+
+
+class AdamWAmsgrad(AdamAmsgrad):
+    """``torch.optim.AdamW(amsgrad=True)``."""
+
+    decoupled_weight_decay = True
+
+
+class RMSpropCentered(RMSprop):
+    """``torch.optim.RMSprop(centered=True)``: ``gavg = α gavg + (1-α) g`` and the
+    denominator is ``sqrt(v - gavg²) + ε``."""
+
+    def _update(self, p, g, state):
+        if not state:
+            state.update(step=0, square_avg=np.zeros_like(p), grad_avg=np.zeros_like(p),
+                         momentum_buffer=np.zeros_like(p))
+        state["step"] += 1
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        state["square_avg"] = self.alpha * state["square_avg"] + (1 - self.alpha) * g * g
+        state["grad_avg"] = self.alpha * state["grad_avg"] + (1 - self.alpha) * g
+        avg = np.sqrt(state["square_avg"] - state["grad_avg"] ** 2) + self.eps
+        if self.momentum > 0:
+            state["momentum_buffer"] = self.momentum * state["momentum_buffer"] + g / avg
+            return p - self.lr * state["momentum_buffer"]
+        return p - self.lr * (g / avg)
+
+
+class Adagrad(Optimizer):
+    """``torch.optim.Adagrad`` (initial_accumulator_value=0): ``clr = γ / (1 + (t-1) lr_decay)``,
+    ``sum += g²``, ``p -= clr g / (sqrt(sum) + ε)``."""
+
+    def __init__(self, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, clip_norm=None):
+        super().__init__(clip_norm)
+        self.lr, self.lr_decay, self.weight_decay, self.eps = lr, lr_decay, weight_decay, eps
+
+    def _update(self, p, g, state):
+        if not state:
+            state.update(step=0, sum=np.zeros_like(p))
+        state["step"] += 1
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        clr = self.lr / (1 + (state["step"] - 1) * self.lr_decay)
+        state["sum"] = state["sum"] + g * g
+        return p - clr * g / (np.sqrt(state["sum"]) + self.eps)
+
+
+class Adadelta(Optimizer):
+    """``torch.optim.Adadelta``: ``v = ρ v + (1-ρ) g²``, ``d = sqrt(u + ε) / sqrt(v + ε) g``,
+    ``u = ρ u + (1-ρ) d²``, ``p -= γ d``."""
+
+    def __init__(self, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, clip_norm=None):
+        super().__init__(clip_norm)
+        self.lr, self.rho, self.eps, self.weight_decay = lr, rho, eps, weight_decay
+
+    def _update(self, p, g, state):
+        if not state:
+            state.update(square_avg=np.zeros_like(p), acc_delta=np.zeros_like(p))
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        state["square_avg"] = self.rho * state["square_avg"] + (1 - self.rho) * g * g
+        delta = np.sqrt(state["acc_delta"] + self.eps) / np.sqrt(state["square_avg"] + self.eps) * g
+        state["acc_delta"] = self.rho * state["acc_delta"] + (1 - self.rho) * delta * delta
+        return p - self.lr * delta
+
+
+class Adamax(Optimizer):
+    """``torch.optim.Adamax``: ``m = β1 m + (1-β1) g``, ``u = max(β2 u, |g| + ε)``,
+    ``p -= γ / (1 - β1^t) m / u``."""
+
+    def __init__(self, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, clip_norm=None):
+        super().__init__(clip_norm)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+
+    def _update(self, p, g, state):
+        beta1, beta2 = self.betas
+        if not state:
+            state.update(step=0, exp_avg=np.zeros_like(p), exp_inf=np.zeros_like(p))
+        state["step"] += 1
+        if self.weight_decay != 0:
+            g = g + self.weight_decay * p
+        state["exp_avg"] = beta1 * state["exp_avg"] + (1 - beta1) * g
+        state["exp_inf"] = np.maximum(beta2 * state["exp_inf"], np.abs(g) + self.eps)
+        return p - self.lr / (1 - beta1 ** state["step"]) * state["exp_avg"] / state["exp_inf"]
+
+
+class NAdam(Optimizer):
+    """``torch.optim.NAdam``: ``μ_t = β1 (1 - 0.5·0.96^(t ψ))`` (ψ = momentum_decay), ``Π_t =
+    μ_1 ⋯ μ_t``; ``denom = sqrt(v / (1 - β2^t)) + ε``;
+    ``p -= γ (1-μ_t)/(1-Π_t) g / denom + γ μ_{t+1}/(1-Π_t μ_{t+1}) m / denom``."""
+
+    def __init__(self, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+                 decoupled_weight_decay=False, clip_norm=None):
+        super().__init__(clip_norm)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.momentum_decay, self.decoupled_weight_decay = momentum_decay, decoupled_weight_decay
+
+    def _update(self, p, g, state):
+        beta1, beta2 = self.betas
+        if not state:
+            state.update(step=0, mu_product=1.0, exp_avg=np.zeros_like(p), exp_avg_sq=np.zeros_like(p))
+        state["step"] += 1
+        t = state["step"]
+        if self.weight_decay != 0:
+            if self.decoupled_weight_decay:
+                p = p * (1 - self.lr * self.weight_decay)
+            else:
+                g = g + self.weight_decay * p
+        mu = beta1 * (1 - 0.5 * 0.96 ** (t * self.momentum_decay))
+        mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * self.momentum_decay))
+        state["mu_product"] *= mu
+        state["exp_avg"] = beta1 * state["exp_avg"] + (1 - beta1) * g
+        state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+        denom = np.sqrt(state["exp_avg_sq"] / (1 - beta2**t)) + self.eps
+        p = p - self.lr * (1 - mu) / (1 - state["mu_product"]) * g / denom
+        return p - self.lr * mu_next / (1 - state["mu_product"] * mu_next) * state["exp_avg"] / denom
+
+
+OPTIMIZERS.update(adagrad=Adagrad, adadelta=Adadelta, adamax=Adamax, nadam=NAdam)
+__all__ += ["Adadelta", "Adagrad", "AdamAmsgrad", "AdamWAmsgrad", "Adamax", "NAdam", "RMSpropCentered"]
