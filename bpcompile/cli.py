@@ -127,7 +127,8 @@ def _entry_lines(meta: dict) -> list[str]:
         elif name.startswith("train_"):
             results += f"; {kind} update of " + ", ".join(losses[name]["params"])
         call = {"forward": "model.forward", "loss": "model.loss", "eval": "model.loss(training=False)",
-                "grad": "model.loss_and_grad", "train": "model.train_step"}[name.split("_")[0]]
+                "grad": "model.loss_and_grad", "train": "model.train_step", "backward": "model.backward",
+                "update": "model.apply_gradients"}[name.split("_")[0]]
         lines.append((f"bp_{name}({args}) -> {results}", call))
     width = max((len(a) for a, _ in lines), default=0)
     return [f"{a.ljust(width)}   {b}" for a, b in lines]
