@@ -83,6 +83,9 @@ def _swaps_last_two(x: Node) -> bool:
 
 def _fold_transpose_into_bmatmul(node: Node) -> Node | None:
     """bmatmul(swapaxes(a, -1, -2), b) -> bmatmul(a, b, ta): the GEMM reads it transposed."""
+    if _swaps_last_two(node) and node.inputs[0].op == "bmatmul":  # (A B)ᵀ = Bᵀ Aᵀ
+        x, y = node.inputs[0].inputs
+        return bmatmul(y, x, not node.inputs[0].attrs["tb"], not node.inputs[0].attrs["ta"])
     if node.op != "bmatmul":
         return None
     a, b = node.inputs
