@@ -24,6 +24,7 @@ from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from . import symbolic as ew_mod
+from .errors import CompileError
 from .ir import INT, Node, Shape, size_factors
 from .passes import Kernel, Schedule, Storage, _view_root
 from .symbolic import ARGS
@@ -285,6 +286,20 @@ def index_expr(ctx: Context, loop_vars: list[str], strides: list[Mono]) -> str:
     return " + ".join(terms) or "0"
 
 
+def _unprintable(k: Kernel, ctx: Context, error: Exception) -> CompileError:
+    """A CompileError naming the function the C printer failed on, its elementwise op and node."""
+    for m in k.nodes:
+        fn = m.attrs["fn"]
+        try:
+            print_formulas([fn.expr], ctx.printer())
+        except Exception as e:
+            funcs = sorted({type(f).__name__ for f in fn.expr.atoms(sp.Function)
+                            if type(f).__name__ in str(e)}) or [str(e).splitlines()[0]]
+            return CompileError(f"cannot print {', '.join(funcs)} in C: elementwise op {fn.name!r} "
+                                f"({fn.pretty()}) of node {m}")
+    return CompileError(f"cannot print the elementwise kernel of {k.nodes[-1]} in C: {error}")
+
+
 # --- kernel builders: one per kernel kind, each returning its template's context --------------
 
 def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -300,7 +315,10 @@ def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
         printer.names[s] = s.name
     for o in k.outputs:  # runtime sizes used inside formulas (a mean's 1/n) must be declared too
         ctx.used_dims.update(ew_mod.dim_name(s) for s in exprs[o].free_symbols if ew_mod.is_dim_symbol(s))
-    temps, values = print_formulas([exprs[o] for o in k.outputs], printer)
+    try:
+        temps, values = print_formulas([exprs[o] for o in k.outputs], printer)
+    except Exception as e:  # SymPy's printer cannot print some function: name it, its op and node
+        raise _unprintable(k, ctx, e) from None
     sizes = [Mono.of((d,)) for d in shape]
     operand_strides = [broadcast_strides(x.shape, shape) for x in k.inputs] + \
                       [contiguous_strides(shape) for _ in k.outputs]

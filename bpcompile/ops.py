@@ -18,7 +18,7 @@ import numpy as np
 import sympy as sp
 
 from . import symbolic as ew_mod
-from .errors import ShapeError
+from .errors import CompileError, ShapeError
 from .ir import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
 from .symbolic import ARGS, OUT, Fn
 
@@ -47,8 +47,8 @@ def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
 
 def _no_grad(op: str) -> VJP:
     def rule(node: Node, g: Node):
-        raise NotImplementedError(f"{op} has no derivative rule (it is itself a derivative); "
-                                  "differentiate the graph that produced it once only")
+        raise CompileError(f"{op} (from {node}) has no second-derivative rule: it is itself a derivative; "
+                           "differentiate the graph that produced it once only")
     return rule
 
 

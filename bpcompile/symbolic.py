@@ -171,10 +171,22 @@ def _fit_in_output(fn: Fn, deriv: sp.Expr) -> sp.Expr | None:
     return sp.expand(fitted) if fitted != 0 else None
 
 
+def without_dirac(expr: sp.Expr) -> sp.Expr:
+    """`expr` with every DiracDelta (and its derivatives) taken as 0, as PyTorch and JAX do.
+
+    Derivatives of Heaviside, sign, Abs and Max/Min are DiracDelta terms that vanish almost
+    everywhere; dropping them here, where partials are made, gives every consumer (the C
+    printer, the NumPy reference, `show --grad`, exported C) the same expression.
+    """
+    if not expr.has(sp.DiracDelta):
+        return expr
+    return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
+
+
 @functools.cache
 def _derive_cached(key: tuple, i: int) -> Partial:
     fn = _FNS[key]
-    raw = sp.diff(fn.expr, ARGS[i])
+    raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
     best = _simplified(raw)
     uses_output = False
     if fn.nargs == 1:
