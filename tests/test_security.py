@@ -7,7 +7,6 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import bpcompile as bp
