@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +29,9 @@ def tiny(name: str) -> bp.Graph:
 
 
 def _strip_c_comments(text: str) -> str:
-    text = re.sub(r'"(?:[^"\\\n]|\\.)*"', '""', text)  # string literals first
-    return re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    """C code without its comments, string literals emptied (scanned left to right as a compiler does)."""
+    token = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"', re.S)
+    return token.sub(lambda m: '""' if m.group().startswith('"') else " ", text)
 
 
 # --- 1-2: export of a hostile graph name -------------------------------------------------------
@@ -55,8 +55,9 @@ def test_export_writes_the_graph_name_only_as_inert_comment_text(tmp_path, name)
 
 # --- 3: show --graph never writes outside the chosen folder ----------------------------------
 
-@pytest.mark.parametrize("name", ["../escaped", "/tmp/bp_abs_escape_12/x", "..", "a/../../b"])
+@pytest.mark.parametrize("name", ["../escaped", "ABS", "..", "a/../../b"])
 def test_show_graph_file_stays_in_the_folder(tmp_path, capsys, name):
+    name = name.replace("ABS", str(tmp_path / "abs_escape" / "x"))
     spec = tmp_path / "spec.py"
     spec.write_text("import bpcompile as bp\n"
                     "def build():\n"
@@ -71,7 +72,7 @@ def test_show_graph_file_stays_in_the_folder(tmp_path, capsys, name):
     assert main(["show", str(spec), "--graph", str(folder) + "/"]) == 0
     new = set(tmp_path.rglob("*")) - before
     assert new and all(folder in p.parents for p in new), new
-    assert not Path("/tmp/bp_abs_escape_12").exists()
+    assert not (tmp_path / "abs_escape").exists()
 
 
 # --- 4: expression bombs and huge numbers in YAML specs ---------------------------------------
