@@ -245,7 +245,9 @@ class _Reader:
 
     def integer(self, value: Any, where: tuple, minimum: int = 1, maximum: int = 2**63 - 1) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            what = ("a positive integer" if minimum == 1 else f"an integer >= {minimum}") + f" (at most {maximum})"
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            if isinstance(value, int) and value > maximum:
+                what += f" of at most {maximum}"
             raise self.error(where, f"expected {what}, got {_describe(value)}")
         return value
 
