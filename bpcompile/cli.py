@@ -193,7 +193,7 @@ def _highlight(code: str, color: str) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from . import compiler, explain
+    from . import codegen, compiler, explain
     spec = _load(args)
     lowered = compiler.lower(spec.graph, spec.dtype, _optimizer(spec))
     ex = explain.explain(spec.graph, lowered)
@@ -210,9 +210,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             print()
         sys.stdout.write(_highlight(lowered.sources.model_c, args.color))
     if args.graph is not None:
-        target = Path(args.graph or f"{spec.name}.dot")
+        target = Path(args.graph or f"{codegen.file_stem(spec.name)}.dot")
         if target.is_dir() or args.graph.endswith(("/", os.sep)):
-            target = target / f"{spec.name}.dot"
+            target = target / f"{codegen.file_stem(spec.name)}.dot"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(explain.to_dot(ex), encoding="utf-8")
         message = f"wrote {target} (Graphviz DOT of the forward and backward graphs)"

@@ -51,8 +51,18 @@ def c_identifier(name: str, taken: set[str]) -> str:
 
 
 def comment_text(text: str) -> str:
-    """Text safe inside a C block comment (no terminator, no line breaks)."""
-    return re.sub(r"[\r\n]+", " ", text).replace("*/", "* /").replace("/*", "/ *")
+    """Text safe as one line of a comment, C block comment or `#` line of a Makefile/shell script: no
+    comment terminator or opener, no line break or other control character (each becomes a space),
+    no trailing backslash (a line continuation)."""
+    one_line = "".join(c if c.isprintable() else " " for c in str(text))
+    return one_line.replace("*/", "* /").replace("/*", "/ *").rstrip("\\")
+
+
+def file_stem(name: str, default: str = "model") -> str:
+    """A file name stem made from a user name that stays inside the folder it is joined to: only
+    letters, digits, `_`, `-` and inner dots (no separators, no `..`, no leading dot), at most 64 characters."""
+    stem = re.sub(r"[^0-9A-Za-z_.-]+", "_", str(name)).strip(".")[:64].strip(".")
+    return re.sub(r"\.{2,}", ".", stem) or default
 
 
 # --- printing scalar formulas -----------------------------------------------------------------

@@ -380,7 +380,7 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
             forward_results.append({"name": r["name"], "size": "*".join(factors)})
 
     context = {
-        "model_name": graph.name, "dtype": dtype, "seed": int(seed),
+        "model_name": codegen.comment_text(graph.name), "model_label": graph.name, "dtype": dtype, "seed": int(seed),
         "real": "float" if dtype == "float32" else "double",
         "dims": dim_ctx, "inputs": inputs_ctx, "params": params_ctx, "max_ndim": max_ndim,
         "param_size": meta["param_size"], "state_size": meta["state_size"],

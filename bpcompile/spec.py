@@ -243,9 +243,11 @@ class _Reader:
                 raise self.error(where, f"missing key {key!r} ({allowed[key]})")
         return value
 
-    def integer(self, value: Any, where: tuple, minimum: int = 1) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    def integer(self, value: Any, where: tuple, minimum: int = 1, maximum: int = 2**63 - 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            if isinstance(value, int) and value > maximum:
+                what += f" of at most {maximum}"
             raise self.error(where, f"expected {what}, got {_describe(value)}")
         return value
 
@@ -298,6 +300,29 @@ _SYMPY_FUNCTIONS = {
     "Piecewise": "Piecewise", "log1p": None, "expm1": None,
 }
 _SYMPY_CONSTANTS = {"pi": "pi", "E": "E", "True": "true"}
+# Limits on spec expressions, so that a spec cannot make the parser (or later SymPy) run forever:
+MAX_EXPR_CHARS = 2000        # characters of one expression
+MAX_EXPR_DEPTH = 60          # nesting of operators and calls
+MAX_NUMBER_BITS = 4096       # bits of an exact number a power of numbers may produce
+MAX_SYMBOLIC_EXPONENT = 64   # |n| of a rational power n of an expression with symbols
+
+
+def _checked_power(base: Any, exponent: Any, text: str) -> Any:
+    """base ** exponent, refusing exact powers too large to compute or to differentiate."""
+    import math
+
+    import sympy as sp
+    if exponent.is_Rational and not exponent.is_Integer or exponent.is_Integer:
+        if base.is_Rational and base != 0:
+            size = max(abs(base.p), abs(base.q))
+            bits = abs(exponent) * math.log2(size) if size > 1 else 0
+            if bits > MAX_NUMBER_BITS:
+                raise ValueError(f"power {base}**{exponent} in {text!r} is too large to compute exactly (over "
+                                 f"{MAX_NUMBER_BITS} bits)")
+        elif not base.is_number and abs(exponent) > MAX_SYMBOLIC_EXPONENT:
+            raise ValueError(f"exponent {exponent} in {text!r} is too large (at most {MAX_SYMBOLIC_EXPONENT} in "
+                             "magnitude for an expression with symbols)")
+    return sp.Pow(base, exponent)
 
 
 def parse_sympy(text: str, symbols: list[str]) -> Any:
@@ -308,13 +333,28 @@ def parse_sympy(text: str, symbols: list[str]) -> Any:
     """
     import sympy as sp
     syms = {s: sp.Symbol(s, real=True) for s in symbols}
+    if len(text) > MAX_EXPR_CHARS:
+        raise ValueError(f"expression of {len(text)} characters is too long (at most {MAX_EXPR_CHARS})")
     try:
         tree = ast.parse(text.replace("^", "**"), mode="eval")
     except SyntaxError as e:
         raise ValueError(f"invalid SymPy expression {text!r}: {e.msg} at column {e.offset or 0}") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise ValueError(f"expression {text!r} is nested too deeply or too large") from None
     binops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-              ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+              ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: _checked_power(a, b, text)}
     compares = {ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Lt: sp.Lt, ast.LtE: sp.Le}
+
+    def depth(node: ast.AST) -> int:
+        children = list(ast.iter_child_nodes(node))
+        return 1 + max(map(depth, children), default=0)
+
+    try:
+        too_deep = depth(tree) > MAX_EXPR_DEPTH
+    except RecursionError:
+        too_deep = True
+    if too_deep:
+        raise ValueError(f"expression {text!r} is nested too deeply (at most {MAX_EXPR_DEPTH} levels)")
 
     def build(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
@@ -365,6 +405,8 @@ def parse_sympy(text: str, symbols: list[str]) -> Any:
 
 
 # --- YAML specs: building the graph ---------------------------------------------------------
+
+MAX_UNITS = 1 << 24   # outputs of one dense layer in a YAML spec
 
 TOP_KEYS = {
     "name": "the graph's name", "dtype": "float32 or float64", "seed": "the parameter seed",
@@ -555,7 +597,7 @@ class _YamlBuilder:
     def dense(self, g, x, settings: dict, where: tuple, k: int) -> Any:
         r = self.r
         r.mapping(settings, where, {"type": "dense", **DENSE_KEYS}, required=("units",))
-        units = r.integer(settings["units"], where + ("units",))
+        units = r.integer(settings["units"], where + ("units",), maximum=MAX_UNITS)
         prefix = settings.get("name")
         if prefix is not None:
             r.name(prefix, where + ("name",), "a parameter name prefix")

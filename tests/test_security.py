@@ -1,0 +1,118 @@
+"""Hostile and damaged input: spec and graph names, expression bombs, damaged build caches,
+meta.json, torn checkpoints, runaway compiles (see the limits in README's robustness notes)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+import bpcompile as bp
+from bpcompile.cli import main
+from bpcompile.spec import SpecError, load_spec
+
+HOSTILE_MAKE = "x\nall: pwn\npwn:\n\ttouch pwned\n#"
+HOSTILE_C = "x */ int g; /*"
+
+
+def tiny(name: str) -> bp.Graph:
+    g = bp.Graph(name)
+    x = g.input("x", ("batch", 3))
+    t = g.input("t", ("batch", 2))
+    w = g.param("W", (3, 2), init="glorot_uniform")
+    b = g.param("b", (2,))
+    out = bp.tanh(x @ w + b)
+    g.output("out", out)
+    g.loss(bp.mse(out, t))
+    return g
+
+
+def _strip_c_comments(text: str) -> str:
+    """C code without its comments, string literals emptied (scanned left to right as a compiler does)."""
+    token = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"', re.S)
+    return token.sub(lambda m: '""' if m.group().startswith('"') else " ", text)
+
+
+# --- 1-2: export of a hostile graph name -------------------------------------------------------
+
+@pytest.mark.parametrize("name", [HOSTILE_MAKE, HOSTILE_C, "a\\", "a\r\nb\u2028c\td */ /* */"])
+def test_export_writes_the_graph_name_only_as_inert_comment_text(tmp_path, name):
+    from bpcompile.export import export_model
+    out = tmp_path / "lib"
+    export_model(tiny(name), out, "float64")
+    makefile = (out / "Makefile").read_text()
+    first, rest = makefile.split("\n", 1)
+    assert first.startswith("# ") and not first.endswith("\\")
+    assert "pwn" not in rest and "touch" not in makefile.replace(first, "")
+    for fname in ("model.h", "model.c", "main.c"):
+        code = _strip_c_comments((out / fname).read_text())
+        assert "int g;" not in code, fname
+        assert "*/" not in code, fname
+    # the raw name survives only as an escaped C string
+    assert 'BP_MODEL_NAME "' in (out / "model.h").read_text()
+
+
+# --- 3: show --graph never writes outside the chosen folder ----------------------------------
+
+@pytest.mark.parametrize("name", ["../escaped", "ABS", "..", "a/../../b"])
+def test_show_graph_file_stays_in_the_folder(tmp_path, capsys, name):
+    name = name.replace("ABS", str(tmp_path / "abs_escape" / "x"))
+    spec = tmp_path / "spec.py"
+    spec.write_text("import bpcompile as bp\n"
+                    "def build():\n"
+                    f"    g = bp.Graph({name!r})\n"
+                    "    x = g.input('x', ('batch', 2))\n"
+                    "    w = g.param('W', (2, 2))\n"
+                    "    g.output('y', bp.tanh(x @ w))\n"
+                    "    return g\n")
+    folder = tmp_path / "out" / "graphs"
+    folder.mkdir(parents=True)
+    before = set((tmp_path).rglob("*"))
+    assert main(["show", str(spec), "--graph", str(folder) + "/"]) == 0
+    new = set(tmp_path.rglob("*")) - before
+    assert new and all(folder in p.parents for p in new), new
+    assert not (tmp_path / "abs_escape").exists()
+
+
+# --- 4: expression bombs and huge numbers in YAML specs ---------------------------------------
+
+YAML_FN = """
+name: bomb
+inputs:
+  x: {shape: [batch, 2]}
+functions:
+  f: {expr: "EXPR", symbols: [z]}
+layers:
+  - {type: dense, units: UNITS}
+  - f
+output: out
+"""
+
+
+@pytest.mark.parametrize("expr", ["z + 9**9**9", "z * 2**2**2**2**2**2", "z + (1/3)**(10**9)",
+                                  "z**100000", "(" * 500 + "z" + ")" * 500, "z" + " + z" * 3000,
+                                  "-" * 5000 + "z"])
+def test_spec_expression_bombs_are_spec_errors(tmp_path, expr):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(YAML_FN.replace("EXPR", expr).replace("UNITS", "3"))
+    start = time.perf_counter()
+    with pytest.raises(SpecError):
+        load_spec(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_spec_expression_within_limits_still_works(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(YAML_FN.replace("EXPR", "z + 2**10 * z**3 / 3**20").replace("UNITS", "3"))
+    spec = load_spec(path)
+    assert spec.name == "bomb"
+
+
+def test_spec_huge_units_is_a_spec_error(tmp_path, capsys):
+    path = tmp_path / "units.yaml"
+    path.write_text(YAML_FN.replace("EXPR", "z").replace("UNITS", str(10**20)))
+    with pytest.raises(SpecError, match="units"):
+        load_spec(path)
+    assert main(["show", str(path), "--c"]) == 1
+    assert "internal error" not in capsys.readouterr().err
