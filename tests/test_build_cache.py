@@ -16,7 +16,7 @@ import numpy as np
 from testutil import run_started_together, subprocess_env
 
 import bpcompile as bp
-import bpcompile.build as bpbuild
+import bpcompile.build.cffi_build as bpbuild
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,8 +149,8 @@ LOAD_ONLY = textwrap.dedent("""
     model = bp.load(path, seed=4)
     out = model.forward(x=d["x"])["out"]
     loss = model.train_step(x=d["x"], t=d["t"])
-    heavy = sorted(m for m in ("sympy", "jinja2", "cffi.recompiler", "bpcompile.compiler", "bpcompile.codegen",
-                               "bpcompile.symbolic", "bpcompile.ops") if m in sys.modules)
+    heavy = sorted(m for m in ("sympy", "jinja2", "cffi.recompiler", "bpcompile.compiler", "bpcompile.codegen.module",
+                               "bpcompile.symbolic.functions", "bpcompile.ops.core") if m in sys.modules)
     print(json.dumps({"out": out.tolist(), "loss": loss, "W1": model.params["W1"].tolist(), "heavy": heavy}))
 """)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BPError, CompileError
+from ..errors import BPError, CompileError
 
 DESCRIPTION = "bpcompile: a graph compiler for backpropagation. Compile, inspect, check and export model specs."
 EPILOG = """\
@@ -56,7 +56,7 @@ def _load(args: argparse.Namespace):
 def _optimizer(spec):
     if spec.optimizer is not None or not spec.graph.losses:
         return spec.optimizer
-    from .optim import SGD
+    from ..train.optim import SGD
     return SGD(lr=0.01)  # bp.compile's default
 
 
@@ -115,7 +115,7 @@ def random_inputs(inputs: list[dict], dims: dict[str, int], rng: np.random.Gener
 
 def _entry_lines(meta: dict) -> list[str]:
     losses = {e: spec for spec in meta["losses"] for e in spec["entries"].values()}
-    from .optim import OPTIMIZERS
+    from ..train.optim import OPTIMIZERS
     kind = (meta.get("optimizer") or {}).get("kind", "")
     kind = OPTIMIZERS[kind].__name__ if kind in OPTIMIZERS else kind
     lines = []
@@ -136,8 +136,9 @@ def _entry_lines(meta: dict) -> list[str]:
 # --- build -----------------------------------------------------------------------------------------
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import build, compiler
-    from .runtime import CompiledModel
+    from .. import compiler
+    from ..build import cffi_build as build
+    from ..runtime.model import CompiledModel
     spec = _load(args)
     optimizer = _optimizer(spec)
     root = Path(args.output) if args.output else build.default_build_root()
@@ -192,7 +193,8 @@ def _highlight(code: str, color: str) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from . import compiler, explain
+    from .. import compiler
+    from . import explain
     spec = _load(args)
     lowered = compiler.lower(spec.graph, spec.dtype, _optimizer(spec))
     ex = explain.explain(spec.graph, lowered)
@@ -360,7 +362,8 @@ def _peak_rss() -> int | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import bpcompile as bp
 
-    from . import build, compiler
+    from .. import compiler
+    from ..build import cffi_build as build
     spec = _load(args)
     optimizer = _optimizer(spec)
     with tempfile.TemporaryDirectory(prefix="bpcompile-bench-") as root:
@@ -419,7 +422,7 @@ def _time(fn, steps: int) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpcompile", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"bpcompile {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from . import symbolic as ew_mod
-from .errors import ShapeError
-from .ir import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
-from .symbolic import ARGS, OUT, Fn
+from ..errors import ShapeError
+from ..ir.graph import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
+from ..symbolic import functions as ew_mod
+from ..symbolic.functions import ARGS, OUT, Fn
 
 VJP = Callable[[Node, Node], Sequence["Node | None"]]
 Ref = Callable[[Node, list[np.ndarray], dict[str, int]], np.ndarray]
