@@ -200,8 +200,9 @@ WHEEL_SCRIPT = textwrap.dedent("""
 def test_non_editable_wheel_install_works(tmp_path):
     src = tmp_path / "src"
     # the repository as a clean source tree (pip would build in place and write into the repo)
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "bench", "examples", "tests",
-                                                             "__pycache__", "*.egg-info", ".venv*", "dist"))
+    ignore = shutil.ignore_patterns(".git", "bench", "examples", "tests", "__pycache__", "*.egg-info", ".venv*", "dist")
+    shutil.copytree(REPO, src, ignore=lambda folder, names: ignore(folder, names) | (
+        {"build"} if Path(folder) == REPO else set()))  # the build cache, not the bpcompile.build package
     wheels = tmp_path / "wheels"
     p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
