@@ -7,7 +7,7 @@
     bpcompile export SPEC -o DIR                  a standalone C99 library (model.c/h, Makefile, main.c)
     bpcompile bench SPEC                          compile times, step time, peak memory
 
-SPEC is a Python file defining `graph` or `build()`, or a YAML layer stack (see bpcompile.spec).
+SPEC is a Python file defining `graph` or `build()`, or a YAML layer stack (see bpcompile.tools.spec).
 Errors are one line on stderr with a non-zero exit status (`--traceback` shows the Python one).
 """
 
@@ -33,7 +33,7 @@ DESCRIPTION = "bpcompile: a graph compiler for backpropagation. Compile, inspect
 EPILOG = """\
 SPEC is a Python file that defines a module-level `graph` (a bp.Graph) or a `build()` function
 returning one (optionally `optimizer`, `dtype`, `seed`), or a YAML file describing a layer stack
-(inputs, layers, loss, optimizer; see `python -m pydoc bpcompile.spec`).
+(inputs, layers, loss, optimizer; see `python -m pydoc bpcompile.tools.spec`).
 
 examples:
   bpcompile build examples/mlp_spec.py
