@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from .errors import BPError, CheckpointError, CompileError, InputError, ShapeError
-from .runtime import CompiledModel, load
+from .runtime.model import CompiledModel, load
 
 __version__ = "0.1.0"
 
@@ -27,13 +27,18 @@ _LAZY = {
     "reshape": "ops", "transpose": "ops", "flatten": "ops", "softmax": "ops", "log_softmax": "ops",
     "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops",
     "add": "ops", "sub": "ops", "mul": "ops", "div": "ops", "power": "ops", "neg": "ops", "const": "ops",
-    "grad": "autodiff", "evaluate": "reference", "set_num_threads": "threads", "num_threads": "threads",
-    "conv2d": "nn_ops", "max_pool2d": "nn_ops", "avg_pool2d": "nn_ops", "lstm": "nn_ops", "gru": "nn_ops",
-    "rnn": "nn_ops", "batch_norm": "nn_ops", "dropout": "nn_ops", "embedding": "nn_ops", "concat": "nn_ops",
-    "slice": "nn_ops",
+    "grad": "autodiff", "evaluate": "ops.reference", "set_num_threads": "runtime.threads",
+    "num_threads": "runtime.threads",
+    **{name: "ops.families" for name in ("conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm",
+                                         "dropout", "embedding", "concat", "slice")},
 }
-_SUBMODULES = {"blas", "training", "optim", "schedules", "reference", "ops", "ir", "autodiff", "passes", "codegen",
-               "build", "runtime", "symbolic", "init", "compiler", "nn_ops", "nn", "threads"}
+# bp.<name> for the stage packages and, under their old flat names, the modules inside them
+_SUBMODULES = {name: name for name in ("ir", "symbolic", "ops", "autodiff", "passes", "codegen", "build", "compiler",
+                                       "runtime", "train", "tools", "nn")}
+_SUBMODULES.update({"nn_ops": "ops.families", "reference": "ops.reference", "blas": "runtime.blas",
+                    "threads": "runtime.threads", "optim": "train.optim", "schedules": "train.schedules",
+                    "init": "train.init", "training": "train.fit", "cli": "tools.cli", "spec": "tools.spec",
+                    "explain": "tools.explain", "export": "tools.export"})
 
 __all__ = ["BPError", "CheckpointError", "CompileError", "InputError", "ShapeError", "CompiledModel", "load",
            *_LAZY, *sorted(_SUBMODULES)]
@@ -41,7 +46,7 @@ __all__ = ["BPError", "CheckpointError", "CompileError", "InputError", "ShapeErr
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bpcompile' has no attribute {name!r}")

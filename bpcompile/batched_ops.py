@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from . import codegen, passes
-from .codegen import Context, Mono, broadcast_strides, coalesce, contiguous_strides
+from .codegen import module as codegen
+from .codegen.module import Context, Mono, broadcast_strides, coalesce, contiguous_strides
 from .errors import ShapeError
-from .ir import FLOAT, Node, broadcast_shapes, shape_str
-from .ops import concrete, register, reshape, unbroadcast
-from .passes import Kernel
+from .ir.graph import FLOAT, Node, broadcast_shapes, shape_str
+from .ops.core import concrete, register, reshape, unbroadcast
+from .passes import pipeline as passes
+from .passes.pipeline import Kernel
 
 __all__ = ["bmatmul"]
 

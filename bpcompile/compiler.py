@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from . import autodiff, build, codegen, passes
-from .ir import Graph, Node, topo_order
-from .optim import SGD, Optimizer
-from .passes import Storage
-from .runtime import OPTIMIZER_FILE, CompiledModel, write_atomic
+from .autodiff import reverse as autodiff
+from .build import cffi_build as build
+from .codegen import module as codegen
+from .ir.graph import Graph, Node, topo_order
+from .passes import pipeline as passes
+from .passes.pipeline import Storage
+from .runtime.model import OPTIMIZER_FILE, CompiledModel, write_atomic
+from .train.optim import SGD, Optimizer
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
 DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from . import ops
-from .ir import Graph, Node
+from .ir.graph import Graph, Node
+from .ops import core as ops
 
 __all__ = ["Layer", "Dense", "Conv2d", "BatchNorm", "LSTM", "GRU", "RNN", "Embedding", "Dropout", "Sequential"]
 
@@ -100,7 +100,7 @@ class Conv2d(Layer):
         self.bias = self._param("bias", (out_channels,), "zeros") if bias else None
 
     def __call__(self, x: Node) -> Node:
-        from .nn_ops import conv2d
+        from .ops.families import conv2d
         y = conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         return self.activation(y) if self.activation else y
 
@@ -119,7 +119,7 @@ class BatchNorm(Layer):
         self.bias = self._param("bias", (num_features,), "zeros")
 
     def __call__(self, x: Node) -> Node:
-        from .nn_ops import batch_norm
+        from .ops.families import batch_norm
         return batch_norm(x, self.weight, self.bias, momentum=self.momentum, eps=self.eps)
 
 
@@ -153,7 +153,7 @@ class LSTM(_Recurrent):
         return b
 
     def __call__(self, x: Node, h0: Node | None = None, c0: Node | None = None):
-        from .nn_ops import lstm
+        from .ops.families import lstm
         return lstm(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0, c0)
 
 
@@ -164,7 +164,7 @@ class GRU(_Recurrent):
     gates = 3
 
     def __call__(self, x: Node, h0: Node | None = None):
-        from .nn_ops import gru
+        from .ops.families import gru
         return gru(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
 
 
@@ -174,7 +174,7 @@ class RNN(_Recurrent):
     kind = "rnn"
 
     def __call__(self, x: Node, h0: Node | None = None):
-        from .nn_ops import rnn
+        from .ops.families import rnn
         return rnn(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
 
 
@@ -189,7 +189,7 @@ class Embedding(Layer):
         self.weight = self._param("weight", (num_embeddings, embedding_dim), init)
 
     def __call__(self, ids: Node) -> Node:
-        from .nn_ops import embedding
+        from .ops.families import embedding
         return embedding(ids, self.weight)
 
 
@@ -204,7 +204,7 @@ class Dropout(Layer):
         self.p, self.salt = float(p), int(salt)
 
     def __call__(self, x: Node) -> Node:
-        from .nn_ops import dropout
+        from .ops.families import dropout
         return dropout(x, self.p, salt=self.salt)
 
 

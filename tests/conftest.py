@@ -24,7 +24,7 @@ def build_dir(tmp_path_factory) -> Path:
 
 def installed_blas() -> list[str]:
     """The BLAS libraries bpcompile can build against here (build.blas's choices)."""
-    from bpcompile import build
+    from bpcompile.build import cffi_build as build
     found = []
     for name in ("openblas", "mkl"):
         if (build._openblas() if name == "openblas" else build._mkl()) is not None:
@@ -35,7 +35,7 @@ def installed_blas() -> list[str]:
 @pytest.fixture(params=installed_blas() or [pytest.param("none", marks=pytest.mark.skip("no BLAS installed"))])
 def blas_backend(request, monkeypatch) -> str:
     """Each installed BLAS in turn, chosen through BPCOMPILE_BLAS for the builds of one test."""
-    from bpcompile import build
+    from bpcompile.build import cffi_build as build
     monkeypatch.setenv("BPCOMPILE_BLAS", request.param)
     monkeypatch.delenv("BPCOMPILE_NO_BLAS", raising=False)
     build.blas.cache_clear()

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import bpcompile as bp
-from bpcompile import export
-from bpcompile.cli import main
 from bpcompile.errors import CheckpointError
+from bpcompile.tools import export
+from bpcompile.tools.cli import main
 
 HAVE_CC = shutil.which(os.environ.get("CC", "gcc")) is not None
 HAVE_MAKE = shutil.which("make") is not None
@@ -125,7 +125,7 @@ def tiny_graph() -> bp.Graph:
 # --- help and entry points -------------------------------------------------------------------
 
 def test_help_lists_every_command_through_python_m():
-    done = subprocess.run([sys.executable, "-m", "bpcompile.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bpcompile.tools.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for command in ("build", "show", "check", "export", "bench"):
         assert re.search(rf"^\s+{command}\s", done.stdout, re.M), command
@@ -347,7 +347,7 @@ def test_export_optimizers_and_schedules_match_python(tmp_path, optimizer):
 def test_export_batch_norm_and_dropout_yaml(capsys, specs, tmp_path):
     """Running statistics (updated by the train step) and dropout's random stream (model seed and
     step counter) behave in the C library exactly as in the Python module."""
-    from bpcompile.spec import load_spec
+    from bpcompile.tools.spec import load_spec
     code, out, err = run(capsys, "export", specs["bn"], "-o", tmp_path, "--batch", "7", "--steps", "4", "--make")
     assert code == 0, err
     assert re.search(r"built\s+\S+libmodel\.a \([\d,]+ bytes\)", out)
@@ -484,11 +484,12 @@ def test_bad_specs_give_one_line(capsys, tmp_path, name):
 def test_bad_spec_in_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text(BAD_SPECS["typo.yaml"][0])
-    done = subprocess.run([sys.executable, "-m", "bpcompile.cli", "check", str(path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bpcompile.tools.cli", "check", str(path)], capture_output=True,
+                          text=True)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("bpcompile check: error: ")
-    missing = subprocess.run([sys.executable, "-m", "bpcompile.cli", "build", str(tmp_path / "nope.py")],
+    missing = subprocess.run([sys.executable, "-m", "bpcompile.tools.cli", "build", str(tmp_path / "nope.py")],
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "nope.py: no such file" in missing.stderr
 
@@ -502,7 +503,7 @@ def test_yaml_spec_without_pyyaml(capsys, specs, monkeypatch):
 def test_parse_sympy_is_safe_and_complete():
     import sympy as sp
 
-    from bpcompile.spec import parse_sympy
+    from bpcompile.tools.spec import parse_sympy
     z = sp.Symbol("z", real=True)
     assert parse_sympy("z^2 + 3*z", ["z"]) == z**2 + 3 * z
     assert parse_sympy("Piecewise((z, z > 0), (0.1*z, True))", ["z"]).has(sp.Piecewise)
@@ -513,7 +514,8 @@ def test_parse_sympy_is_safe_and_complete():
 
 
 def test_explanation_uses_autodiff_nodes():
-    from bpcompile import autodiff, explain
+    from bpcompile.autodiff import reverse as autodiff
+    from bpcompile.tools import explain
     g = tiny_graph()
     spec = g.losses["loss"]
     params = [g.params[n] for n in g.params]
@@ -524,8 +526,8 @@ def test_explanation_uses_autodiff_nodes():
 
 
 def test_spec_module_doc_example_loads(tmp_path):
-    """The YAML example in bpcompile.spec's docstring is a valid spec."""
-    from bpcompile import spec as spec_mod
+    """The YAML example in bpcompile.tools.spec's docstring is a valid spec."""
+    from bpcompile.tools import spec as spec_mod
     doc = spec_mod.__doc__
     block = textwrap.dedent(doc[doc.index("    name: mlp"):doc.index("Layers:")])
     path = tmp_path / "doc.yaml"

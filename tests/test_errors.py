@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import bpcompile as bp
-import bpcompile.build as bpbuild
+import bpcompile.build.cffi_build as bpbuild
 
 # --- ShapeError at graph build time ------------------------------------------------------
 

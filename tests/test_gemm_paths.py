@@ -159,7 +159,7 @@ def test_float32_paths_agree(build_dir):
 
 
 def test_unknown_blas_choice_is_named(build_dir, monkeypatch):
-    from bpcompile import build
+    from bpcompile.build import cffi_build as build
     monkeypatch.setenv("BPCOMPILE_BLAS", "fastest")
     build.blas.cache_clear()
     try:
@@ -172,7 +172,7 @@ def test_unknown_blas_choice_is_named(build_dir, monkeypatch):
 
 @pytest.mark.parametrize("choice,package", [("mkl", "mkl"), ("openblas", "scipy-openblas32")])
 def test_missing_blas_that_was_asked_for_is_named(build_dir, monkeypatch, choice, package):
-    from bpcompile import build
+    from bpcompile.build import cffi_build as build
     monkeypatch.setenv("BPCOMPILE_BLAS", choice)
     monkeypatch.setattr(build, "_mkl", lambda: None)
     monkeypatch.setattr(build, "_openblas", lambda: None)

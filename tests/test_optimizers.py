@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import bpcompile as bp
-from bpcompile import optim, schedules
+from bpcompile.train import optim, schedules
 
 try:
     import optim_reference as ref

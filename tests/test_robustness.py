@@ -716,7 +716,7 @@ def test_checkpoints_never_unpickle(saved, tmp_path, monkeypatch):
 
 def test_truncated_parameter_files_are_refused(saved, tmp_path):
     """The exported binary parameter format: every prefix is a CheckpointError."""
-    from bpcompile import export
+    from bpcompile.tools import export
     model, _ = saved
     pf = tmp_path / "params.bin"
     export.write_param_file(pf, dict(model.params))

@@ -9,8 +9,8 @@ import time
 import pytest
 
 import bpcompile as bp
-from bpcompile.cli import main
-from bpcompile.spec import SpecError, load_spec
+from bpcompile.tools.cli import main
+from bpcompile.tools.spec import SpecError, load_spec
 
 HOSTILE_MAKE = "x\nall: pwn\npwn:\n\ttouch pwned\n#"
 HOSTILE_C = "x */ int g; /*"
@@ -38,7 +38,7 @@ def _strip_c_comments(text: str) -> str:
 
 @pytest.mark.parametrize("name", [HOSTILE_MAKE, HOSTILE_C, "a\\", "a\r\nb\u2028c\td */ /* */"])
 def test_export_writes_the_graph_name_only_as_inert_comment_text(tmp_path, name):
-    from bpcompile.export import export_model
+    from bpcompile.tools.export import export_model
     out = tmp_path / "lib"
     export_model(tiny(name), out, "float64")
     makefile = (out / "Makefile").read_text()

@@ -12,8 +12,8 @@ import pytest
 import sympy as sp
 
 import bpcompile as bp
-from bpcompile import symbolic
-from bpcompile.symbolic import ARGS, OUT
+from bpcompile.symbolic import functions as symbolic
+from bpcompile.symbolic.functions import ARGS, OUT
 
 a0, a1 = ARGS[0], ARGS[1]
 y = OUT

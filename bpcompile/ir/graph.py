@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from .errors import ShapeError
+from ..errors import ShapeError
 
 Dim = Union[int, str]
 Shape = tuple[Dim, ...]
@@ -128,7 +128,7 @@ Tensor = Node  # the name users see in type hints
 
 
 def _ops():
-    from . import ops
+    from ..ops import core as ops
     return ops
 
 
@@ -240,7 +240,7 @@ class Graph:
         state such as running statistics) is saved in checkpoints but never given a gradient."""
         self._check_new_name(name, "parameter")
         shape = check_shape(shape, f"parameter {name!r}", allow_named=False)
-        from .init import check_init
+        from ..train.init import check_init
         self.param_init[name] = check_init(init, shape, name)
         node = Node("param", (), {"name": name, "graph": self.uid}, shape, FLOAT)
         self.params[name] = node

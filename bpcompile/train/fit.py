@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def _dataset(model, data: Mapping[str, Any], what: str) -> tuple[dict[str, np.ndarray], int]:

@@ -23,11 +23,11 @@ from sympy.codegen.rewriting import expm1_opt, optimize
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
-from . import symbolic as ew_mod
-from .errors import CompileError
-from .ir import INT, Node, Shape, size_factors
-from .passes import Kernel, Schedule, Storage, _view_root
-from .symbolic import ARGS
+from ..errors import CompileError
+from ..ir.graph import INT, Node, Shape, size_factors
+from ..passes.pipeline import Kernel, Schedule, Storage, _view_root
+from ..symbolic import functions as ew_mod
+from ..symbolic.functions import ARGS
 
 # --- identifiers and comments ----------------------------------------------------------------
 
@@ -502,7 +502,7 @@ class EntryCode:
 
 def template_dir() -> Path:
     """The C templates: inside the installed package, or beside it in a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the bpcompile package folder
     for candidate in (here / "templates", here.parent / "templates"):
         if (candidate / "module.c.j2").is_file():
             return candidate

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import ops
-from .ir import FLOAT, Node, topo_order
+from ..ir.graph import FLOAT, Node, topo_order
+from ..ops import core as ops
 
 
 def grad(loss: Node, wrt: Sequence[Node]) -> list[Node]:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ops
-from .ir import FLOAT, Node, size_factors, topo_order
+from ..ir.graph import FLOAT, Node, size_factors, topo_order
+from ..ops import core as ops
 
 # --- simplify: rewrite rules and one driver -----------------------------------------------
 

@@ -21,9 +21,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..errors import CheckpointError, InputError
+from ..train.init import initial_value
 from . import threads
-from .errors import CheckpointError, InputError
-from .init import initial_value
 
 ALIGN = 64
 OPTIMIZER_FILE = "optimizer.json"  # the optimizer settings of the latest compile into a build folder
@@ -230,7 +230,7 @@ class CompiledModel:
                 cfg = json.loads(latest.read_text())
             except (OSError, ValueError):
                 pass
-        from .optim import from_config
+        from ..train.optim import from_config
         return from_config(cfg)
 
     @property
@@ -459,18 +459,18 @@ class CompiledModel:
             seed: int = 0, validation: Mapping[str, Any] | None = None, loss: str | None = None,
             verbose: bool = True) -> dict[str, list[float]]:
         """Train on a dict of arrays for `epochs`; returns the per-epoch history."""
-        from .training import fit
+        from ..train.fit import fit
         return fit(self, data, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
                    validation=validation, loss=loss, verbose=verbose)
 
     def evaluate(self, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for a classifier) over a dataset."""
-        from .training import evaluate
+        from ..train.fit import evaluate
         return evaluate(self, data, batch_size=batch_size, loss=loss)
 
     def predict(self, data: Mapping[str, Any] | None = None, batch_size: int = 256, **inputs: Any):
         """Named outputs over a dataset in batches; a single output is returned as its array."""
-        from .training import predict
+        from ..train.fit import predict
         out = predict(self, data if data is not None else inputs, batch_size=batch_size)
         return next(iter(out.values())) if len(out) == 1 else out
 
@@ -493,7 +493,7 @@ class CompiledModel:
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer,
         or a binary parameter file (bpcompile.export; e.g. saved by an exported C library)."""
-        from .export import is_param_file, load_into_model
+        from ..tools.export import is_param_file, load_into_model
         if is_param_file(path):
             return load_into_model(self, path)
         try:

@@ -54,7 +54,7 @@ from typing import Any
 
 import bpcompile as bp
 
-from .errors import BPError
+from ..errors import BPError
 
 DTYPES = ("float32", "float64")
 
@@ -686,7 +686,7 @@ class _YamlBuilder:
 
     @staticmethod
     def _reaches(x, node) -> bool:
-        from .ir import topo_order
+        from ..ir.graph import topo_order
         return node in topo_order([x])
 
     def optimizer(self) -> Any:

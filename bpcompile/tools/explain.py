@@ -34,10 +34,11 @@ from sympy.printing.latex import LatexPrinter
 from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
-from . import autodiff, ops
-from . import symbolic as ew_mod
-from .ir import INT, Graph, Node, topo_order
-from .symbolic import ARGS, OUT, Fn
+from ..autodiff import reverse as autodiff
+from ..ir.graph import INT, Graph, Node, topo_order
+from ..ops import core as ops
+from ..symbolic import functions as ew_mod
+from ..symbolic.functions import ARGS, OUT, Fn
 
 ADD, MUL, UNARY, POW, ATOM = 1, 2, 3, 4, 5
 ODOT = r"\odot"
@@ -181,7 +182,7 @@ def _trained_params(graph: Graph, loss: str) -> list[str]:
 
 
 def _specialize(nodes: list[Node], training: bool) -> list[Node]:
-    from . import passes
+    from ..passes import pipeline as passes
     if not hasattr(passes, "specialize"):
         return list(nodes)
     return passes.specialize(list(nodes), training)

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BPError, CheckpointError
-from .runtime import write_atomic
+from ..errors import BPError, CheckpointError
+from ..runtime.model import write_atomic
 
 MAGIC = b"BPPARAM1"
 VERSION = 1
@@ -257,7 +257,7 @@ def _c_string(text: str) -> str:
 
 
 def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
-    from .init import _fans
+    from ..train.init import _fans
     if not isinstance(init, str):
         return 0, 0.0, "an array given at compile time (its values are in params.bin)"
     fan_in, fan_out = _fans(shape)
@@ -274,9 +274,10 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
 
     `dims` gives main.c's default runtime sizes (`batch` is the default of a dim named "batch",
     or of the only named dim); `seed` draws params.bin as `bp.compile(..., seed=seed)` does."""
-    from . import codegen, compiler
-    from .init import initial_value
-    from .optim import SGD, Optimizer
+    from .. import compiler
+    from ..codegen import module as codegen
+    from ..train.init import initial_value
+    from ..train.optim import SGD, Optimizer
 
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)

@@ -7,7 +7,7 @@
     bpcompile export SPEC -o DIR                  a standalone C99 library (model.c/h, Makefile, main.c)
     bpcompile bench SPEC                          compile times, step time, peak memory
 
-SPEC is a Python file defining `graph` or `build()`, or a YAML layer stack (see bpcompile.spec).
+SPEC is a Python file defining `graph` or `build()`, or a YAML layer stack (see bpcompile.tools.spec).
 Errors are one line on stderr with a non-zero exit status (`--traceback` shows the Python one).
 """
 
@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BPError, CompileError
+from ..errors import BPError, CompileError
 
 DESCRIPTION = "bpcompile: a graph compiler for backpropagation. Compile, inspect, check and export model specs."
 EPILOG = """\
 SPEC is a Python file that defines a module-level `graph` (a bp.Graph) or a `build()` function
 returning one (optionally `optimizer`, `dtype`, `seed`), or a YAML file describing a layer stack
-(inputs, layers, loss, optimizer; see `python -m pydoc bpcompile.spec`).
+(inputs, layers, loss, optimizer; see `python -m pydoc bpcompile.tools.spec`).
 
 examples:
   bpcompile build examples/mlp_spec.py
@@ -56,7 +56,7 @@ def _load(args: argparse.Namespace):
 def _optimizer(spec):
     if spec.optimizer is not None or not spec.graph.losses:
         return spec.optimizer
-    from .optim import SGD
+    from ..train.optim import SGD
     return SGD(lr=0.01)  # bp.compile's default
 
 
@@ -115,7 +115,7 @@ def random_inputs(inputs: list[dict], dims: dict[str, int], rng: np.random.Gener
 
 def _entry_lines(meta: dict) -> list[str]:
     losses = {e: spec for spec in meta["losses"] for e in spec["entries"].values()}
-    from .optim import OPTIMIZERS
+    from ..train.optim import OPTIMIZERS
     kind = (meta.get("optimizer") or {}).get("kind", "")
     kind = OPTIMIZERS[kind].__name__ if kind in OPTIMIZERS else kind
     lines = []
@@ -137,8 +137,9 @@ def _entry_lines(meta: dict) -> list[str]:
 # --- build -----------------------------------------------------------------------------------------
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from . import build, compiler
-    from .runtime import CompiledModel
+    from .. import compiler
+    from ..build import cffi_build as build
+    from ..runtime.model import CompiledModel
     spec = _load(args)
     optimizer = _optimizer(spec)
     root = Path(args.output) if args.output else build.default_build_root()
@@ -193,7 +194,9 @@ def _highlight(code: str, color: str) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from . import codegen, compiler, explain
+    from .. import compiler
+    from ..codegen import module as codegen
+    from . import explain
     spec = _load(args)
     lowered = compiler.lower(spec.graph, spec.dtype, _optimizer(spec))
     ex = explain.explain(spec.graph, lowered)
@@ -361,7 +364,8 @@ def _peak_rss() -> int | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import bpcompile as bp
 
-    from . import build, compiler
+    from .. import compiler
+    from ..build import cffi_build as build
     spec = _load(args)
     optimizer = _optimizer(spec)
     with tempfile.TemporaryDirectory(prefix="bpcompile-bench-") as root:
@@ -420,7 +424,7 @@ def _time(fn, steps: int) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpcompile", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from .. import __version__
     parser.add_argument("--version", action="version", version=f"bpcompile {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CompileError
+from ..errors import CompileError
 
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 WRAPPER_FLAGS = ["-O2", "-fPIC", "-fno-strict-aliasing", "-w"]
@@ -158,11 +158,11 @@ def model_flags() -> list[str]:
 @functools.cache
 def compiler_fingerprint() -> str:
     """A hash of bpcompile's own code and templates: a changed compiler never reuses old builds."""
-    from .codegen import template_dir
+    from ..codegen.module import template_dir
     h = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for path in sorted(list(here.glob("*.py")) + list(template_dir().glob("*.j2"))):
-        h.update(path.name.encode())
+    here = Path(__file__).resolve().parent.parent  # the bpcompile package, subpackages included
+    for path in sorted(list(here.rglob("*.py")) + list(template_dir().glob("*.j2"))):
+        h.update(str(path.relative_to(here) if path.is_relative_to(here) else path.name).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -174,7 +174,7 @@ def safe_name(name: str) -> str:
 def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
     import cffi
 
-    from . import __version__
+    from .. import __version__
     h = hashlib.sha256()
     blas_info = blas()
     for part in (src.model_c, src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),

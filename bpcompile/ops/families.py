@@ -29,12 +29,15 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from . import codegen, ir
-from . import symbolic as sym
-from .codegen import Context, Mono
-from .errors import ShapeError
-from .ir import FLOAT, INT, Node, Shape, shape_str
-from .ops import (
+from ..codegen import module as codegen
+from ..codegen.module import Context, Mono
+from ..errors import ShapeError
+from ..ir import graph as ir
+from ..ir.graph import FLOAT, INT, Node, Shape, shape_str
+from ..passes.pipeline import Kernel
+from ..symbolic import functions as sym
+from ..symbolic.functions import ARGS, OUT, Fn
+from .core import (
     _check_tensor,
     _matmul_node,
     _need_float,
@@ -52,8 +55,6 @@ from .ops import (
     square,
     transpose,
 )
-from .passes import Kernel
-from .symbolic import ARGS, OUT, Fn
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm", "dropout", "embedding",
            "concat", "slice", "im2col", "col2im"]
@@ -100,7 +101,7 @@ def _multi_output(name: str, kernel: str, vjp: Callable | None, ref_all: Callabl
 
 
 def _aux_of(node: Node) -> list[Node]:
-    from .ops import OPS
+    from .core import OPS
     return OPS[node.op].aux(node)
 
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from . import ops
-from .ir import FLOAT, Graph, Node, topo_order
+from ..ir.graph import FLOAT, Graph, Node, topo_order
+from . import core as ops
 
 
 def evaluate(roots: Sequence[Node], inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
@@ -46,7 +46,7 @@ def infer_dims(roots: Sequence[Node], inputs: Mapping[str, np.ndarray]) -> dict[
 def loss_and_grad(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
                   loss: str = "loss", seed: int = 0, counter: int = 0) -> tuple[float, dict[str, np.ndarray]]:
     """The loss and its gradients, from the same backward graph the compiler lowers."""
-    from .autodiff import grad
+    from ..autodiff.reverse import grad
     names = graph.trained_params(loss)
     grads = grad(graph.losses[loss].node, [graph.params[n] for n in names])
     values = evaluate([graph.losses[loss].node, *grads], inputs, params, seed=seed, counter=counter)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from . import symbolic as ew_mod
-from .errors import CompileError, ShapeError
-from .ir import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
-from .symbolic import ARGS, OUT, Fn
+from ..errors import CompileError, ShapeError
+from ..ir.graph import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
+from ..symbolic import functions as ew_mod
+from ..symbolic.functions import ARGS, OUT, Fn
 
 VJP = Callable[[Node, Node], Sequence["Node | None"]]
 Ref = Callable[[Node, list[np.ndarray], dict[str, int]], np.ndarray]
@@ -404,7 +404,7 @@ def matmul(a: Node, b: Node) -> Node:
         if x.ndim == 0:
             raise ShapeError(f"matmul: operands must not be scalars, got {shape_str(a.shape)} @ {shape_str(b.shape)}")
     if b.ndim > 2:  # batched: NumPy's broadcasting of the leading dims
-        from .batched_ops import batched_matmul
+        from ..batched_ops import batched_matmul
         return batched_matmul(a, b)
     if a.shape[-1] != b.shape[0]:
         raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align: "

@@ -1,0 +1,6 @@
+"""Reverse-mode automatic differentiation on the graph IR: `grad` builds the gradient graph
+from each op's vector-Jacobian product in the ops registry."""
+
+from .reverse import grad
+
+__all__ = ["grad"]

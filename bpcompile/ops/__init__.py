@@ -1,0 +1,29 @@
+"""The operations: each op's shape rule, vector-Jacobian product and NumPy reference, in the
+`OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random;
+`families`: conv, pool, embedding, dropout, batch norm, recurrent cells, slice/concat), and the
+NumPy reference evaluator (`reference`, behind `bp.evaluate`). `families` and `reference` load
+on first use of one of their names, so using the core ops does not load the C code generator."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import core
+from .core import OPS, OpDef, register
+
+_LAZY_MODULES = ("families", "reference")
+
+__all__ = ["OPS", "OpDef", "register", "core", "families", "reference"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if not name.startswith("_") and hasattr(core, name):
+        return getattr(core, name)
+    for module in _LAZY_MODULES:
+        mod = importlib.import_module(f".{module}", __name__)
+        if not name.startswith("_") and name in vars(mod):
+            return getattr(mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,8 @@
+"""Running a built model: loading the native module (`load`), the `CompiledModel` with its
+arrays, entries, checkpoints and atomic file writes, the thread pool and the BLAS library.
+Needs neither SymPy, Jinja2 nor a C compiler."""
+
+from .model import ALIGN, OPTIMIZER_FILE, CompiledModel, Entry, Frame, aligned_empty, load, plan_offsets, write_atomic
+
+__all__ = ["ALIGN", "OPTIMIZER_FILE", "CompiledModel", "Entry", "Frame", "aligned_empty", "load", "plan_offsets",
+           "write_atomic"]

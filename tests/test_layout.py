@@ -1,0 +1,201 @@
+"""The package layout: stages import each other in one direction only, no module-level import
+cycles, and a process that only loads, trains and checkpoints a built model stays light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "bpcompile"
+
+# The pipeline, in import order: a stage may import the stages before it (and itself).
+PIPELINE = ("ir", "symbolic", "ops", "autodiff", "passes", "codegen", "build", "compiler", "tools")
+# Stages outside the pipeline and who besides themselves may import them.
+SIDE = {"errors": set(PIPELINE) | {"nn", "runtime", "train"},  # the exceptions: everyone
+        "runtime": {"compiler", "tools"},
+        "train": {"compiler", "tools", "runtime"}}
+# The frontend layer bp.nn: builds graphs from ops, so it sits between ops and autodiff.
+FRONTEND = {"nn": {"ir", "symbolic", "ops"}}
+# What runtime and train may import at all: a process that loads a built model needs no more.
+LIGHT = {"runtime", "train", "errors"}
+HEAVY_LIBRARIES = {"sympy", "jinja2", "cffi.recompiler", "cffi.verifier", "setuptools"}
+
+# Imports that go against the direction today. The test fails on any import not listed here,
+# and on an entry that is gone (remove it then). All are function-level imports except those of
+# ops.families, which registers its kernel builders with codegen at import time.
+KNOWN_VIOLATIONS = {
+    # Graph.param checks an init= argument with the initializers' rules
+    ("bpcompile.ir.graph", "bpcompile.train.init"),
+    # Tensor operators (x + y, x @ W) build ops nodes: ir <-> ops
+    ("bpcompile.ir.graph", "bpcompile.ops.core"),
+    ("bpcompile.ir.graph", "bpcompile.ops"),
+    # op families register their kernel builders with codegen and passes (frontend loads backend;
+    # module-level imports)
+    ("bpcompile.ops.families", "bpcompile.codegen"),
+    ("bpcompile.ops.families", "bpcompile.codegen.module"),
+    ("bpcompile.ops.families", "bpcompile.passes.pipeline"),
+    # the NumPy reference's loss_and_grad differentiates with autodiff
+    ("bpcompile.ops.reference", "bpcompile.autodiff.reverse"),
+    # CompiledModel.load_params reads the binary parameter files of the C export
+    ("bpcompile.runtime.model", "bpcompile.tools.export"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def stage(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "bpcompile"
+
+
+def _import_nodes(node: ast.AST, top_level_only: bool):
+    """The import statements under `node`; with top_level_only, none inside a function body."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.Import, ast.ImportFrom)):
+            yield child
+        elif not (top_level_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))):
+            yield from _import_nodes(child, top_level_only)
+
+
+def imports(module: str, top_level_only: bool) -> set[str]:
+    """The modules `module` imports (bpcompile's own as full names, others as given)."""
+    path = MODULES[module]
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    nodes = list(_import_nodes(ast.parse(path.read_text()), top_level_only))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            for alias in node.names:
+                if f"{target}.{alias.name}" in MODULES:
+                    found.add(f"{target}.{alias.name}")
+    return found
+
+
+def allowed(importer: str, imported: str) -> bool:
+    a, b = stage(importer), stage(imported)
+    if a == b or a in ("bpcompile", "__main__") or b == "bpcompile":
+        return True  # within a stage; bpcompile/__init__ (the public facade), __main__, __version__
+    if b in SIDE:
+        return a in SIDE[b]
+    if a in FRONTEND:
+        return b in FRONTEND[a]
+    if b in FRONTEND:
+        return a in PIPELINE and PIPELINE.index(a) > PIPELINE.index("ops")
+    if a in LIGHT:
+        return False
+    return PIPELINE.index(b) < PIPELINE.index(a)
+
+
+def test_every_module_is_in_a_known_stage():
+    stages = {stage(m) for m in MODULES}
+    assert stages <= set(PIPELINE) | set(SIDE) | set(FRONTEND) | {"bpcompile", "__main__"}, stages
+
+
+def test_imports_go_in_the_pipeline_direction():
+    found = {(m, i) for m in MODULES for i in imports(m, top_level_only=False)
+             if i in MODULES and not allowed(m, i)}
+    new = sorted(found - KNOWN_VIOLATIONS)
+    assert not new, f"imports against the stage direction (see tests/test_layout.py): {new}"
+    stale = sorted(KNOWN_VIOLATIONS - found)
+    assert not stale, f"KNOWN_VIOLATIONS lists imports that are gone, remove them: {stale}"
+
+
+def test_known_violations_are_function_level_imports():
+    top = {(m, i) for m in MODULES for i in imports(m, top_level_only=True)}
+    module_level = sorted(v for v in top & KNOWN_VIOLATIONS if not v[0].startswith("bpcompile.ops.families"))
+    assert not module_level, f"a known violation became a module-level import: {module_level}"
+
+
+def test_light_stages_need_no_sympy_jinja2_or_compiler_at_module_level():
+    for module in MODULES:
+        if stage(module) in LIGHT:
+            heavy = {i for i in imports(module, top_level_only=True)
+                     if any(i == h or i.startswith(h + ".") for h in HEAVY_LIBRARIES) or i == "cffi"}
+            assert not heavy, f"{module} imports {sorted(heavy)} at module level"
+
+
+def test_no_module_level_import_cycles():
+    def parents(m: str) -> set[str]:
+        parts = m.split(".")
+        return {".".join(parts[:k]) for k in range(1, len(parts))}
+
+    graph = {m: {i for i in imports(m, top_level_only=True) if i in MODULES and i != m and i not in parents(m)}
+             for m in MODULES}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                pytest.fail(f"module-level import cycle: {' -> '.join(stack[stack.index(n):] + [n])}")
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_the_checker_sees_function_level_and_relative_imports():
+    found = imports("bpcompile.runtime.model", top_level_only=False)
+    assert {"bpcompile.errors", "bpcompile.train.init", "bpcompile.tools.export"} <= found
+    assert "bpcompile.tools.export" not in imports("bpcompile.runtime.model", top_level_only=True)
+    assert not allowed("bpcompile.ir.graph", "bpcompile.codegen.module")
+    assert allowed("bpcompile.compiler", "bpcompile.runtime.model")
+    assert not allowed("bpcompile.runtime.model", "bpcompile.symbolic.functions")
+
+
+def test_load_train_and_checkpoint_stay_light(tmp_path):
+    """A process that bp.load()s a build, trains, saves and loads a checkpoint imports neither
+    SymPy, Jinja2, cffi's compiler parts nor bpcompile's compiler stages."""
+    import bpcompile as bp
+
+    g = bp.Graph("light")
+    x = g.input("x", ("batch", 3))
+    y = g.input("y", ("batch", 2))
+    out = x @ g.param("W", (3, 2)) + g.param("b", (2,))
+    g.output("out", out)
+    g.loss(bp.mse(out, y))
+    model = bp.compile(g, optimizer=bp.optim.Adam(lr=0.01), seed=0)
+    script = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        import bpcompile as bp
+        model = bp.load({str(model.build_path)!r})
+        x, y = np.ones((4, 3)), np.zeros((4, 2))
+        first = model.train_step(x=x, y=y)
+        model.save({str(tmp_path / 'ckpt')!r})
+        model.load({str(tmp_path / 'ckpt')!r})
+        assert np.isfinite(model.train_step(x=x, y=y)) and np.isfinite(first)
+        heavy = {sorted(HEAVY_LIBRARIES)!r} + ["bpcompile.symbolic", "bpcompile.ops", "bpcompile.autodiff",
+                 "bpcompile.passes", "bpcompile.codegen", "bpcompile.build", "bpcompile.compiler",
+                 "bpcompile.tools.cli", "bpcompile.tools.spec", "bpcompile.tools.explain"]
+        print(sorted(m for m in heavy if m in sys.modules))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
