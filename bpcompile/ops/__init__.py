@@ -1,7 +1,8 @@
 """The operations: each op's shape rule, vector-Jacobian product and NumPy reference, in the
 `OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random;
-`families`: conv, pool, embedding, dropout, batch norm, recurrent cells, slice/concat), and the
-NumPy reference evaluator (`reference`, behind `bp.evaluate`). `families` and `reference` load
+`families`: conv, pool, embedding, dropout, batch norm, recurrent cells, slice/concat;
+`batched`: the batched matmul), and the NumPy reference evaluator (`reference`, behind
+`bp.evaluate`). `families` and `reference` load
 on first use of one of their names, so using the core ops does not load the C code generator."""
 
 from __future__ import annotations

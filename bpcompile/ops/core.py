@@ -404,7 +404,7 @@ def matmul(a: Node, b: Node) -> Node:
         if x.ndim == 0:
             raise ShapeError(f"matmul: operands must not be scalars, got {shape_str(a.shape)} @ {shape_str(b.shape)}")
     if b.ndim > 2:  # batched: NumPy's broadcasting of the leading dims
-        from ..batched_ops import batched_matmul
+        from .batched import batched_matmul
         return batched_matmul(a, b)
     if a.shape[-1] != b.shape[0]:
         raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align: "

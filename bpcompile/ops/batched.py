@@ -1,7 +1,7 @@
 """Batched matrix products: `a @ b` with NumPy's `matmul` semantics when both operands have
 leading (batch) dims, e.g. (B, H, T, d) @ (B, H, d, S) or (H, T, d) @ (B, H, d, S).
 
-The op "bmatmul" follows ops.py's pattern: its shape rule broadcasts the leading dims (runtime
+The op "bmatmul" follows ops/core.py's pattern: its shape rule broadcasts the leading dims (runtime
 dims allowed there), its VJP is two batched products summed back over broadcast dims (graph
 ops, so gradients of gradients work), its reference is `numpy.matmul`, and its kernel
 (templates/bmatmul.c.j2) is a loop of GEMM calls over the batch, split across the thread pool
@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from .codegen import module as codegen
-from .codegen.module import Context, Mono, broadcast_strides, coalesce, contiguous_strides
-from .errors import ShapeError
-from .ir.graph import FLOAT, Node, broadcast_shapes, shape_str
-from .ops.core import concrete, register, reshape, unbroadcast
-from .passes import pipeline as passes
-from .passes.pipeline import Kernel
+from ..codegen import module as codegen
+from ..codegen.module import Context, Mono, broadcast_strides, coalesce, contiguous_strides
+from ..errors import ShapeError
+from ..ir.graph import FLOAT, Node, broadcast_shapes, shape_str
+from ..passes import pipeline as passes
+from ..passes.pipeline import Kernel
+from .core import concrete, register, reshape, unbroadcast
 
 __all__ = ["bmatmul"]
 
