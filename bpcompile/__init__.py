@@ -37,7 +37,8 @@ _SUBMODULES = {name: name for name in ("ir", "symbolic", "ops", "autodiff", "pas
                                        "runtime", "train", "tools", "nn")}
 _SUBMODULES.update({"nn_ops": "ops.families", "reference": "ops.reference", "blas": "runtime.blas",
                     "threads": "runtime.threads", "optim": "train.optim", "schedules": "train.schedules",
-                    "init": "train.init", "training": "train.fit", "cli": "tools.cli", "spec": "tools.spec",
+                    "init": "train.init", "training": "train.fit",
+                    "distributed": "train.distributed", "cli": "tools.cli", "spec": "tools.spec",
                     "explain": "tools.explain", "export": "tools.export"})
 
 __all__ = ["BPError", "CheckpointError", "CompileError", "InputError", "ShapeError", "CompiledModel", "load",

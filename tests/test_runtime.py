@@ -465,3 +465,20 @@ def test_fit_regression_history(build_dir):
         b.train_step(x=X, t=T)
     for k in a.params:
         np.testing.assert_array_equal(a.params[k], b.params[k])
+
+
+def test_fit_writes_a_checkpoint_after_each_epoch(build_dir, tmp_path):
+    rng = np.random.default_rng(2)
+    data = {"x": rng.normal(size=(40, 4)), "t": rng.normal(size=(40, 1))}
+    model = bp.compile(regression_graph(), dtype="float64", optimizer=bp.optim.Adam(lr=0.01), seed=0)
+    model.fit(data, epochs=2, batch_size=16, seed=1, verbose=False, checkpoint=tmp_path / "ck.npz")
+    resumed = bp.compile(regression_graph(), dtype="float64", optimizer=bp.optim.Adam(lr=0.01), seed=9)
+    resumed.load(tmp_path / "ck.npz")
+    assert resumed.step == model.step == 6
+    for k in model.params:
+        np.testing.assert_array_equal(resumed.params[k], model.params[k])
+    model.fit(data, epochs=1, batch_size=16, seed=2, verbose=False)
+    resumed.fit(data, epochs=1, batch_size=16, seed=2, verbose=False)  # optimizer state came back too
+    for k in model.params:
+        np.testing.assert_array_equal(resumed.params[k], model.params[k])
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.npz"]  # no temporary file left behind

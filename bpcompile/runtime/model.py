@@ -457,11 +457,12 @@ class CompiledModel:
     # --- training loop (bpcompile.training) ----------------------------------------------
     def fit(self, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             seed: int = 0, validation: Mapping[str, Any] | None = None, loss: str | None = None,
-            verbose: bool = True) -> dict[str, list[float]]:
-        """Train on a dict of arrays for `epochs`; returns the per-epoch history."""
+            verbose: bool = True, checkpoint: str | os.PathLike | None = None) -> dict[str, list[float]]:
+        """Train on a dict of arrays for `epochs`; returns the per-epoch history. With `checkpoint`,
+        the model is saved there (atomically) after each epoch."""
         from ..train.fit import fit
         return fit(self, data, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                   validation=validation, loss=loss, verbose=verbose)
+                   validation=validation, loss=loss, verbose=verbose, checkpoint=checkpoint)
 
     def evaluate(self, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
         """Mean loss (and accuracy for a classifier) over a dataset."""

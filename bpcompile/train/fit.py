@@ -7,6 +7,7 @@ every batch is a contiguous slice (no copy per step).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -81,41 +82,63 @@ def predict(model, data: Mapping[str, Any], batch_size: int = 256) -> dict[str, 
 
 def fit(model, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
         seed: int = 0, validation: Mapping[str, Any] | None = None, loss: str | None = None,
-        verbose: bool = True, stream: TextIO | None = None) -> dict[str, list[float]]:
-    """Train for `epochs` passes over `data`; returns the history of losses and metrics per epoch."""
+        verbose: bool = True, stream: TextIO | None = None, checkpoint: str | os.PathLike | None = None,
+        parallel: Any = None) -> dict[str, list[float]]:
+    """Train for `epochs` passes over `data`; returns the history of losses and metrics per epoch.
+    With `checkpoint`, the model is saved there after each epoch. `parallel` (a
+    bp.distributed.DataParallel) splits every batch across its ranks and takes the steps."""
     arrays, n = _dataset(model, data, "fit")
     batch_size = _check_batch_size(batch_size)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
     val_arrays = _dataset(model, validation, "validation")[0] if validation is not None else None
+    trainer = parallel if parallel is not None else model
     rng = np.random.default_rng(seed)
-    shuffled = {k: np.empty_like(v) for k, v in arrays.items()} if shuffle else arrays
+    shuffled = {k: np.empty_like(v) for k, v in arrays.items()} if shuffle and parallel is None else None
     history: dict[str, list[float]] = {"loss": [], "seconds": [], "samples_per_second": []}
     stream = stream or sys.stderr
+    show = verbose and (parallel is None or parallel.rank == 0)
     steps = -(-n // batch_size)
     for epoch in range(1, epochs + 1):
-        if shuffle:
-            order = rng.permutation(n)
-            for k, v in arrays.items():
-                np.take(v, order, axis=0, out=shuffled[k])
-        start, total = time.perf_counter(), 0.0
-        for step, (first, batch) in enumerate(_batches(shuffled, n, batch_size), 1):
-            rows = min(batch_size, n - first)
-            total += model.train_step(loss=loss, **batch) * rows
-            if verbose and stream.isatty():
-                _progress(stream, epoch, epochs, step, steps, total / (first + rows), first + rows,
-                          time.perf_counter() - start, end="\r")
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        if parallel is not None:
+            batches = parallel.epoch_batches(arrays, order, batch_size)
+        else:
+            batches = _epoch_batches(arrays, n, order if shuffle else None, batch_size, shuffled)
+        start, total, seen = time.perf_counter(), 0.0, 0
+        for step, (batch, rows) in enumerate(batches, 1):
+            total += trainer.train_step(loss=loss, **batch) * rows
+            seen += rows
+            if show and stream.isatty():
+                _progress(stream, epoch, epochs, step, steps, total / seen, seen, time.perf_counter() - start,
+                          end="\r")
         seconds = time.perf_counter() - start
+        if parallel is not None:
+            parallel.sync_running_statistics()
         history["loss"].append(total / n)
         history["seconds"].append(seconds)
         history["samples_per_second"].append(n / seconds if seconds > 0 else float("inf"))
         if val_arrays is not None:
-            for key, value in evaluate(model, val_arrays, loss=loss).items():
+            for key, value in trainer.evaluate(val_arrays, loss=loss).items():
                 history.setdefault(f"val_{key}", []).append(value)
-        if verbose:
+        if show:
             extra = "".join(f"  {k} {v[-1]:.4f}" for k, v in history.items() if k.startswith("val_"))
             _progress(stream, epoch, epochs, steps, steps, total / n, n, seconds, extra=extra, end="\n")
+        if checkpoint is not None:
+            trainer.save(checkpoint)
     return history
+
+
+def _epoch_batches(arrays: dict[str, np.ndarray], n: int, order: np.ndarray | None, batch_size: int,
+                   shuffled: dict[str, np.ndarray] | None):
+    """One epoch's (batch, rows): contiguous slices of the data, taken in `order` into the
+    reused buffers `shuffled` first (one copy per epoch, none per step)."""
+    if order is not None:
+        for k, v in arrays.items():
+            np.take(v, order, axis=0, out=shuffled[k])
+        arrays = shuffled
+    for start, batch in _batches(arrays, n, batch_size):
+        yield batch, min(batch_size, n - start)
 
 
 def _progress(stream: TextIO, epoch: int, epochs: int, step: int, steps: int, loss: float, seen: int,
