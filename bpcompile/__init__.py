@@ -28,7 +28,8 @@ _LAZY = {
     "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops",
     "add": "ops", "sub": "ops", "mul": "ops", "div": "ops", "power": "ops", "neg": "ops", "const": "ops",
     "grad": "autodiff", "evaluate": "ops.reference", "set_num_threads": "runtime.threads",
-    "num_threads": "runtime.threads",
+    "num_threads": "runtime.threads", "to_onnx": "tools.onnx_export",
+    "from_onnx": "tools.onnx_import",
     **{name: "ops.families" for name in ("conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm",
                                          "dropout", "embedding", "concat", "slice")},
 }

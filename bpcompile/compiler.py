@@ -250,7 +250,9 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         "inputs": [{"name": n, "shape": list(node.shape), "dtype": node.dtype, "classes": classes.get(n)}
                    for n, node in graph.inputs.items()],
         "params": [{"name": n, "shape": list(node.shape), "offset": offsets[n], "trainable": n in graph.trainable,
-                    "init": graph.param_init[n] if isinstance(graph.param_init[n], str) else "array"}
+                    "init": graph.param_init[n] if isinstance(graph.param_init[n], str) else "array",
+                    "state_key": graph.state_names.get(n, (n, False))[0],
+                    "state_transposed": graph.state_names.get(n, (n, False))[1]}
                    for n, node in graph.params.items()],
         "param_size": param_size,
         "state_size": len(optimizer.slots) * param_size if optimizer else 0,
@@ -298,4 +300,6 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = 
     if optimizer is not None:
         config = json.dumps(optimizer.config()).encode()
         write_atomic(path / OPTIMIZER_FILE, lambda f: f.write(config))
-    return CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
+    model = CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
+    model.graph = graph
+    return model

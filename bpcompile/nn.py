@@ -9,8 +9,13 @@ and unique names such as "dense1.weight") and is then called on tensors:
     logits = fc(bp.flatten(bp.max_pool2d(conv(x), 2)))
 
 `layer.params` lists a layer's trainable parameter nodes (e.g. for `g.loss(..., params=...)`).
-Weights use PyTorch's layouts (Conv2d (out, in, kh, kw); LSTM (4H, in) / (4H, H)), except
-Dense, whose weight is (in, out) as bpcompile's `x @ W` convention.
+Weights use PyTorch's layouts (Linear (out, in); Conv2d (out, in, kh, kw); LSTM (4H, in) /
+(4H, H)), except Dense, whose weight is (in, out) as bpcompile's `x @ W` convention.
+
+Every layer also names its tensors as PyTorch does, for `model.state_dict()` and
+`model.load_state_dict()`: a layer named "fc1" (pass name= to match a torch module's name) has
+"fc1.weight" and "fc1.bias" in PyTorch's layouts (a Dense weight is transposed there), a
+BatchNorm "bn" has "bn.running_mean", an LSTM "weight_ih_l0", "bias_hh_l0" and so on.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import numpy as np
 from .ir.graph import Graph, Node
 from .ops import core as ops
 
-__all__ = ["Layer", "Dense", "Conv2d", "BatchNorm", "LSTM", "GRU", "RNN", "Embedding", "Dropout", "Sequential"]
+__all__ = ["Layer", "Dense", "Linear", "Conv2d", "BatchNorm", "LSTM", "GRU", "RNN", "Embedding", "Dropout",
+           "Sequential"]
 
 
 def _activation(activation: str | Callable[[Node], Node] | None) -> Callable[[Node], Node] | None:
@@ -54,8 +60,11 @@ class Layer:
         self.name = name if name is not None else (_unique_name(g, self.kind) if g is not None else self.kind)
         self.params: list[Node] = []
 
-    def _param(self, suffix: str, shape: tuple[int, ...], init: Any) -> Node:
+    def _param(self, suffix: str, shape: tuple[int, ...], init: Any, torch_name: str | None = None,
+               transpose: bool = False) -> Node:
+        """A parameter "<layer>.<suffix>", known to state_dict as "<layer>.<torch_name or suffix>"."""
         node = self.graph.param(f"{self.name}.{suffix}", shape, init=init)
+        self.graph.name_in_state_dict(node.attrs["name"], f"{self.name}.{torch_name or suffix}", transpose)
         self.params.append(node)
         return node
 
@@ -74,14 +83,34 @@ class Dense(Layer):
         self.activation = _activation(activation)
         if init is None:
             init = "he_normal" if activation in ("relu", ops.relu) else "glorot_uniform"
-        self.weight = self._param("weight", (in_features, out_features), init)
+        self.weight = self._param("weight", (in_features, out_features), init, transpose=True)
         self.bias = self._param("bias", (out_features,), "zeros") if bias else None
 
+    def _product(self, x: Node) -> Node:
+        return x @ self.weight
+
     def __call__(self, x: Node) -> Node:
-        y = x @ self.weight
+        y = self._product(x)
         if self.bias is not None:
             y = y + self.bias
         return self.activation(y) if self.activation else y
+
+
+class Linear(Dense):
+    """PyTorch's nn.Linear: y = x @ W.T + b with W (out, in) glorot-uniform (the same for either
+    layout), b zeros."""
+
+    kind = "linear"
+
+    def __init__(self, g: Graph, in_features: int, out_features: int, bias: bool = True, activation: Any = None,
+                 init: Any = "glorot_uniform", name: str | None = None):
+        Layer.__init__(self, g, name)
+        self.activation = _activation(activation)
+        self.weight = self._param("weight", (out_features, in_features), init)
+        self.bias = self._param("bias", (out_features,), "zeros") if bias else None
+
+    def _product(self, x: Node) -> Node:
+        return x @ ops.transpose(self.weight)
 
 
 class Conv2d(Layer):
@@ -120,7 +149,10 @@ class BatchNorm(Layer):
 
     def __call__(self, x: Node) -> Node:
         from .ops.families import batch_norm
-        return batch_norm(x, self.weight, self.bias, momentum=self.momentum, eps=self.eps)
+        y = batch_norm(x, self.weight, self.bias, momentum=self.momentum, eps=self.eps)
+        for stat in ("running_mean", "running_var"):  # created by the first call
+            self.graph.name_in_state_dict(f"{self.weight.attrs['name']}.{stat}", f"{self.name}.{stat}")
+        return y
 
 
 class _Recurrent(Layer):
@@ -130,10 +162,10 @@ class _Recurrent(Layer):
         super().__init__(g, name)
         self.hidden_size = hidden_size
         gh = self.gates * hidden_size
-        self.W_ih = self._param("W_ih", (gh, input_size), "glorot_uniform")
-        self.W_hh = self._param("W_hh", (gh, hidden_size), "glorot_uniform")
-        self.b_ih = self._param("b_ih", (gh,), self._bias_init()) if bias else None
-        self.b_hh = self._param("b_hh", (gh,), "zeros") if bias else None
+        self.W_ih = self._param("W_ih", (gh, input_size), "glorot_uniform", "weight_ih_l0")
+        self.W_hh = self._param("W_hh", (gh, hidden_size), "glorot_uniform", "weight_hh_l0")
+        self.b_ih = self._param("b_ih", (gh,), self._bias_init(), "bias_ih_l0") if bias else None
+        self.b_hh = self._param("b_hh", (gh,), "zeros", "bias_hh_l0") if bias else None
 
     def _bias_init(self) -> Any:
         return "zeros"

@@ -33,9 +33,11 @@ def test_lstm_learns_sine_continuation(build_dir):
 
 def test_gan_generator_covers_the_modes(build_dir, tmp_path):
     out = tmp_path / "gan.png"
-    result = load_example("gan_mixture").main(["--steps", "1200", "--min-modes", "6", "--min-near", "0.4",
+    # the example's defaults (3000 steps, lr 2e-3): seeds 0-5 reach 7 or 8 of the 8 modes with 85-95% of
+    # the samples near one, under OpenBLAS and MKL alike
+    result = load_example("gan_mixture").main(["--steps", "3000", "--min-modes", "7", "--min-near", "0.6",
                                                "--out", str(out)])
-    assert result["modes"] >= 6
+    assert result["modes"] >= 7
     if importlib.util.find_spec("matplotlib"):
         assert out.is_file() and out.stat().st_size > 1000
 

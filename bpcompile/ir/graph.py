@@ -216,6 +216,8 @@ class Graph:
         self.trainable: set[str] = set()
         # non-trainable parameters (running statistics) and the values train_step writes to them
         self.state_updates: dict[str, Node] = {}
+        # parameter -> (its key in model.state_dict(), whether that layout is its transpose)
+        self.state_names: dict[str, tuple[str, bool]] = {}
         _GRAPHS[self.uid] = self
 
     def _check_new_name(self, name: str, kind: str) -> None:
@@ -247,6 +249,21 @@ class Graph:
         if trainable:
             self.trainable.add(name)
         return node
+
+    def name_in_state_dict(self, param: str, key: str, transpose: bool = False) -> None:
+        """How `model.state_dict()` names a parameter (PyTorch's name for the layer's tensor, e.g.
+        "fc1.weight"), and whether it holds the transpose (PyTorch's (out, in) of a (in, out) weight)."""
+        if param not in self.params:
+            raise ValueError(f"graph {self.name!r} has no parameter {param!r}")
+        if not isinstance(key, str) or not key or "\0" in key:
+            raise ValueError(f"state_dict key must be a non-empty string, got {key!r}")
+        if transpose and self.params[param].ndim != 2:
+            raise ShapeError(f"only a 2-D parameter can be transposed in the state dict, {param!r} is "
+                             f"{shape_str(self.params[param].shape)}")
+        taken = {k: p for p, (k, _) in self.state_names.items() if p != param}
+        if key in taken or (key in self.params and key != param and key not in self.state_names):
+            raise ValueError(f"state_dict key {key!r} of {param!r} is already the key of {taken.get(key, key)!r}")
+        self.state_names[param] = (key, bool(transpose))
 
     def update_state(self, name: str, value: Node) -> None:
         """Have every train_step write `value` (computed in training mode) to a non-trainable parameter."""

@@ -195,12 +195,26 @@ class CompiledModel:
         self.params: dict[str, np.ndarray] = {p["name"]: self._view(self._params_flat, p) for p in meta["params"]}
         self.grads: dict[str, np.ndarray] = {p["name"]: self._view(self._grads_flat, p) for p in meta["params"]}
         self.optimizer = optimizer if optimizer is not None else self._optimizer_from_meta()
-        self.step = 0
+        self.loss_steps: dict[str, int] = dict.fromkeys(self._losses, 0)  # each loss's own optimizer step
+        self._step = 0
         self._train_lock = threading.Lock()
         self._plans: dict[tuple, tuple[dict[str, np.ndarray], int]] = {}
         self._tls = threading.local()
         self._init_arrays = dict(init_arrays or {})
+        self.graph: Any = None  # the bp.Graph it was compiled from, set by bp.compile (for bp.to_onnx)
         self.reset_parameters(seed)
+
+    @property
+    def step(self) -> int:
+        """Updates of all losses so far: the counter of the random streams (dropout). Setting it
+        on a model with one loss sets that loss's optimizer step too (`loss_steps`)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        if len(self.loss_steps) == 1:
+            self.loss_steps = dict.fromkeys(self.loss_steps, self._step)
 
     # --- parameters ----------------------------------------------------------------------
     def _view(self, flat: np.ndarray, p: dict) -> np.ndarray:
@@ -218,6 +232,7 @@ class CompiledModel:
                 init = np.asarray(self._init_arrays.get(p["name"], np.zeros(p["shape"])), dtype=np.float64)
             self.params[p["name"]][...] = initial_value(init, tuple(p["shape"]), rng)
         self._state_flat[...] = 0
+        self.loss_steps = dict.fromkeys(self._losses, 0)
         self.step = 0
 
     def _optimizer_from_meta(self):
@@ -441,17 +456,20 @@ class CompiledModel:
         self._optimizer_call("update", loss, lr, {})
 
     def _optimizer_call(self, kind: str, loss: str | None, lr: float | None, inputs: Mapping[str, Any]) -> float:
-        """A native call that applies the optimizer update at the next step ("train" or "update")."""
+        """A native call that applies the optimizer update at the next step ("train" or "update").
+        Each named loss counts its own steps (Adam's bias correction, the schedule), as one
+        torch optimizer per network would; the random streams follow the count of all updates."""
         spec = self._loss_spec(loss)
         optimizer = self.optimizer
         if optimizer is None:
             raise InputError(f"model {self.name!r} was compiled without an optimizer")
         entry = spec["entries"][kind]
         with self._train_lock:
-            step = self.step + 1
+            step = self.loss_steps[spec["name"]] + 1
             rate = optimizer.lr_at(step) if lr is None else float(lr)
-            value = self._run(entry, inputs, counter=step, hyper=(optimizer, step, rate)).scalar_c[0]
-            self.step = step
+            value = self._run(entry, inputs, counter=self.step + 1, hyper=(optimizer, step, rate)).scalar_c[0]
+            self._step += 1
+            self.loss_steps[spec["name"]] = step
         return value
 
     # --- training loop (bpcompile.training) ----------------------------------------------
@@ -482,28 +500,47 @@ class CompiledModel:
                 "state_size": self.meta["state_size"],
                 "optimizer": (self.meta.get("optimizer") or {}).get("kind")}
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every parameter (running statistics included) as a fresh array under PyTorch's name and
+        in PyTorch's layout for the bp.nn layers ("fc1.weight" (out, in), "bn.running_mean", ...)."""
+        from .state import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Set parameters from a state dict named as `state_dict` gives it: NumPy arrays or torch
+        tensors, e.g. a torch module's own `state_dict()`. Missing, unexpected (with strict) or
+        misshapen entries are refused together in one InputError, and nothing is changed."""
+        from .state import load_state_dict
+        load_state_dict(self, state, strict=strict)
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write parameters, optimizer state and step count to an .npz, atomically."""
+        """Write parameters, optimizer state and step count atomically: to a .safetensors file
+        (parameters under their state_dict names) when the name ends so, else to an .npz."""
+        from .state import is_safetensors, safetensors_bytes
         path = Path(path)
+        if is_safetensors(path):
+            data = safetensors_bytes(self)
+            return write_atomic(path, lambda f: f.write(data))
         arrays = {f"param/{k}": v for k, v in self.params.items()}
         arrays["state"] = self._state_flat[:self.meta["state_size"]]
         arrays["step"] = np.asarray(self.step, dtype=np.int64)
+        arrays["loss_steps"] = np.asarray([self.loss_steps[n] for n in self._losses], dtype=np.int64)
         arrays["signature"] = np.asarray(json.dumps(self._signature()))
         write_atomic(path, lambda f: np.savez(f, **arrays))
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by `save` of a model of the same graph, dtype and optimizer,
-        or a binary parameter file (bpcompile.export; e.g. saved by an exported C library)."""
+        """Restore a checkpoint written by `save` (.npz or .safetensors) of a model of the same
+        graph, dtype and optimizer, or a binary parameter file (bpcompile.export; e.g. saved by an
+        exported C library). Everything is checked before anything changes."""
         from ..tools.export import is_param_file, load_into_model
+        from .state import is_safetensors, read_safetensors
         if is_param_file(path):
             return load_into_model(self, path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                files = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as e:
-            raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
-        except Exception as e:  # zipfile.BadZipFile and friends on truncated files
-            raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        files = read_safetensors(self, path) if is_safetensors(path) else _read_npz(path)
+        self._restore(files, path)
+
+    def _restore(self, files: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+        """Set parameters, optimizer state and step from a checkpoint's arrays, all checked first."""
         if "signature" not in files:
             raise CheckpointError(f"{path}: not a bpcompile checkpoint (no signature)")
         try:
@@ -526,14 +563,36 @@ class CompiledModel:
             if files[key].shape != shape or files[key].dtype.kind not in "fi":
                 raise CheckpointError(f"{path}: {key!r} has shape {files[key].shape} and dtype {files[key].dtype}, "
                                       f"this model needs shape {shape} numbers")
+        if "loss_steps" in files and files["loss_steps"].shape != (len(self._losses),):
+            raise CheckpointError(f"{path}: 'loss_steps' has shape {files['loss_steps'].shape}, this model has "
+                                  f"{len(self._losses)} losses")
         for name, view in self.params.items():
             view[...] = files[f"param/{name}"]
         self._state_flat[:self.meta["state_size"]] = files["state"]
-        self.step = int(files["step"])
+        self.set_steps(int(files["step"]), files.get("loss_steps"))
+
+    def set_steps(self, step: int, loss_steps: Any = None) -> None:
+        """Set the count of all updates and each loss's own (in the order of the model's losses;
+        when not given, as a checkpoint of before per-loss counts: every loss at `step`)."""
+        counts = [step] * len(self._losses) if loss_steps is None else [int(n) for n in np.ravel(loss_steps)]
+        if len(counts) != len(self._losses) or min(counts + [step]) < 0:
+            raise CheckpointError(f"step counts {counts} do not fit this model's losses {list(self._losses)}")
+        self._step = int(step)
+        self.loss_steps = dict(zip(self._losses, counts))
 
     def __repr__(self) -> str:
         return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
                 f"entries {list(self._entries)} at {self.build_path}>")
+
+
+def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
+    except Exception as e:  # zipfile.BadZipFile and friends on truncated files
+        raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:

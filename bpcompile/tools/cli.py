@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BPError, CompileError
+from ..errors import BPError, CompileError, InputError
 
 DESCRIPTION = "bpcompile: a graph compiler for backpropagation. Compile, inspect, check and export model specs."
 EPILOG = """\
@@ -319,7 +319,11 @@ def _fd_errors(model, loss: str, inputs: dict, pname: str, g: np.ndarray, rng: n
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_model
+    if args.onnx is None and args.output is None:
+        raise InputError("export needs -o DIR (a C99 library) or --onnx FILE (an ONNX model)")
     spec = _load(args)
+    if args.onnx is not None:
+        return _export_onnx(spec, args.onnx)
     result = export_model(spec.graph, args.output, spec.dtype, _optimizer(spec), seed=spec.seed,
                           dims=_dims_arg(args.dim), batch=args.batch, steps=args.steps)
     print(f"Exported model {spec.name!r} ({spec.dtype}) as a standalone C99 library to {result.path}{os.sep}")
@@ -347,6 +351,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  built         {lib} ({lib.stat().st_size:,} bytes) and {result.path / 'main'}")
     else:
         print(f"  next          make -C {result.path} run")
+    return 0
+
+
+def _export_onnx(spec, path: str) -> int:
+    from ..compiler import compile
+    from .onnx_export import to_onnx
+    model = compile(spec.graph, spec.dtype, seed=spec.seed)
+    proto = to_onnx(model, path)
+    ops = sorted({n.op_type for n in proto.graph.node})
+    print(f"Exported model {spec.name!r} ({spec.dtype}, evaluation-mode forward, parameters drawn with seed "
+          f"{spec.seed}) as ONNX opset {proto.opset_import[0].version} to {path}: {len(proto.graph.node)} nodes "
+          f"({', '.join(ops)}), outputs {[o.name for o in proto.graph.output]}")
     return 0
 
 
@@ -479,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "optimizer step, with the buffers, the workspace plan and parameter files), a Makefile, an example\n"
                 "main.c that trains a few steps on synthetic data and prints the loss, and params.bin (the initial\n"
                 "parameters). No Python is needed to build or run it.")
-    p.add_argument("-o", "--output", metavar="DIR", required=True, help="the folder to write")
+    p.add_argument("-o", "--output", metavar="DIR", help="the folder to write")
+    p.add_argument("--onnx", metavar="FILE", help="write the evaluation-mode forward graph as ONNX instead "
+                                                   "(needs the [onnx] extra)")
     p.add_argument("--dtype", **dtype)
     p.add_argument("--batch", type=int, default=32, metavar="N", help="main.c's default batch size (32)")
     p.add_argument("--dim", action="append", metavar="NAME=N", help="main.c's default size of another named dim")

@@ -207,7 +207,7 @@ def load_into_model(model: Any, path: str | os.PathLike) -> None:
             flat = model._state_flat[k * size:(k + 1) * size]
             for p in model.meta["params"]:
                 model._view(flat, p)[...] = pf.state[slot][p["name"]]
-    model.step = pf.step if pf.state else 0
+    model.set_steps(pf.step if pf.state else 0)  # the file has one count: every loss's
 
 
 # --- synthetic data (main.c's, reproduced) ------------------------------------------------------

@@ -195,7 +195,8 @@ class DataParallel:
         model = self.model
         self.comm.Bcast(model._params_flat, root=root)
         self.comm.Bcast(model._state_flat, root=root)
-        model.step = int(self.comm.bcast(model.step, root=root))
+        step, loss_steps = self.comm.bcast((model.step, model.loss_steps), root=root)
+        model.step, model.loss_steps = int(step), dict(loss_steps)
 
     # --- one step ----------------------------------------------------------------------------
     def _rows(self, batch: Mapping[str, Any]) -> int:
