@@ -148,3 +148,19 @@ def test_round_trip_through_to_onnx(build_dir):
         data = exported.inputs_for(name, rng, 4)
         for key, value in model.forward(**data).items():
             np.testing.assert_allclose(again.forward(**data)[key], value, **TOL, err_msg=f"{name} {key}")
+
+
+def test_cli_builds_and_checks_an_onnx_file_with_a_loss(build_dir, tmp_path, capsys):
+    torch = _torch()
+    from bpcompile.tools.cli import main
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    path = tmp_path / "net.onnx"
+    path.write_bytes(export(torch, net, (torch.randn(2, 4),)).SerializeToString())
+    assert main(["build", str(path), "--loss", "cross_entropy:labels"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["check", str(path), "--loss", "mse:target"]) == 0  # gradients vs finite differences
+    capsys.readouterr()
+    assert main(["build", str(path), "--loss", "hinge:labels"]) != 0
+    assert "expected KIND:INPUT" in capsys.readouterr().err

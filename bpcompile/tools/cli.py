@@ -47,7 +47,7 @@ examples:
 
 def _load(args: argparse.Namespace):
     from .spec import load_spec
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, loss=getattr(args, "loss", None))
     if getattr(args, "dtype", None):
         spec.dtype = args.dtype
     return spec
@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("spec", metavar="SPEC", help="model spec: a .py file (graph or build()) or a .yaml layer stack")
+        p.add_argument("spec", metavar="SPEC", help="model spec: a .py file (graph or build()), a .yaml layer stack "
+                                                     "or an .onnx model")
+        p.add_argument("--loss", metavar="KIND:INPUT", help="for an .onnx SPEC, the loss to add on its first output: "
+                                                          "cross_entropy:LABELS, nll:LABELS or mse:TARGET")
         return p
 
     dtype = {"choices": ["float32", "float64"], "help": "the model's float type (default: the spec's, else float32)"}

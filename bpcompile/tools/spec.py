@@ -74,7 +74,7 @@ class Spec:
     """A loaded model spec: the graph and the settings the commands default to."""
 
     path: Path
-    kind: str  # "python" or "yaml"
+    kind: str  # "python", "yaml" or "onnx"
     graph: Any  # bp.Graph
     dtype: str = "float32"
     optimizer: Any = None  # bp.optim.Optimizer or None
@@ -86,19 +86,57 @@ class Spec:
         return self.graph.name
 
 
-def load_spec(path: str | Path) -> Spec:
-    """Load a Python (.py) or YAML (.yaml / .yml) model spec."""
+def load_spec(path: str | Path, loss: str | None = None) -> Spec:
+    """Load a Python (.py) or YAML (.yaml / .yml) model spec, or an ONNX model (.onnx) with the
+    loss `loss` added (see `onnx_loss`)."""
     path = Path(path)
     if not path.exists():
         raise SpecError(path, "", "no such file")
     if path.is_dir():
         raise SpecError(path, "", "is a folder; expected a .py or .yaml model spec")
     suffix = path.suffix.lower()
+    if loss is not None and suffix != ".onnx":
+        raise SpecError(path, "--loss", "adds a loss to an .onnx model only; a .py or .yaml spec declares its own")
+    if suffix == ".onnx":
+        return _load_onnx(path, loss)
     if suffix == ".py":
         return _load_python(path)
     if suffix in (".yaml", ".yml"):
         return _load_yaml(path)
-    raise SpecError(path, "", f"unknown spec type {suffix or '(no extension)'!r}; expected a .py or .yaml file")
+    raise SpecError(path, "", f"unknown spec type {suffix or '(no extension)'!r}; expected a .py, .yaml or .onnx file")
+
+
+# --- ONNX models ------------------------------------------------------------------------------
+
+ONNX_LOSSES = ("cross_entropy", "nll", "mse")
+
+
+def onnx_loss(graph: Any, text: str, path: Path) -> None:
+    """Add the loss `KIND:NAME` on the graph's first output: cross_entropy:LABELS (logits and int
+    labels), nll:LABELS (log-probabilities, as torch's nll_loss) or mse:TARGET; NAME becomes a
+    new input."""
+    kind, _, name = text.partition(":")
+    if kind not in ONNX_LOSSES or not name:
+        raise SpecError(path, "--loss", f"expected KIND:INPUT with KIND one of {', '.join(ONNX_LOSSES)} "
+                        f"(e.g. cross_entropy:labels), got {text!r}")
+    if not graph.outputs:
+        raise SpecError(path, "--loss", "the model has no output to put a loss on")
+    out = next(iter(graph.outputs.values()))
+    try:
+        if kind == "mse":
+            graph.loss(bp.mse(out, graph.input(name, out.shape)))
+        else:  # log_softmax of log-probabilities is themselves: cross-entropy on them is nll_loss
+            graph.loss(bp.softmax_cross_entropy(out, graph.input(name, out.shape[:-1], dtype="int32")))
+    except (ValueError, BPError) as e:
+        raise SpecError(path, "--loss", str(e)) from None
+
+
+def _load_onnx(path: Path, loss: str | None) -> Spec:
+    from .onnx_import import from_onnx
+    graph = from_onnx(path, name="".join(c if c.isalnum() or c == "_" else "_" for c in path.stem))
+    if loss is not None:
+        onnx_loss(graph, loss, path)
+    return Spec(path, "onnx", graph)
 
 
 # --- Python specs -----------------------------------------------------------------------------
