@@ -801,3 +801,32 @@ def test_input_named_like_a_call_parameter(name, build_dir):
     assert model.loss(**feed) == pytest.approx(1.0)
     assert model.train_step(**feed) == pytest.approx(1.0)
     np.testing.assert_array_equal(model.predict(**feed), model.forward(**feed)["y"])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_reference_of_a_loss_that_folds_to_a_constant(build_dir, reduce):
+    """x*w - x*w folds to a constant of shape (batch, 2): the NumPy reference reads the batch size
+    off the given input, as the compiled model does."""
+    g = bp.Graph(f"folded_{reduce}")
+    x = g.input("x", ("batch", 2))
+    w = g.param("w", (2,), init="ones")
+    g.loss(getattr(bp, reduce)(x * w - x * w + 1.5))
+    model = bp.compile(g, "float64")
+    data = np.ones((3, 2))
+    (reference,) = bp.evaluate([g.losses["loss"].node], {"x": data}, {"w": model.params["w"]})
+    assert float(reference) == model.loss(x=data) == (1.5 if reduce == "mean" else 9.0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_integer_constants_beyond_64_bits_are_printed_as_floats(build_dir, dtype):
+    """10**20 as a C integer literal is truncated by gcc (to 7.77e18); printed as a float it is exact."""
+    import sympy as sp
+
+    a = sp.Symbol("a")
+    g = bp.Graph(f"big_constant_{dtype}")
+    x = g.input("x", ("batch", 2))
+    g.output("y", bp.elementwise("big", a * 10**20 - 3 * 2**40 + 7, a)(x))
+    model = bp.compile(g, dtype)
+    data = np.array([[1.0, -2.0]])
+    expected = data * 1e20 - 3 * 2**40 + 7
+    np.testing.assert_allclose(model.forward(x=data)["y"], expected, rtol=1e-6 if dtype == "float32" else 1e-15)

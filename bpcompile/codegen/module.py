@@ -90,6 +90,12 @@ class CPrinter(C99CodePrinter):
             return "(" + "*".join([base] * int(expr.exp)) + ")"
         return super()._print_Pow(expr)
 
+    def _print_Integer(self, expr) -> str:
+        """Integers beyond int's range as floating literals: gcc would truncate 10**20 to 64 bits."""
+        if abs(int(expr)) >= 2**31:
+            return self._print(sp.Float(expr, 20))
+        return super()._print_Integer(expr)
+
     def _print_NumberSymbol(self, expr) -> str:
         return self._print(sp.Float(expr.evalf(20), 20))  # pi, E: a literal, not a macro or global
 

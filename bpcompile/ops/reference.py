@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..ir.graph import FLOAT, Graph, Node, topo_order
+from ..ir.graph import _GRAPHS, FLOAT, Graph, Node, topo_order
 from . import core as ops
 
 
@@ -33,14 +33,29 @@ def evaluate(roots: Sequence[Node], inputs: Mapping[str, np.ndarray], params: Ma
 
 
 def infer_dims(roots: Sequence[Node], inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
-    """Runtime sizes of the named dims, read off the input arrays."""
+    """Runtime sizes of the named dims, read off the input arrays: of the inputs the roots
+    depend on, then, for dims that only constants carry (a loss that folds to a constant, such
+    as x - x), of the given inputs as their graph declares them."""
     dims: dict[str, int] = {}
-    for node in topo_order(list(roots)):
+    nodes = topo_order(list(roots))
+    for node in nodes:
         if node.op == "input":
-            for d, n in zip(node.shape, np.shape(inputs[node.attrs["name"]])):
-                if isinstance(d, str):
-                    dims[d] = int(n)
+            _read_dims(node, inputs[node.attrs["name"]], dims)
+    wanted = {d for node in nodes for d in node.shape if isinstance(d, str)} - set(dims)
+    if wanted:
+        for graph in reversed(list(_GRAPHS.values())):  # the newest graph declaring these inputs
+            declared = [graph.inputs.get(name) for name in inputs]
+            if all(node is not None and node.ndim == np.ndim(inputs[node.attrs["name"]]) for node in declared):
+                for node in declared:
+                    _read_dims(node, inputs[node.attrs["name"]], dims)
+                break
     return dims
+
+
+def _read_dims(node: Node, value: np.ndarray, dims: dict[str, int]) -> None:
+    for d, n in zip(node.shape, np.shape(value)):
+        if isinstance(d, str):
+            dims[d] = int(n)
 
 
 def loss_and_grad(graph: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray],
