@@ -830,3 +830,75 @@ def test_integer_constants_beyond_64_bits_are_printed_as_floats(build_dir, dtype
     data = np.array([[1.0, -2.0]])
     expected = data * 1e20 - 3 * 2**40 + 7
     np.testing.assert_allclose(model.forward(x=data)["y"], expected, rtol=1e-6 if dtype == "float32" else 1e-15)
+
+
+@pytest.mark.parametrize("step", [np.nan, np.inf, -1.0, 2.5, 2.0**60])
+def test_a_checkpoint_with_a_bad_step_changes_nothing(build_dir, tmp_path, step):
+    model = bp.compile(_small_adam_graph(), "float64", optimizer=bp.optim.Adam(lr=0.01), seed=1)
+    model.train_step(x=np.ones((2, 3)))
+    model.save(tmp_path / "good.npz")
+    with np.load(tmp_path / "good.npz") as data:
+        files = {k: data[k] for k in data.files}
+    files["step"] = np.asarray(step)
+    np.savez(tmp_path / "bad.npz", **files)
+    other = bp.compile(_small_adam_graph(), "float64", optimizer=bp.optim.Adam(lr=0.01), seed=2)
+    before = {k: v.copy() for k, v in other.params.items()}
+    with pytest.raises(bp.CheckpointError, match="'step' holds"):
+        other.load(tmp_path / "bad.npz")
+    assert other.step == 0
+    for k, v in other.params.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def _small_adam_graph() -> bp.Graph:
+    g = bp.Graph("small_adam")
+    x = g.input("x", ("batch", 3))
+    w = g.param("w", (3, 2), init="normal")
+    g.loss(bp.mean(bp.square(x @ w)))
+    return g
+
+
+def test_many_batch_sizes_keep_a_few_arenas(build_dir):
+    """400 batch sizes once held 400 arenas; a thread now keeps those of its last few shapes."""
+    import gc
+
+    from bpcompile.runtime.model import ARENAS_KEPT
+    model = bp.compile(_small_adam_graph(), "float64", optimizer=bp.optim.SGD(lr=0.01))
+    for n in range(1, 41):
+        model.loss(x=np.ones((n, 3)))
+        model.train_step(x=np.ones((n, 3)))
+    assert list(model._tls.arenas) == [(n,) for n in range(41 - ARENAS_KEPT, 41)]
+    gc.collect()
+    alive = {id(a) for a in model._tls.arenas.values()} | {id(f.arena) for f in model._tls.frames.values()}
+    assert len(alive) <= ARENAS_KEPT + len(model._tls.frames)
+    model.train_step(x=np.ones((40, 3)))  # a kept shape reuses its arena
+    assert model._tls.frames["train_loss"].arena is model._tls.arenas[(40,)]
+
+
+def test_save_while_another_thread_trains_is_one_step(build_dir, tmp_path):
+    """Every saved file holds the parameters of exactly the step it records."""
+    import threading
+
+    model = bp.compile(_small_adam_graph(), "float64", optimizer=bp.optim.SGD(lr=0.01), seed=3)
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    replay = bp.compile(_small_adam_graph(), "float64", optimizer=bp.optim.SGD(lr=0.01), seed=3)
+    history = {0: replay.params["w"].copy()}
+    for step in range(1, 301):
+        replay.train_step(x=x)
+        history[step] = replay.params["w"].copy()
+    done = threading.Event()
+
+    def train():
+        for _ in range(300):
+            model.train_step(x=x)
+        done.set()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    checked = 0
+    while not done.is_set() or checked == 0:
+        model.save(tmp_path / "live.npz")
+        with np.load(tmp_path / "live.npz") as data:
+            np.testing.assert_array_equal(data["param/w"], history[int(data["step"])])
+        checked += 1
+    worker.join()

@@ -2,8 +2,8 @@
 
 Nothing here imports SymPy or runs a compiler: `bp.load(path)` works from a build folder alone.
 Parameters, gradients and optimizer state each live in one flat 64-byte-aligned buffer, with
-per-parameter NumPy views. Intermediates live in a workspace arena planned by liveness and
-allocated once per runtime shape; arenas are pooled, so calls from several threads never share
+per-parameter NumPy views. Intermediates live in a workspace arena planned by liveness, one per
+runtime shape and thread (the last few shapes kept), so calls from several threads never share
 one. The native call releases the GIL.
 """
 
@@ -26,6 +26,8 @@ from ..train.init import initial_value
 from . import threads
 
 ALIGN = 64
+ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
+MAX_STEP = 2**53  # step counts beyond it lose their integer in the float64 hyperparameters
 OPTIMIZER_FILE = "optimizer.json"  # the optimizer settings of the latest compile into a build folder
 _MODULES: dict[str, Any] = {}
 _MODULES_LOCK = threading.Lock()
@@ -347,11 +349,16 @@ class CompiledModel:
         return frame, arrays
 
     def _arena(self, dims: tuple[int, ...], size: int) -> np.ndarray:
-        """This thread's workspace arena for one runtime shape (allocated once, then reused)."""
+        """This thread's workspace arena for one runtime shape: allocated once and reused, the
+        last ARENAS_KEPT shapes kept (many batch sizes must not hold one arena each forever; an
+        arena dropped here lives on only in a frame not yet rebuilt)."""
         arenas = self._tls.__dict__.setdefault("arenas", {})
-        arena = arenas.get(dims)
+        arena = arenas.pop(dims, None)
         if arena is None:
-            arena = arenas[dims] = aligned_empty(max(size, ALIGN), np.uint8)
+            arena = aligned_empty(max(size, ALIGN), np.uint8)
+        arenas[dims] = arena  # the most recent last
+        while len(arenas) > ARENAS_KEPT:
+            del arenas[next(iter(arenas))]
         return arena
 
     def _run(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray] | None = None,
@@ -518,14 +525,17 @@ class CompiledModel:
         (parameters under their state_dict names) when the name ends so, else to an .npz."""
         from .state import is_safetensors, safetensors_bytes
         path = Path(path)
+        with self._train_lock:  # one step's parameters, state and counts, even while another thread trains
+            if is_safetensors(path):
+                data = safetensors_bytes(self)
+            else:
+                arrays = {f"param/{k}": v.copy() for k, v in self.params.items()}
+                arrays["state"] = self._state_flat[:self.meta["state_size"]].copy()
+                arrays["step"] = np.asarray(self.step, dtype=np.int64)
+                arrays["loss_steps"] = np.asarray([self.loss_steps[n] for n in self._losses], dtype=np.int64)
+                arrays["signature"] = np.asarray(json.dumps(self._signature()))
         if is_safetensors(path):
-            data = safetensors_bytes(self)
             return write_atomic(path, lambda f: f.write(data))
-        arrays = {f"param/{k}": v for k, v in self.params.items()}
-        arrays["state"] = self._state_flat[:self.meta["state_size"]]
-        arrays["step"] = np.asarray(self.step, dtype=np.int64)
-        arrays["loss_steps"] = np.asarray([self.loss_steps[n] for n in self._losses], dtype=np.int64)
-        arrays["signature"] = np.asarray(json.dumps(self._signature()))
         write_atomic(path, lambda f: np.savez(f, **arrays))
 
     def load(self, path: str | os.PathLike) -> None:
@@ -566,6 +576,12 @@ class CompiledModel:
         if "loss_steps" in files and files["loss_steps"].shape != (len(self._losses),):
             raise CheckpointError(f"{path}: 'loss_steps' has shape {files['loss_steps'].shape}, this model has "
                                   f"{len(self._losses)} losses")
+        for key in ("step", "loss_steps"):
+            counts = np.ravel(files.get(key, np.zeros(0)))
+            if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts == np.round(counts))
+                                    and counts.min() >= 0 and counts.max() < MAX_STEP):
+                raise CheckpointError(f"{path}: {key!r} holds {counts.tolist()}; step counts are whole numbers "
+                                      f"from 0 to {MAX_STEP - 1}")
         for name, view in self.params.items():
             view[...] = files[f"param/{name}"]
         self._state_flat[:self.meta["state_size"]] = files["state"]
