@@ -222,3 +222,32 @@ def test_non_editable_wheel_install_works(tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "wheel ok" in p.stdout
+
+
+def test_build_folders_follow_the_umask(tmp_path):
+    """mkdtemp's private 0700 would keep a shared build cache from other users."""
+    import stat
+
+    g = bp.Graph("umask_build")
+    g.output("y", g.input("x", ("batch", 2)) * 3.0)
+    mask = os.umask(0o022)
+    try:
+        model = bp.compile(g, build_dir=tmp_path)
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(model.build_path.stat().st_mode) == 0o755
+
+
+def test_save_removes_temporaries_of_killed_writers(tmp_path):
+    g = bp.Graph("orphan_save")
+    x = g.input("x", ("batch", 2))
+    g.loss(bp.mean(bp.square(x @ g.param("w", (2, 1), init="normal"))))
+    model = bp.compile(g, build_dir=tmp_path / "build")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)  # that process has exited
+    orphan = tmp_path / f".ck.npz.{dead_pid}.abc123.tmp"
+    live = tmp_path / f".ck.npz.{os.getpid()}.def456.tmp"  # a write of a running process: kept
+    orphan.write_bytes(b"x" * 1000)
+    live.write_bytes(b"y")
+    model.save(tmp_path / "ck.npz")
+    assert not orphan.exists() and live.exists() and (tmp_path / "ck.npz").is_file()

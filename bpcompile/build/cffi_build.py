@@ -211,6 +211,7 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         return final
     _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{safe_name(src.name)}-", dir=root))
+    _as_umask_allows(tmp)  # mkdtemp makes it private: a shared cache must serve other users too
     try:
         module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
         _compile(src, tmp, module, defines, blas_info)
@@ -276,6 +277,13 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         raise CompileError(f"linking the native module of model {src.name!r} failed", str(out / "model.c"), p.stderr)
     _write(out / "build.json", json.dumps({"compile_seconds": time.perf_counter() - start,
                                            "commands": jobs + [link]}, indent=1))
+
+
+def _as_umask_allows(folder: Path) -> None:
+    """Give a folder the mode a plain mkdir would (0777 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 def _remove_stale_temporaries(root: Path) -> None:

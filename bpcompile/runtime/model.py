@@ -9,6 +9,7 @@ one. The native call releases the GIL.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -615,7 +616,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Replace `path` with what `write` writes to a file, so that a reader (or a crash) sees the
     old or the new content, never a part: temporary file, fsync, rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_orphaned_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -629,6 +631,29 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _remove_orphaned_temporaries(path: Path) -> None:
+    """Delete the temporary files of earlier writes of `path` whose process is gone (killed
+    mid-save): their names carry the writer's process id."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass  # another writer removed it first, or it is not ours to remove
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def load(build_path: str | Path, seed: int = 0) -> CompiledModel:
