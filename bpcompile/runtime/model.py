@@ -529,15 +529,15 @@ class CompiledModel:
         with self._train_lock:  # one step's parameters, state and counts, even while another thread trains
             if is_safetensors(path):
                 data = safetensors_bytes(self)
+                write = lambda f: f.write(data)  # noqa: E731
             else:
                 arrays = {f"param/{k}": v.copy() for k, v in self.params.items()}
                 arrays["state"] = self._state_flat[:self.meta["state_size"]].copy()
                 arrays["step"] = np.asarray(self.step, dtype=np.int64)
                 arrays["loss_steps"] = np.asarray([self.loss_steps[n] for n in self._losses], dtype=np.int64)
                 arrays["signature"] = np.asarray(json.dumps(self._signature()))
-        if is_safetensors(path):
-            return write_atomic(path, lambda f: f.write(data))
-        write_atomic(path, lambda f: np.savez(f, **arrays))
+                write = lambda f: np.savez(f, **arrays)  # noqa: E731
+        write_atomic(path, write)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by `save` (.npz or .safetensors) of a model of the same

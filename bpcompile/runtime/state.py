@@ -52,8 +52,9 @@ def state_dict(model: Any) -> dict[str, np.ndarray]:
     for p in model.meta["params"]:
         value = model.params[p["name"]]
         out[_key(p)] = np.array(value.T if p.get("state_transposed") else value, order="C")  # a copy
-        if _counter(p):
-            out[_counter(p)] = np.asarray(model.step, dtype=np.int64)
+        counter = _counter(p)
+        if counter:
+            out[counter] = np.asarray(model.step, dtype=np.int64)
     return out
 
 

@@ -357,18 +357,15 @@ def _flatten(im: _Importer, args: list) -> Node:
     return ops.flatten(x)
 
 
-def _reshape_to(im: _Importer, x: Value, shape: list[int | str]) -> Value:
-    """Reshape to ONNX's target: 0 copies the input's size, -1 is inferred, a name is a runtime size."""
-    if isinstance(x, np.ndarray):
-        return x.reshape(shape)
-    return ops.reshape(x, tuple(x.shape[i] if d == 0 else d for i, d in enumerate(shape)))
-
-
 @_op("Reshape")
 def _reshape(im: _Importer, args: list) -> Value:
+    """ONNX's target shape: 0 copies the input's size, -1 is inferred, a name is a runtime size."""
     im.only({"allowzero": 0})
+    x = args[0]
     target = [v if isinstance(v, str) else int(v) for v in np.ravel(im.constant(im.node.input[1], "Reshape's shape"))]
-    return _reshape_to(im, args[0], target)
+    if isinstance(x, np.ndarray):
+        return x.reshape(target)
+    return ops.reshape(x, tuple(x.shape[i] if d == 0 else d for i, d in enumerate(target)))
 
 
 def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BPError, InputError
-from .fit import _dataset
+from .fit import _dataset, predict
 
 SEED_STRIDE = 1 << 32  # rank r draws dropout from seed + r * SEED_STRIDE: rank 0 keeps the model's stream
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
@@ -195,8 +195,8 @@ class DataParallel:
         model = self.model
         self.comm.Bcast(model._params_flat, root=root)
         self.comm.Bcast(model._state_flat, root=root)
-        step, loss_steps = self.comm.bcast((model.step, model.loss_steps), root=root)
-        model.step, model.loss_steps = int(step), dict(loss_steps)
+        step, loss_steps = self.comm.bcast((model.step, [model.loss_steps[n] for n in model.loss_steps]), root=root)
+        model.set_steps(step, loss_steps)
 
     # --- one step ----------------------------------------------------------------------------
     def _rows(self, batch: Mapping[str, Any]) -> int:
@@ -305,15 +305,13 @@ class DataParallel:
         rows = len(next(iter(shard.values())))
         failure, out = None, None
         try:
-            out = self.model.predict(shard, batch_size=batch_size) if rows else None
-            if isinstance(out, np.ndarray):
-                out = {"": out}
+            out = predict(self.model, shard, batch_size=batch_size) if rows else None
         except Exception as e:
             failure = e
         self._agree(failure, [])
         parts = [p for p in self.comm.allgather(out) if p is not None]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return merged[""] if list(merged) == [""] else merged
+        return next(iter(merged.values())) if len(merged) == 1 else merged
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
