@@ -230,8 +230,75 @@ def test_show_latex_c_and_graph(capsys, specs, tmp_path):
     assert text.startswith('digraph "tiny"') and "cluster_forward" in text and "cluster_backward_loss" in text
     assert text.count("{") == text.count("}")
     assert "dZ1" in text and str(dot) in out
-    if shutil.which("dot"):
-        assert dot.with_suffix(".svg").is_file()
+    assert not dot.with_suffix(".svg").exists()  # a .dot path is the DOT text only
+
+
+def _fake_dot(folder: Path, monkeypatch, body: str) -> Path:
+    """A `dot` program first on PATH: reads the graph on stdin, then runs `body` (sh)."""
+    folder.mkdir(exist_ok=True)
+    script = folder / "dot"
+    script.write_text(f"#!/bin/sh\ncat > /dev/null\n{body}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    return script
+
+
+def _written(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+@pytest.mark.parametrize("suffix", [".svg", ".png", ".pdf"])
+def test_show_graph_draws_the_format_its_suffix_names(capsys, specs, tmp_path, monkeypatch, suffix):
+    _fake_dot(tmp_path / "bin", monkeypatch, 'printf "drawn as %s" "$1"')
+    target = tmp_path / "out" / f"g{suffix.upper() if suffix == '.png' else suffix}"  # the case does not matter
+    code, out, err = run(capsys, "show", specs["py"], "--graph", target)
+    assert code == 0, err
+    assert target.read_bytes() == f"drawn as -T{suffix[1:]}".encode() and str(target) in out
+    assert _written(target.parent) == {target.name}  # no DOT beside it, no temporary left
+
+
+def test_show_graph_without_graphviz_fails_and_points_to_dot(capsys, specs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    target = tmp_path / "g.png"
+    code, out, err = run(capsys, "show", specs["py"], "--graph", target)
+    assert code == 1 and err.count("\n") == 1
+    assert "needs Graphviz" in err and "g.dot" in err and "needs no Graphviz" in err
+    assert _written(tmp_path) == set()
+    code, out, err = run(capsys, "show", specs["py"], "--graph", tmp_path / "g.dot")  # works without it
+    assert code == 0, err
+    assert (tmp_path / "g.dot").read_text().startswith('digraph "tiny"')
+
+
+def test_show_graph_reports_a_failing_graphviz(capsys, specs, tmp_path, monkeypatch):
+    _fake_dot(tmp_path / "bin", monkeypatch, 'echo "Error: <stdin>: syntax error in line 3" >&2; exit 1')
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for where in (out_dir / "g.svg", f"{out_dir}{os.sep}"):  # a file, and a folder (NAME.dot + NAME.svg)
+        code, out, err = run(capsys, "show", specs["py"], "--graph", where)
+        assert code == 1 and err.count("\n") == 1
+        assert "failed with exit status 1" in err and "syntax error in line 3" in err
+        assert _written(out_dir) == set()  # nothing written, not even the .dot
+
+
+def test_show_graph_refuses_an_unknown_suffix(capsys, specs, tmp_path):
+    for name in ("g.jpg", "graph"):
+        code, out, err = run(capsys, "show", specs["py"], "--graph", tmp_path / name)
+        assert code == 1 and "unknown format" in err and ".dot, .svg, .png, .pdf" in err
+    assert _written(tmp_path) == set()
+
+
+def test_show_graph_into_a_folder_names_the_files_after_the_graph(capsys, specs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    folder = tmp_path / "graphs"
+    code, out, err = run(capsys, "show", specs["py"], "--graph", f"{folder}{os.sep}")  # created
+    assert code == 0, err
+    assert _written(folder) == {"tiny.dot"} and "install Graphviz" in out
+    _fake_dot(tmp_path / "bin", monkeypatch, 'printf "<svg/>"')
+    monkeypatch.chdir(folder)
+    code, out, err = run(capsys, "show", specs["py"], "--graph")  # no FILE: the current folder
+    assert code == 0, err
+    assert _written(folder) == {"tiny.dot", "tiny.svg"} and (folder / "tiny.svg").read_text() == "<svg/>"
+    assert (folder / "tiny.dot").read_text().startswith('digraph "tiny"')
 
 
 # --- check -------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The `bpcompile` command: build, inspect, check, export and benchmark model specs.
 
     bpcompile build SPEC [-o DIR] [--dtype D]     compile the native module (cached), print a summary
-    bpcompile show SPEC --grad [--latex] [--c] [--graph [FILE]]
+    bpcompile show SPEC --grad [--latex] [--c] [--graph [FILE.dot|.svg|.png|.pdf|DIR/]]
                                                   derivatives, forward/backward equations, the C
     bpcompile check SPEC                          gradients vs float64 finite differences
-    bpcompile export SPEC -o DIR                  a standalone C99 library (model.c/h, Makefile, main.c)
+    bpcompile export SPEC -o DIR [--force]        a standalone C99 library (model.c/h, Makefile, main.c)
     bpcompile bench SPEC                          compile times, step time, peak memory
 
 SPEC is a Python file defining `graph` or `build()`, or a YAML layer stack (see bpcompile.tools.spec).
@@ -213,24 +213,62 @@ def cmd_show(args: argparse.Namespace) -> int:
             print()
         sys.stdout.write(_highlight(lowered.sources.model_c, args.color))
     if args.graph is not None:
-        target = Path(args.graph or f"{codegen.file_stem(spec.name)}.dot")
-        if target.is_dir() or args.graph.endswith(("/", os.sep)):
-            target = target / f"{codegen.file_stem(spec.name)}.dot"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(explain.to_dot(ex), encoding="utf-8")
-        message = f"wrote {target} (Graphviz DOT of the forward and backward graphs)"
-        dot = shutil.which("dot")
-        if dot:
-            svg = target.with_suffix(".svg")
-            done = subprocess.run([dot, "-Tsvg", str(target), "-o", str(svg)], capture_output=True, text=True)
-            if done.returncode == 0:
-                message += f" and {svg}"
-            else:
-                message += f"; dot failed: {done.stderr.strip().splitlines()[0] if done.stderr.strip() else ''}"
-        else:
-            message += "; install Graphviz (`dot`) to get an SVG as well"
+        message = _write_graph(args.graph, codegen.file_stem(spec.name), explain.to_dot(ex))
         print(message, file=sys.stderr if (args.c or wrote_any) else sys.stdout)
     return 0
+
+
+GRAPH_FORMATS = {".dot": "Graphviz DOT", ".svg": "SVG", ".png": "PNG", ".pdf": "PDF"}  # suffix -> what it holds
+
+
+def _write_graph(where: str, stem: str, dot_text: str) -> str:
+    """`show --graph WHERE`: a file whose suffix names the format (.dot is the text itself; the
+    others are drawn by Graphviz), or a folder (WHERE ends with a separator, is an existing folder,
+    or is empty for the current one) that gets STEM.dot, and STEM.svg when Graphviz is installed.
+    STEM is already a bare file name (codegen.file_stem), so nothing lands outside the folder.
+    Every file is written atomically; returns the message to print."""
+    what = "of the forward and backward graphs"
+    if not where or where.endswith(("/", os.sep)) or Path(where).is_dir():
+        folder = Path(where or ".")
+        folder.mkdir(parents=True, exist_ok=True)
+        target, svg = folder / f"{stem}.dot", folder / f"{stem}.svg"
+        drawn = _graphviz(dot_text, "svg", svg) if shutil.which("dot") else None  # before writing anything
+        _write_file_atomic(target, dot_text.encode("utf-8"))
+        message = f"wrote {target} (Graphviz DOT {what})"
+        if drawn is None:
+            return message + "; install Graphviz (`dot`) to get an SVG as well"
+        _write_file_atomic(svg, drawn)
+        return message + f" and {svg}"
+    target = Path(where)
+    suffix = target.suffix.lower()
+    if suffix not in GRAPH_FORMATS:
+        supported = ", ".join(GRAPH_FORMATS)
+        raise BPError(f"--graph {where}: unknown format {suffix or '(no suffix)'!r}; name a file ending in "
+                      f"{supported}, or a folder (ending in {os.sep}) for {stem}.dot")
+    data = dot_text.encode("utf-8") if suffix == ".dot" else _graphviz(dot_text, suffix[1:], target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _write_file_atomic(target, data)
+    return f"wrote {target} ({GRAPH_FORMATS[suffix]} {what})"
+
+
+def _graphviz(dot_text: str, fmt: str, target: Path) -> bytes:
+    """The graph drawn by Graphviz's `dot -T<fmt>`; BPError when it is missing or fails."""
+    dot = shutil.which("dot")
+    if dot is None:
+        raise BPError(f"--graph {target}: writing {fmt.upper()} needs Graphviz (the `dot` program), which is not "
+                      f"on PATH; install it, or give a .dot path (e.g. {target.with_suffix('.dot')}), which needs "
+                      "no Graphviz")
+    done = subprocess.run([dot, f"-T{fmt}"], input=dot_text.encode("utf-8"), capture_output=True)
+    if done.returncode != 0:
+        detail = done.stderr.decode("utf-8", "replace").strip() or "no message"
+        raise BPError(f"--graph {target}: Graphviz `{dot} -T{fmt}` failed with exit status {done.returncode}: "
+                      f"{detail}")
+    return done.stdout
+
+
+def _write_file_atomic(path: Path, data: bytes) -> None:
+    from ..runtime.model import write_atomic
+    write_atomic(path, lambda f: f.write(data))
 
 
 # --- check -----------------------------------------------------------------------------------------
@@ -325,7 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         return _export_onnx(spec, args.onnx)
     result = export_model(spec.graph, args.output, spec.dtype, _optimizer(spec), seed=spec.seed,
-                          dims=_dims_arg(args.dim), batch=args.batch, steps=args.steps)
+                          dims=_dims_arg(args.dim), batch=args.batch, steps=args.steps, force=args.force)
     print(f"Exported model {spec.name!r} ({spec.dtype}) as a standalone C99 library to {result.path}{os.sep}")
     width = max(len(n) for n in result.files)
     what = {"model.h": "the API: entry points, bp_model_* library functions, the parameter file format",
@@ -473,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latex", action="store_true", help="the same in LaTeX")
     p.add_argument("--c", action="store_true", help="the generated C (syntax-highlighted on a terminal)")
     p.add_argument("--graph", nargs="?", const="", metavar="FILE",
-                   help="write Graphviz DOT of the forward and backward graphs (default NAME.dot; SVG too if "
-                        "`dot` is installed)")
+                   help="write the forward and backward graphs to FILE in the format its suffix names: .dot "
+                        "(Graphviz DOT text), .svg, .png or .pdf (drawn by Graphviz's `dot`); a folder (or no "
+                        "FILE: the current one) gets NAME.dot, and NAME.svg too if `dot` is installed")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="highlight --c (auto)")
     p.add_argument("--dtype", **dtype)
     p.set_defaults(func=cmd_show)
@@ -498,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "optimizer step, with the buffers, the workspace plan and parameter files), a Makefile, an example\n"
                 "main.c that trains a few steps on synthetic data and prints the loss, and params.bin (the initial\n"
                 "parameters). No Python is needed to build or run it.")
-    p.add_argument("-o", "--output", metavar="DIR", help="the folder to write")
+    p.add_argument("-o", "--output", metavar="DIR", help="the folder to write: new or empty (else see --force)")
+    p.add_argument("--force", action="store_true", help="export into a non-empty DIR, replacing only the files "
+                                                         "the export writes (the others are kept)")
     p.add_argument("--onnx", metavar="FILE", help="write the evaluation-mode forward graph as ONNX instead "
                                                    "(needs the [onnx] extra)")
     p.add_argument("--dtype", **dtype)

@@ -14,6 +14,10 @@
 * `main.c`: an example that trains for a few steps on synthetic data and prints the loss;
 * `params.bin`: the initial parameters the Python model gets with the same seed.
 
+The files are written into a temporary folder next to `out_dir`, fsynced, and moved in: a
+failed export (a full disk, an error) leaves `out_dir` as it was. A folder that exists and holds
+anything is refused unless `force=True`, which replaces only the files the export writes.
+
 The parameter file ("BPPARAM1", version 1; all integers little-endian)::
 
     offset 0   8 bytes  magic b"BPPARAM1"
@@ -33,17 +37,21 @@ compiler until an export is made, so reading parameter files stays light.
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
 import struct
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from ..errors import BPError, CheckpointError
-from ..runtime.model import write_atomic
+from ..runtime.model import _process_alive, write_atomic
 
 MAGIC = b"BPPARAM1"
 VERSION = 1
@@ -83,6 +91,13 @@ def write_param_file(path: str | os.PathLike, params: Mapping[str, Any], *, dtyp
     """Write parameters (and optionally optimizer state, {slot: {param: array}}) atomically.
 
     `dtype` (float32 or float64) defaults to the first parameter's float type."""
+    write_atomic(Path(path), _param_file_writer(params, dtype=dtype, state=state, step=step))
+
+
+def _param_file_writer(params: Mapping[str, Any], *, dtype: Any = None,
+                       state: Mapping[str, Mapping[str, Any]] | None = None,
+                       step: int = 0) -> Callable[[BinaryIO], None]:
+    """A function writing the parameter file of `params` to an open binary file (checked first)."""
     arrays = {str(k): np.asarray(v) for k, v in params.items()}
     if dtype is None:
         first = next(iter(arrays.values()), np.zeros(0, np.float32))
@@ -105,7 +120,7 @@ def write_param_file(path: str | os.PathLike, params: Mapping[str, Any], *, dtyp
             f.write(struct.pack(f"<{value.ndim}Q", *value.shape))
             f.write(np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes())
 
-    write_atomic(Path(path), write)
+    return write
 
 
 def read_param_file_full(path: str | os.PathLike) -> ParamFile:
@@ -269,11 +284,17 @@ def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
 
 def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32", optimizer: Any = None,
                  seed: int = 0, dims: Mapping[str, int] | None = None, batch: int = 32, steps: int = 10,
-                 blas_min_flops: int | None = None) -> ExportResult:
+                 blas_min_flops: int | None = None, force: bool = False) -> ExportResult:
     """Write the standalone C library of `graph` into `out_dir` (see the module docstring).
 
     `dims` gives main.c's default runtime sizes (`batch` is the default of a dim named "batch",
-    or of the only named dim); `seed` draws params.bin as `bp.compile(..., seed=seed)` does."""
+    or of the only named dim); `seed` draws params.bin as `bp.compile(..., seed=seed)` does.
+    `out_dir` must be new or empty; with `force=True` an existing folder keeps everything but
+    the files the export writes, which are replaced (each atomically)."""
+    target = Path(os.path.abspath(out_dir))
+    _remove_orphaned_exports(target)
+    _check_target(target, EXPORT_FILES, force)  # before the slow part: refuse early
+
     from .. import compiler
     from ..codegen import module as codegen
     from ..train.init import initial_value
@@ -399,16 +420,13 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         "digits": 9 if dtype == "float32" else 17, "forward_results": forward_results,
         "blas_min_flops": int(blas_min_flops if blas_min_flops is not None else compiler.DEFAULT_BLAS_MIN_FLOPS),
     }
-    files = {
+    texts = {
         "model.h": lowered.sources.model_h + env.get_template("export_api.h.j2").render(**context),
         "model.c": lowered.sources.model_c + env.get_template("export_api.c.j2").render(**context),
         "main.c": env.get_template("export_main.c.j2").render(**context),
         "Makefile": env.get_template("export_Makefile.j2").render(**context),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
+    files = {name: _text_writer(text) for name, text in texts.items()}
 
     # params.bin: the parameters bp.compile(graph, dtype, optimizer, seed=seed) starts from
     rng = np.random.default_rng(seed)
@@ -418,6 +436,167 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         if init == "array":
             init = np.asarray(lowered.init_arrays[p["name"]], dtype=np.float64)
         initial[p["name"]] = initial_value(init, tuple(p["shape"]), rng).astype(dtype)
-    write_param_file(out / "params.bin", initial, dtype=dtype)
-    sizes_out = {name: (out / name).stat().st_size for name in [*files, "params.bin"]}
-    return ExportResult(out, sizes_out, {d: sizes[d] for d in names}, list(meta["entries"]), default_train, notes)
+    files["params.bin"] = _param_file_writer(initial, dtype=dtype)
+    assert tuple(files) == EXPORT_FILES
+    _write_export_folder(target, files, force=force)
+    sizes_out = {name: (target / name).stat().st_size for name in files}
+    return ExportResult(Path(out_dir), sizes_out, {d: sizes[d] for d in names}, list(meta["entries"]),
+                        default_train, notes)
+
+
+# --- moving the export in -------------------------------------------------------------------------
+
+EXPORT_FILES = ("model.h", "model.c", "main.c", "Makefile", "params.bin")
+TEMP_SUFFIX = ".export-tmp"
+
+
+def _write_export_folder(out: Path, files: Mapping[str, Callable[[BinaryIO], object]], force: bool = False) -> None:
+    """Write `files` (name -> function writing its bytes) as the folder `out`, all or nothing.
+
+    They go to a temporary folder next to `out` (same filesystem), are fsynced, and move in: by
+    one rename when `out` is new or an empty folder; file by file (each os.replace atomic) into a
+    non-empty folder, which needs `force`. On any failure `out` is left as it was and the
+    temporary folder is removed."""
+    out = Path(os.path.abspath(out))
+    _remove_orphaned_exports(out)
+    _check_target(out, tuple(files), force)
+    created = _make_folders(out.parent)
+    tmp: Path | None = None
+    try:
+        tmp, inside = _temp_folder(out)
+        for name, write in files.items():
+            _write_file(tmp / name, write)
+        _fsync_folder(tmp)
+        if inside or not _move_folder(tmp, out, tuple(files), force):
+            _move_files(tmp, out, tuple(files))
+        tmp = None
+        _fsync_folder(out.parent)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _check_target(out: Path, names: tuple[str, ...], force: bool) -> None:
+    """Refuse a target that is not a folder, one where an export file would replace a folder, and
+    a non-empty folder unless `force`."""
+    if not out.is_dir():
+        if out.exists() or out.is_symlink():
+            raise ExportError(f"export target {out} exists and is not a folder")
+        return
+    present = sorted(p.name for p in out.iterdir() if not _is_export_temp(p))
+    if not present:
+        return
+    clash = [n for n in names if (out / n).exists() or (out / n).is_symlink()]
+    folders = [n for n in clash if (out / n).is_dir()]
+    if folders:
+        raise ExportError(f"export target {out}: {folders[0]!r} is a folder, where the export writes a file")
+    if force:
+        return
+    if clash:
+        what = "the export would overwrite " + ", ".join(clash)
+    else:
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        what = f"it holds {len(present)} other entr{'y' if len(present) == 1 else 'ies'} ({shown})"
+    raise ExportError(f"export target {out} is not empty: {what}. Choose a new or empty folder, or pass --force "
+                      f"(force=True) to replace only the files the export writes ({', '.join(names)})")
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """mkdir -p `folder`; returns the folders it created, outermost first (to undo on failure)."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for f in reversed(missing):
+        f.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def _temp_folder(out: Path) -> tuple[Path, bool]:
+    """A new private folder next to `out`, or inside an existing `out` whose parent we cannot
+    write (e.g. a mount point); the bool says which. Its name carries our process id."""
+    prefix = f".{out.name or 'export'}.{os.getpid()}."
+    try:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=out.parent)), False
+    except PermissionError:
+        if not out.is_dir():
+            raise
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=out)), True
+
+
+def _text_writer(text: str) -> Callable[[BinaryIO], object]:
+    data = text.encode("utf-8")
+    return lambda f: f.write(data)
+
+
+def _write_file(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    with open(path, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (renames into it) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _move_folder(tmp: Path, out: Path, names: tuple[str, ...], force: bool) -> bool:
+    """Rename `tmp` to `out` when `out` is new or an empty folder that can be replaced (not a
+    symlink, a mount point or the current folder). False when the files must move one by one."""
+    if out.is_dir():
+        if out.is_symlink() or os.path.ismount(out) or os.path.samefile(out, os.getcwd()):
+            return False
+        os.chmod(tmp, out.stat().st_mode & 0o7777)  # the folder keeps its permissions
+    else:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; this is an ordinary folder
+    try:
+        os.rename(tmp, out)  # replaces an empty folder atomically; fails on a non-empty one
+    except OSError as e:
+        if not out.is_dir() or e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        _check_target(out, names, force)  # someone wrote into it meanwhile
+        return False
+    return True
+
+
+def _move_files(tmp: Path, out: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        os.replace(tmp / name, out / name)
+    _fsync_folder(out)
+    tmp.rmdir()
+
+
+def _is_export_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
+def _remove_orphaned_exports(out: Path) -> None:
+    """Delete the temporary folders of earlier exports to `out` whose process is gone (killed)."""
+    places = [out.parent, out] if out.is_dir() and not out.is_symlink() else [out.parent]
+    for place in places:
+        try:
+            candidates = list(place.glob(f".{glob.escape(out.name or 'export')}.*{TEMP_SUFFIX}"))
+        except OSError:
+            continue
+        for tmp in candidates:
+            pid = tmp.name[len(out.name or "export") + 2:].split(".", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
