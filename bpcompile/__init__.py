@@ -32,6 +32,8 @@ _LAZY = {
     "from_onnx": "tools.onnx_import",
     **{name: "ops.families" for name in ("conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm",
                                          "dropout", "embedding", "concat", "slice")},
+    **{name: "ops.transformer" for name in ("constant", "where", "masked_fill", "max", "min", "layer_norm",
+                                            "attention")},
 }
 # bp.<name> for the stage packages and, under their old flat names, the modules inside them
 _SUBMODULES = {name: name for name in ("ir", "symbolic", "ops", "autodiff", "passes", "codegen", "build", "compiler",

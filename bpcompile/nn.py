@@ -20,6 +20,7 @@ BatchNorm "bn" has "bn.running_mean", an LSTM "weight_ih_l0", "bias_hh_l0" and s
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from .ir.graph import Graph, Node
 from .ops import core as ops
 
 __all__ = ["Layer", "Dense", "Linear", "Conv2d", "BatchNorm", "LSTM", "GRU", "RNN", "Embedding", "Dropout",
-           "Sequential"]
+           "Sequential", "LayerNorm", "MultiHeadAttention", "TransformerBlock"]
 
 
 def _activation(activation: str | Callable[[Node], Node] | None) -> Callable[[Node], Node] | None:
@@ -255,3 +256,88 @@ class Sequential(Layer):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class LayerNorm(Layer):
+    """Layer norm over the last axis of size `normalized_shape` (torch.nn.LayerNorm): weight ones,
+    bias zeros (`elementwise_affine=False`: neither; `bias=False`: no bias)."""
+
+    kind = "ln"
+
+    def __init__(self, g: Graph, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, name: str | None = None):
+        super().__init__(g, name)
+        self.eps = float(eps)
+        self.weight = self._param("weight", (normalized_shape,), "ones") if elementwise_affine else None
+        self.bias = self._param("bias", (normalized_shape,), "zeros") if elementwise_affine and bias else None
+
+    def __call__(self, x: Node) -> Node:
+        from .ops.transformer import layer_norm
+        return layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+def _heads(x: Node, heads: int) -> Node:
+    """(B, T, C) -> (B, heads, T, C // heads)."""
+    b, t, c = x.shape
+    return ops.transpose(ops.reshape(x, (b, t, heads, c // heads)), (0, 2, 1, 3))
+
+
+class MultiHeadAttention(Layer):
+    """Self-attention over (B, T, C) with `heads` heads: one fused QKV projection, scaled
+    dot-product attention (causal by default), an output projection. Parameters in the layout
+    of torch.nn.MultiheadAttention: in_proj_weight (3C, C) glorot-uniform, in_proj_bias (3C,),
+    out_proj.weight (C, C), out_proj.bias (C,) zeros. `dropout` drops attention weights in
+    training calls."""
+
+    kind = "attn"
+
+    def __init__(self, g: Graph, embed_dim: int, heads: int, causal: bool = True, bias: bool = True,
+                 dropout: float = 0.0, name: str | None = None):
+        super().__init__(g, name)
+        if embed_dim % heads:
+            raise ValueError(f"MultiHeadAttention: embed_dim {embed_dim} is not divisible by heads {heads}")
+        self.embed_dim, self.heads, self.causal, self.dropout = embed_dim, heads, bool(causal), float(dropout)
+        self.in_proj_weight = self._param("in_proj_weight", (3 * embed_dim, embed_dim), "glorot_uniform")
+        self.in_proj_bias = self._param("in_proj_bias", (3 * embed_dim,), "zeros") if bias else None
+        self.out_proj = Linear(g, embed_dim, embed_dim, bias=bias, name=f"{self.name}.out_proj")
+        self.params.extend(self.out_proj.params)
+
+    def __call__(self, x: Node) -> Node:
+        from .ops.families import slice
+        from .ops.transformer import attention
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"{self.name}: expects (batch, time, {self.embed_dim}), got {x.shape}")
+        qkv = x @ ops.transpose(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            qkv = qkv + self.in_proj_bias
+        c = self.embed_dim
+        q, k, v = (_heads(slice(qkv, -1, i * c, (i + 1) * c), self.heads) for i in range(3))
+        y = attention(q, k, v, causal=self.causal, dropout=self.dropout)
+        b, _, t, _ = y.shape
+        return self.out_proj(ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, c)))
+
+
+class TransformerBlock(Layer):
+    """A pre-norm transformer block (GPT-2's): x + attn(ln_1(x)), then + mlp(ln_2(x)) with
+    mlp = c_proj(gelu(c_fc(.))) of width mlp_ratio * C; `dropout` on both residual branches
+    and the attention weights. Sub-layers are named "<name>.ln_1", ".attn", ".ln_2",
+    ".mlp.c_fc", ".mlp.c_proj"."""
+
+    kind = "block"
+
+    def __init__(self, g: Graph, embed_dim: int, heads: int, mlp_ratio: int = 4, dropout: float = 0.0,
+                 causal: bool = True, name: str | None = None):
+        super().__init__(g, name)
+        self.ln_1 = LayerNorm(g, embed_dim, name=f"{self.name}.ln_1")
+        self.attn = MultiHeadAttention(g, embed_dim, heads, causal=causal, dropout=dropout, name=f"{self.name}.attn")
+        self.ln_2 = LayerNorm(g, embed_dim, name=f"{self.name}.ln_2")
+        self.c_fc = Linear(g, embed_dim, mlp_ratio * embed_dim, name=f"{self.name}.mlp.c_fc")
+        self.c_proj = Linear(g, mlp_ratio * embed_dim, embed_dim, name=f"{self.name}.mlp.c_proj")
+        self.drop = Dropout(dropout, salt=zlib.crc32(self.name.encode()))  # blocks drop independently
+        for layer in (self.ln_1, self.attn, self.ln_2, self.c_fc, self.c_proj):
+            self.params.extend(layer.params)
+
+    def __call__(self, x: Node) -> Node:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.c_proj(ops.gelu(self.c_fc(self.ln_2(x)))))
+

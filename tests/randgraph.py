@@ -421,6 +421,42 @@ class _Writer:
         self.value(f"bp.{kind}({v.name})", 1.0 if kind == "softmax" else 2 * v.mag + math.log(n) + 1)
         return None
 
+    def op_select(self) -> None:
+        """where / masked_fill with a constant mask, max / min, layer_norm, self-attention."""
+        v = self.pick(lambda v: v.node.ndim >= 1)
+        if v is None:
+            return self.op_unary()
+        kind = self.choice(("where", "masked_fill", "max", "min", "layer_norm", "attention"))
+        shape = v.shape
+        if kind in ("layer_norm", "attention") and (not isinstance(shape[-1], int) or shape[-1] < 2):
+            return self.op_unary()
+        if kind == "attention" and v.node.ndim < 2:
+            return self.op_unary()
+        self.ops.append(kind)
+        trailing = []  # a constant mask covers the fixed dims after the last runtime one
+        for d in reversed(shape):
+            if isinstance(d, str):
+                break
+            trailing.insert(0, d)
+        mask = f"np.random.default_rng({self.rnd.randrange(2**31)}).random({tuple(trailing)!r}) > 0.5"
+        if kind == "where":
+            b, bmag = self.operand(v)
+            self.value(f"bp.where({mask}, {v.name}, {b})", max(v.mag, bmag))
+        elif kind == "masked_fill":
+            c = self.choice((0.0, -1.5, 2.0))
+            self.value(f"bp.masked_fill({v.name}, {mask}, {c!r})", max(v.mag, abs(c)))
+        elif kind in ("max", "min"):
+            axis = self.rnd.randrange(v.node.ndim)
+            keep = ", keepdims=True" if self.coin() else ""
+            # distinct offsets break ties (e.g. between relu's zeros), where the gradient jumps
+            offsets = f"bp.constant(np.linspace(0.0, 0.05, {int(np.prod(trailing))}).reshape({tuple(trailing)!r}))"
+            self.value(f"bp.{kind}({v.name} + {offsets}, axis={axis}{keep})", v.mag + 0.05)
+        elif kind == "layer_norm":
+            self.value(f"bp.layer_norm({v.name})", math.sqrt(shape[-1]))
+        else:
+            self.value(f"bp.attention({v.name}, {v.name}, {v.name}, causal={self.coin()})", v.mag)
+        return None
+
     def op_custom(self) -> None:
         nargs = self.choice((1, 1, 2))
         if self.coin():
@@ -524,7 +560,7 @@ def graph_cases(draw, max_ops: int = 8, float32: str = "drawn") -> GraphCase:
         else:
             wr.new_param(wr.fixed_shape(0, 3))
     ops = (wr.op_unary, wr.op_unary, wr.op_binary, wr.op_binary, wr.op_reduce, wr.op_matmul, wr.op_layout,
-           wr.op_softmax, wr.op_custom)
+           wr.op_softmax, wr.op_custom, wr.op_select)
     for _ in range(wr.rnd.randint(1, max_ops)):
         wr.choice(ops)()
     if not wr.ns["g"].params:
@@ -604,6 +640,10 @@ def _kink_inputs(loss_node) -> list:
             fn = node.attrs["fn"]
             if fn.name in KINKED or fn.expr.has(sp.Max, sp.Min, sp.Abs, sp.Piecewise, sp.Heaviside, sp.sign):
                 out += [x for x in node.inputs if x.dtype == bp.ir.FLOAT]
+        elif node.op in ("amax", "amin"):  # the arg-extreme changes where x - max(x) changes sign
+            x = node.inputs[0]
+            kept = tuple(1 if i in node.attrs["axes"] else d for i, d in enumerate(x.shape))
+            out.append(x - bp.reshape(node, kept))
     return out
 
 

@@ -8,6 +8,7 @@ op's output shape, so every output element carries its own weight.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ class Row:
 z, w = sp.symbols("z w")
 swish2 = bp.elementwise("swish2", z * sp.exp(-w**2) + sp.sin(z * w), z, w)
 mish = bp.elementwise("mish", z * sp.tanh(sp.log(1 + sp.exp(z))), z)
+
+MASK = np.random.default_rng(11).random((8, 8)) > 0.4
+MASK[:, 0] = True  # every row keeps its first column
+MASK_ROW_1_OFF = MASK[:3, :4] & (np.arange(3) != 1)[:, None]  # a query with nothing to attend to
 
 UNARY = ["relu", "sigmoid", "tanh", "softplus", "gelu", "silu", "exp", "square", "neg"]
 KINKED = ["relu", "abs", "leaky_relu", "elu"]
@@ -88,6 +93,21 @@ ROWS: list[Row] = [
     Row("softmax-ce", lambda a, y: bp.softmax_cross_entropy(a, y), {"a": (4, 5)}, {"y": (4,)}),
     Row("softmax-ce-batch", lambda x, w, y: bp.softmax_cross_entropy(x @ w, y), {"w": (3, 5)},
         {"x": ("batch", 3), "y": ("batch",)}),
+    Row("where-const", lambda a, b: bp.where(MASK[:3, :4], a, b), {"a": (3, 4), "b": (4,)}),
+    Row("where-scalar-bcast", lambda a: bp.where(MASK[0, :4], bp.tanh(a), 0.5), {"a": (3, 4)}),
+    Row("masked_fill-inf-softmax", lambda a: bp.softmax(bp.masked_fill(a, ~MASK[:3, :5], -math.inf)), {"a": (3, 5)}),
+    Row("max-axis1", lambda a: bp.max(a, axis=1), {"a": (3, 5)}),
+    Row("max-all", lambda a: bp.max(a * a), {"a": (2, 3, 4)}),
+    Row("min-axes-02-keep", lambda a: bp.min(a, axis=(0, 2), keepdims=True), {"a": (2, 3, 4)}),
+    Row("max-batch", lambda x, a: bp.max(x * a, axis=0), {"a": (4,)}, {"x": ("batch", 4)}),
+    Row("layer_norm", lambda a: bp.layer_norm(a), {"a": (3, 5)}),
+    Row("layer_norm-affine-3d", lambda a, w, b: bp.layer_norm(a * a, w, b), {"a": (2, 3, 6), "w": (6,), "b": (6,)}),
+    Row("layer_norm-batch", lambda x, a: bp.layer_norm(x + a), {"a": (7,)}, {"x": ("batch", 7)}),
+    Row("attention", lambda q, k, v: bp.attention(q, k, v), {"q": (2, 3, 4), "k": (2, 5, 4), "v": (2, 5, 3)}),
+    Row("attention-causal", lambda q, k, v: bp.attention(q, k, v, causal=True),
+        {"q": (2, 2, 4, 3), "k": (2, 2, 4, 3), "v": (2, 2, 4, 3)}),
+    Row("attention-mask-full-row", lambda q, k, v: bp.attention(q, k, v, mask=MASK_ROW_1_OFF),
+        {"q": (2, 3, 2), "k": (2, 4, 2), "v": (2, 4, 3)}),
 ]
 
 
@@ -138,7 +158,8 @@ def test_op_gradient(row: Row, batch: int, build_dir) -> None:
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.name in
                                  ("relu", "softplus", "gelu", "log_softmax", "softmax-ce-batch", "matmul-rank3",
-                                  "sum-axes-02", "custom-mish", "mse", "transpose-axes")], ids=lambda r: r.name)
+                                  "sum-axes-02", "custom-mish", "mse", "transpose-axes", "layer_norm-affine-3d",
+                                  "attention-causal", "max-axis1", "where-const")], ids=lambda r: r.name)
 def test_op_float32_matches_reference(row: Row, build_dir) -> None:
     rng = np.random.default_rng(1)
     graph, inputs = build(row, 5, rng)

@@ -47,7 +47,8 @@ def test_generator_covers_every_op_kind():
     kinds = {"relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu", "silu", "exp", "log", "sqrt",
              "square", "abs", "neg", "binary+", "binary-", "binary*", "binary/", "binary**", "sum", "mean", "matmul",
              "reshape", "transpose", "flatten", "softmax", "log_softmax", "custom1", "custom2", "loss-weighted",
-             "loss-mse", "loss-bce", "loss-ce", "loss-reduce"}
+             "loss-mse", "loss-bce", "loss-ce", "loss-reduce", "where", "masked_fill", "max", "min", "layer_norm",
+             "attention"}
     assert kinds <= set(seen), f"never drawn: {sorted(kinds - set(seen))}"
 
 

@@ -369,10 +369,15 @@ def _gemm(k: Kernel, ctx: Context) -> dict[str, Any]:
 REDUCE_BLOCK = 512  # columns summed at once when reducing leading axes
 
 
+REDUCE_COMBINE = {"reduce": "sum", "amax": "max", "amin": "min"}
+
+
 def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
     node = k.nodes[0]
     x = node.inputs[0]
     axes = node.attrs["axes"]
+    mean = node.attrs.get("mean", False)
+    combine = REDUCE_COMBINE[node.op]
     lead = len(axes)
     cols = x.shape[lead:]
     if axes == tuple(range(lead)) and cols and all(isinstance(d, int) for d in cols):
@@ -380,9 +385,9 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
         # double accumulators (a bias gradient summed over the batch)
         ncols = int(np.prod(cols))
         rows = ctx.c(Mono.of(x.shape[:lead]))
-        return {"columns": True, "rows": rows, "cols": ncols,
-                "block": min(ncols, REDUCE_BLOCK), "mean": node.attrs["mean"],
-                "count": rows if node.attrs["mean"] else "",
+        return {"columns": True, "rows": rows, "cols": ncols, "combine": combine,
+                "block": min(ncols, REDUCE_BLOCK), "mean": mean,
+                "count": rows if mean else "",
                 "split": {"what": "its columns", "work": f"({rows})*{ncols}"} if ncols >= 32 else None}
     strides = contiguous_strides(x.shape)
     kept = [(Mono.of((d,)), strides[i]) for i, d in enumerate(x.shape) if i not in axes]
@@ -394,6 +399,7 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
     # a contiguous innermost reduced dim is summed with 8 partial sums, so that it vectorizes
     contiguous = bool(red_strides) and red_strides[-1] == Mono(1) and (red_sizes[-1].dims or red_sizes[-1].coef >= 8)
     return {
+        "combine": combine,
         "contiguous_last": contiguous,
         "row_offset": index_expr(ctx, inner[:-1], red_strides[:-1]) if contiguous else "",
         "last_size": ctx.c(red_sizes[-1]) if contiguous else "",
@@ -403,15 +409,17 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
         "base": index_expr(ctx, outer, kept_strides),
         "offset": index_expr(ctx, inner, red_strides),
         "out_index": index_expr(ctx, outer, packed_strides(kept_sizes)),
-        "count": ctx.c(Mono.of(tuple(x.shape[a] for a in axes))) if node.attrs["mean"] else "",
-        "mean": node.attrs["mean"],
+        "count": ctx.c(Mono.of(tuple(x.shape[a] for a in axes))) if mean else "",
+        "mean": mean,
     }
 
 
 def _softmax(k: Kernel, ctx: Context) -> dict[str, Any]:
-    x = k.nodes[0].inputs[0]
+    node = k.nodes[0]
+    x = node.inputs[0]
     return {"rows": ctx.c(Mono.of(x.shape[:-1])), "cols": ctx.c(Mono.of(x.shape[-1:])),
-            "log": k.nodes[0].op == "log_softmax"}
+            "log": node.op == "log_softmax", "masked": node.op == "attention_softmax",
+            "causal": node.attrs.get("causal", False), "queries": ctx.c(Mono.of(x.shape[-2:-1]))}
 
 
 def _softmax_ce(k: Kernel, ctx: Context) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The operations: each op's shape rule, vector-Jacobian product and NumPy reference, in the
 `OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random;
 `families`: conv, pool, embedding, dropout, batch norm, recurrent cells, slice/concat;
-`batched`: the batched matmul), and the NumPy reference evaluator (`reference`, behind
+`batched`: the batched matmul; `transformer`: constant, where/masked_fill, max/min, layer norm,
+attention), and the NumPy reference evaluator (`reference`, behind
 `bp.evaluate`). `families` and `reference` load
 on first use of one of their names, so using the core ops does not load the C code generator."""
 
@@ -13,9 +14,9 @@ from typing import Any
 from . import core
 from .core import OPS, OpDef, register
 
-_LAZY_MODULES = ("families", "reference")
+_LAZY_MODULES = ("families", "transformer", "reference")
 
-__all__ = ["OPS", "OpDef", "register", "core", "families", "reference"]
+__all__ = ["OPS", "OpDef", "register", "core", "families", "transformer", "reference"]
 
 
 def __getattr__(name: str) -> Any:

@@ -119,7 +119,8 @@ def ew(fn: Fn, *operands: Operand, shape: Shape | None = None) -> Node:
                              f"to {shape_str(shape)}")
         out_shape = tuple(shape)
     expr = fn.expr.xreplace(subs)
-    if expr.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+    infinite = expr.has(sp.oo, -sp.oo) and not fn.expr.has(sp.oo, -sp.oo)  # only a where() may hold ±inf
+    if expr.has(sp.zoo, sp.nan) or infinite:
         raise ValueError(f"{fn.name}: the constants given make it undefined ({expr})")
     used = [i for i, _ in enumerate(nodes) if expr.has(ARGS[i])]
     if len(used) != len(nodes):
