@@ -38,8 +38,10 @@ SUBSET = [  # longest first
     ("sanitizer checks, leaks", ["tests/test_sanitizers.py", "-k", "inprocess and not test_sanitized_inprocess"]),
     ("runtime, gemm paths", ["tests/test_runtime.py", "tests/test_gemm_paths.py"]),
     ("random graphs", ["tests/test_random_graphs.py", "-k", "matches_reference"]),
-    # less the subprocess-heavy tests (killed processes)
+    # less the subprocess-heavy tests (killed processes); with the damaged build caches and meta.json
+    # (each case in a sanitized subprocess: refused by bp.load, rebuilt by bp.compile)
     ("robustness", ["tests/test_robustness.py", "-k", "not killed"]),
+    ("damaged caches", ["tests/test_build_cache.py", "-k", "damaged or reports_the_metadata or optimizer_file"]),
 ]
 FULL = [("whole suite", ["tests"])]
 

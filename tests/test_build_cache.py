@@ -1,8 +1,11 @@
 """The build cache: content-hashed folders, no recompilation on a hit, atomic and concurrent
-builds, loading without SymPy or a compiler, and a non-editable (wheel) install."""
+builds, verified builds (the module's size and hash, the module's own record of meta.json),
+loading without SymPy or a compiler, and a non-editable (wheel) install. Damaged builds, case by
+case: tests/test_robustness.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -251,3 +254,97 @@ def test_save_removes_temporaries_of_killed_writers(tmp_path):
     live.write_bytes(b"y")
     model.save(tmp_path / "ck.npz")
     assert not orphan.exists() and live.exists() and (tmp_path / "ck.npz").is_file()
+
+
+def test_a_build_records_its_module_and_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    fsync, rename = os.fsync, os.rename
+
+    def spy_fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def spy_rename(src, dst):
+        events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "rename", spy_rename)
+    model = bp.compile(mlp_graph("fsynced"), dtype="float64", build_dir=tmp_path)
+    monkeypatch.undo()
+    meta = json.loads((model.build_path / "meta.json").read_text())
+    module = model.build_path / meta["module_file"]
+    assert meta["files"] == {module.name: {"size": module.stat().st_size,
+                                           "sha256": hashlib.sha256(module.read_bytes()).hexdigest()}}
+    final = os.path.realpath(model.build_path)
+    (i,) = [k for k, e in enumerate(events) if e[0] == "rename" and e[2] == final]
+    tmp = events[i][1]
+    synced = {e[1] for e in events[:i] if e[0] == "fsync"}
+    assert {os.path.join(tmp, module.name), os.path.join(tmp, "meta.json"), tmp} <= synced
+    assert ("fsync", os.path.realpath(tmp_path)) in events[i:], "the rename itself was not made durable"
+
+
+def test_the_module_reports_the_metadata_it_was_built_for(build_dir):
+    model = bp.compile(mlp_graph("reports"), dtype="float64", optimizer=bp.optim.Adam(lr=0.01))
+    record = json.loads(model._module.ffi.string(model._lib.bp_layout()))
+    meta = json.loads((model.build_path / "meta.json").read_text())
+    assert record["state_size"] == 2 * record["param_size"] > 0  # Adam's two slots
+    assert record["entries"] == meta["entries"] and record["module_file"] == meta["module_file"]
+    optimizer = {k: v for k, v in meta["optimizer"].items() if k != "lr"}  # a runtime value, not part of the build
+    assert record == {**{k: v for k, v in meta.items() if k != "files"}, "optimizer": optimizer}
+
+
+def test_an_optimizer_file_of_another_optimizer_is_ignored(build_dir):
+    """optimizer.json carries the latest compile's learning rate; anything else in it that does not
+    match the build (another optimizer would size its hyperparameters differently) is not used."""
+    model = bp.compile(mlp_graph("latest_lr"), dtype="float64", optimizer=bp.optim.Adam(lr=0.01))
+    latest = model.build_path / "optimizer.json"
+    latest.write_text(json.dumps(bp.optim.Adam(lr=0.25).config()))
+    assert bp.load(model.build_path).optimizer.config() == bp.optim.Adam(lr=0.25).config()
+    latest.write_text(json.dumps(bp.optim.SGD(lr=0.5).config()))
+    assert bp.load(model.build_path).optimizer.config() == model.optimizer.config()
+    latest.write_text('{"kind": "adam", "lr": ')
+    assert bp.load(model.build_path).optimizer.config() == model.optimizer.config()
+
+
+REPAIR = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import bpcompile as bp
+    from bpcompile.build import cffi_build as build
+    from test_build_cache import mlp_graph, data
+    from testutil import wait_for_start
+    sync, tag = Path(sys.argv[1]), sys.argv[2]
+    g = mlp_graph("repaired")
+    folder = build.build(bp.lower(g, "float64", bp.optim.SGD(lr=0.01)).sources)  # as bp.compile builds it
+    if tag == "0":  # damaged before any process starts to compile
+        module = next(folder.glob("*.so"))
+        module.write_bytes(module.read_bytes()[:5000])
+    wait_for_start(sync, tag)
+    model = bp.compile(g, dtype="float64", seed=0)
+    X, _ = data()
+    print(json.dumps({"folder": str(folder), "path": str(model.build_path), "out": model.forward(x=X)["out"].tolist()}))
+""")
+
+
+def test_processes_rebuilding_one_damaged_build_at_once(tmp_path):
+    root = tmp_path / "cache"
+    script = tmp_path / "repair.py"
+    script.write_text(REPAIR)
+    env = subprocess_env(BPCOMPILE_BUILD_DIR=str(root))
+    (tmp_path / "sync0").mkdir()
+    (tmp_path / "sync0" / "go").touch()
+    first = subprocess.run([sys.executable, str(script), str(tmp_path / "sync0"), "1"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)  # builds it, so that the racers find it
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = run_started_together([[sys.executable, str(script)]] * 3, tmp_path / "sync", env, tmp_path)
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    results = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in runs]
+    folder = Path(results[0]["folder"])
+    assert {r["path"] for r in results} == {r["folder"] for r in results} == {str(folder)}
+    assert all(r["out"] == results[0]["out"] for r in results)
+    left = sorted(p.name for p in root.iterdir())
+    assert folder.name in left and not [n for n in left if n.startswith((".tmp-", ".old-"))], left
+    model = bp.load(folder)
+    X, _ = data()
+    np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(results[0]["out"]))

@@ -9,6 +9,10 @@
   kinks, float32 reductions over 10^6 elements.
 - Concurrency: threads training separate models and sharing one model; processes compiling
   the same graph at once, or killed mid-compile (SIGKILL), leave a usable cache.
+- Damaged build caches: a truncated, altered or deleted module, and a damaged or edited
+  meta.json (state_size 0, emptied buffers, bad JSON, missing or ill-typed fields), are refused
+  by bp.load with a bp.CompileError naming the folder and the fault, and rebuilt in place by
+  bp.compile (each case in a subprocess, so that a crash fails the test, not pytest).
 - Checkpoints: SIGKILL during save keeps the previous checkpoint; another graph's, dtype's,
   truncated, damaged or crafted file raises bp.CheckpointError; nothing loads with pickle.
 - Generated code: hostile names (C keywords, quotes, newlines, comment markers, collisions
@@ -17,9 +21,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -902,3 +908,102 @@ def test_save_while_another_thread_trains_is_one_step(build_dir, tmp_path):
             np.testing.assert_array_equal(data["param/w"], history[int(data["step"])])
         checked += 1
     worker.join()
+
+
+# --- damaged build caches and meta.json ---------------------------------------------------------
+
+def _module_file(folder: Path) -> Path:
+    (module,) = folder.glob("*.so")
+    return module
+
+
+def _edit_meta(change):
+    def damage(folder: Path) -> None:
+        meta = json.loads((folder / "meta.json").read_text())
+        change(meta)
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    return damage
+
+
+def _flip_middle_byte(folder: Path) -> None:
+    data = bytearray(_module_file(folder).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    _module_file(folder).write_bytes(data)
+
+
+def _empty_buffers(meta: dict) -> None:
+    for spec in meta["entries"].values():
+        spec["buffers"] = []
+
+
+# case -> (what it does to a build folder of an Adam model, words the refusal must hold)
+DAMAGE = {
+    "truncated module": (lambda f: _module_file(f).write_bytes(_module_file(f).read_bytes()[:20000]),
+                         ["size mismatch", ".so"]),
+    "flipped byte in module": (_flip_middle_byte, ["hash mismatch", ".so"]),
+    "deleted module": (lambda f: _module_file(f).unlink(), [".so is missing"]),
+    "state_size 0": (_edit_meta(lambda m: m.update(state_size=0)), ["field 'state_size' is 0", "built with"]),
+    "emptied buffers": (_edit_meta(_empty_buffers), [".buffers' is []", "built with"]),
+    "invalid JSON": (lambda f: (f / "meta.json").write_bytes((f / "meta.json").read_bytes()[:100]), ["not valid JSON"]),
+    "missing key": (_edit_meta(lambda m: m.pop("param_size")), ["no field 'param_size'"]),
+    "ill-typed key": (_edit_meta(lambda m: m.update(state_size=str(m["state_size"]))),
+                      ["field 'state_size' is", "not an integer"]),
+    "meta.json deleted": (lambda f: (f / "meta.json").unlink(), ["no meta.json"]),
+}
+
+DAMAGED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import bpcompile as bp
+    from bpcompile.build import cffi_build as build
+    from test_robustness import DAMAGE, clf_graph, data
+    case, root = sys.argv[1], Path(sys.argv[2])
+    g, adam = clf_graph("rb_cache"), bp.optim.Adam(lr=0.01)
+    folder = build.build(bp.lower(g, "float64", adam).sources, root)  # the cached build (not loaded)
+    DAMAGE[case][0](folder)
+    X, Y = data()
+    try:
+        model = bp.load(folder)
+        model.train_step(x=X, y=Y)  # a build that is not refused may crash or corrupt the heap here
+        model.train_step(x=X, y=Y)
+        refused = None
+    except bp.CompileError as e:
+        refused = str(e)
+    model = bp.compile(g, "float64", optimizer=adam, seed=0, build_dir=root)  # must rebuild it in place
+    losses = [model.train_step(x=X, y=Y) for _ in range(2)]
+    again = bp.load(folder)
+    print(json.dumps({"folder": str(folder), "refused": refused, "path": str(model.build_path), "losses": losses,
+                      "again": again.loss(x=X, y=Y), "left": sorted(p.name for p in root.iterdir())}))
+""")
+
+
+@pytest.fixture(scope="module")
+def cached_adam(tmp_path_factory):
+    """A build folder of an Adam model to copy (the damaged cases then need no first compile),
+    and the losses of its first two steps from seed 0."""
+    root = tmp_path_factory.mktemp("rb_cache")
+    model = bp.compile(clf_graph("rb_cache"), "float64", optimizer=bp.optim.Adam(lr=0.01), seed=0, build_dir=root)
+    X, Y = data()
+    return model.build_path, [model.train_step(x=X, y=Y) for _ in range(2)]
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_build_is_refused_by_load_and_rebuilt_by_compile(case, cached_adam, tmp_path):
+    pristine, losses = cached_adam
+    root = tmp_path / "cache"
+    root.mkdir()
+    shutil.copytree(pristine, root / pristine.name)
+    script = tmp_path / "damaged.py"
+    script.write_text(DAMAGED_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), case, str(root)], env=subprocess_env(), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode} (< 0: killed by that signal)\n{p.stderr[-3000:]}"
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["refused"] is not None, "bp.load accepted the damaged build"
+    for words in [res["folder"], "recompile", *DAMAGE[case][1]]:
+        assert words in res["refused"], (words, res["refused"])
+    assert res["path"] == res["folder"], "bp.compile did not rebuild the damaged folder in place"
+    assert res["losses"] == losses
+    assert np.isfinite(res["again"])
+    assert Path(res["folder"]).name in res["left"]
+    assert not [n for n in res["left"] if n.startswith((".tmp-", ".old-"))], res["left"]  # nothing left over

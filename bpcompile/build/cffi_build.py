@@ -2,9 +2,16 @@
 
 The key hashes everything that decides the binary: the generated sources, the cffi interface,
 compiler flags, the compiler's version, the CPU (for -march=native), cffi's version, the Python
-ABI and bpcompile's version. A build happens in a temporary folder that is renamed into place
-when complete, so a reader never sees a half-written module and two processes building the same
-model at once both succeed (the second rename finds the first one's result).
+ABI and bpcompile's version. A build happens in a temporary folder, fsynced and then renamed into
+place, so a reader never sees a half-written module (not even after a power loss) and two
+processes building the same model at once both succeed (the second rename finds the first one's
+result).
+
+A cached build is trusted only once it verifies: meta.json records the size and sha256 of the
+module file, and the module carries its own copy of meta.json (`bp_layout()`, less that record),
+so a damaged module and a damaged or edited meta.json are both caught before a buffer is sized
+from them. `build` replaces a cached folder that does not verify; `bp.load` refuses it
+(runtime.model: read_meta, check_files, check_record).
 
 cffi (API mode) writes the Python wrapper; gcc compiles it and the model's own C (which has no
 Python in it) as two translation units, so the model's C is held to -Wall -Wextra on its own.
@@ -13,6 +20,7 @@ Python in it) as two translation units, so the model's C is held to -Wall -Wextr
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -22,6 +30,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -36,6 +45,7 @@ from ..errors import CompileError
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 WRAPPER_FLAGS = ["-O2", "-fPIC", "-fno-strict-aliasing", "-w"]
 STALE_SECONDS = 3600
+LAYOUT_PROTOTYPE = "const char *bp_layout(void);"  # the module's own copy of its meta.json (module.c.j2)
 
 
 @dataclass
@@ -188,17 +198,25 @@ def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
 
 def _meta_key(meta: dict) -> str:
     """The stored metadata, less the learning rate (a runtime value that needs no rebuild)."""
-    meta = dict(meta)
-    if meta.get("optimizer"):
+    return json.dumps(module_record(meta), sort_keys=True, default=str)
+
+
+def module_record(meta: dict) -> dict:
+    """What the module keeps of its metadata (`bp_layout()`, in the cache key too): all of it but
+    the record of the built files, which holds the module's own hash, and the learning rate, a
+    runtime value that needs no rebuild."""
+    meta = {k: v for k, v in meta.items() if k != "files"}
+    if isinstance(meta.get("optimizer"), dict):
         meta["optimizer"] = {k: v for k, v in meta["optimizer"].items() if k != "lr"}
-    return json.dumps(meta, sort_keys=True, default=str)
+    return meta
 
 
 def build(src: Sources, root: Path | str | None = None) -> Path:
-    """The folder of the built module for `src`, compiling it only when no build is cached."""
+    """The folder of the built module for `src`, compiling it only when no build that verifies
+    is cached (a damaged one is rebuilt and replaced)."""
     root = Path(root) if root is not None else default_build_root()
     root.mkdir(parents=True, exist_ok=True)
-    defines = dict(src.defines)
+    defines = dict(src.defines, BP_LAYOUT="1")
     if libmvec():
         defines["BP_USE_LIBMVEC"] = "1"
     blas_info = blas()
@@ -207,23 +225,22 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         defines["BP_CBLAS_GEMM"] = blas_info["sgemm" if src.meta["dtype"] == "float32" else "dgemm"]
     digest = cache_key(src, defines)
     final = root / f"{safe_name(src.name)}-{digest[:16]}"
-    if (final / "meta.json").is_file():
+    module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
+    meta = dict(src.meta, module=module, module_file=module + sysconfig.get_config_var("EXT_SUFFIX"),
+                key=digest, blas=blas_info)
+    meta = json.loads(json.dumps(meta))  # as meta.json will hold it (lists, not tuples)
+    if os.path.lexists(final) and _verifies(final, meta):
         return final
     _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{safe_name(src.name)}-", dir=root))
     _as_umask_allows(tmp)  # mkdtemp makes it private: a shared cache must serve other users too
     try:
-        module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
-        _compile(src, tmp, module, defines, blas_info)
-        meta = dict(src.meta, module=module, module_file=module + sysconfig.get_config_var("EXT_SUFFIX"),
-                    key=digest, blas=blas_info)
+        record = json.dumps(module_record(meta), sort_keys=True, separators=(",", ":")).encode()
+        _compile(src, tmp, module, defines, blas_info, record)
+        meta["files"] = {meta["module_file"]: file_record(tmp / meta["module_file"])}
         _write(tmp / "meta.json", json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
+        _sync_folder(tmp)
+        _install(tmp, final, meta)
     except CompileError as e:
         failed = root / f"{final.name}.failed"  # kept for inspection; replaced by the next failure
         shutil.rmtree(failed, ignore_errors=True)
@@ -236,19 +253,134 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
     return final
 
 
+def _install(tmp: Path, final: Path, meta: dict) -> None:
+    """Move a finished (fsynced) build into place. Usually nothing is there: one rename. When
+    something is (another process finished the same build first, or the cached build is
+    damaged), under a lock on the name: keep it if it verifies, else move it aside, rename ours
+    in and delete it. A process that finds no folder between the two renames builds and renames
+    its own, which verifies just as well."""
+    if _rename(tmp, final):
+        _sync_dir(final.parent)
+        return
+    with _lock(final):
+        if _verifies(final, meta):
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same build first
+            return
+        aside = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        _rename(final, aside)
+        if not _rename(tmp, final):  # a process without the lock renamed its build in meanwhile
+            if not _verifies(final, meta):
+                raise OSError(errno.EEXIST, f"could not replace the damaged build {final}")
+            shutil.rmtree(tmp, ignore_errors=True)
+        _sync_dir(final.parent)
+        _remove(aside)
+
+
+def _rename(src: Path, dst: Path) -> bool:
+    """Rename src to dst; False when dst is taken (or src is gone)."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            return False
+        raise
+    return True
+
+
+@contextlib.contextmanager
+def _lock(final: Path):
+    """An exclusive lock between processes on one build's name: a `.<name>.lock` file beside it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the renames alone keep readers safe
+        yield
+        return
+    fd = os.open(final.with_name(f".{final.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync every file of a finished build, then the folder itself: after the rename, a crash
+    or power loss cannot leave the build's name on partly written files."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _sync_dir(folder)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _verifies(folder: Path, meta: dict) -> bool:
+    """Whether `folder` holds this build intact: meta.json as this build writes it (the learning
+    rate aside), and every file it records with the recorded size and sha256. (bp.load checks the
+    same from the folder alone: runtime.model.check_files and check_record.)"""
+    try:
+        found = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(found, dict) or not isinstance(found.get("files"), dict):
+            return False
+        if _canonical(module_record(found)) != _canonical(module_record(meta)):
+            return False
+        return meta["module_file"] in found["files"] and all(
+            Path(name).name == name and file_record(folder / name) == record for name, record in found["files"].items())
+    except (OSError, ValueError):
+        return False
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True)  # types kept: 1, 1.0 and true all differ
+
+
+def file_record(path: Path) -> dict:
+    """What meta.json records of a built file: its size and sha256."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
 def _write(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 
-def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas_info: dict | None) -> None:
+def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas_info: dict | None,
+             record: bytes) -> None:
     import cffi
     cc, _ = compiler()
     _write(out / "model.c", src.model_c)
     _write(out / "model.h", src.model_h)
+    _write(out / "layout.h", _layout_header(record))
     ffi = cffi.FFI()
-    ffi.cdef(src.cdef)
-    ffi.set_source(module, '#include "model.h"')
+    ffi.cdef(src.cdef + "\n" + LAYOUT_PROTOTYPE)
+    ffi.set_source(module, '#include "model.h"\n' + LAYOUT_PROTOTYPE)
     with contextlib.redirect_stdout(io.StringIO()):  # cffi announces the file it writes
         ffi.emit_c_code(str(out / "wrapper.c"))
     include = [f"-I{out}"]
@@ -279,6 +411,14 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
                                            "commands": jobs + [link]}, indent=1))
 
 
+def _layout_header(record: bytes) -> str:
+    """layout.h: the bytes of the module's record of its metadata, which model.c compiles in
+    (bp_layout in module.c.j2); numbers, so no text of the model's needs escaping."""
+    rows = [",".join(map(str, record[i:i + 32])) for i in range(0, len(record), 32)]
+    return ("/* bpcompile: the metadata model.c was generated for (meta.json less its file record), as JSON */\n"
+            "#define BP_LAYOUT_JSON { \\\n" + ", \\\n".join(rows) + ", 0 }\n")
+
+
 def _as_umask_allows(folder: Path) -> None:
     """Give a folder the mode a plain mkdir would (0777 less the umask)."""
     mask = os.umask(0)
@@ -287,7 +427,10 @@ def _as_umask_allows(folder: Path) -> None:
 
 
 def _remove_stale_temporaries(root: Path) -> None:
-    """Drop temporary build folders left by killed processes (older than an hour)."""
+    """Drop temporary build folders left by killed processes (older than an hour), and damaged
+    builds a killed process had moved aside to replace."""
+    for p in root.glob(".old-*"):
+        _remove(p)
     now = time.time()
     for p in root.glob(".tmp-*"):
         try:

@@ -1,6 +1,9 @@
 """Runtime: a built model as a Python object. NumPy in, NumPy out, one native call per method.
 
-Nothing here imports SymPy or runs a compiler: `bp.load(path)` works from a build folder alone.
+Nothing here imports SymPy or runs a compiler: `bp.load(path)` works from a build folder alone,
+once it verifies: the module file has the size and sha256 meta.json records, and meta.json
+matches the module's own record of it (`bp_layout()`, see build.cffi_build), so neither a
+damaged module nor a damaged meta.json is ever run or trusted.
 Parameters, gradients and optimizer state each live in one flat 64-byte-aligned buffer, with
 per-parameter NumPy views. Intermediates live in a workspace arena planned by liveness, one per
 runtime shape and thread (the last few shapes kept), so calls from several threads never share
@@ -10,6 +13,7 @@ one. The native call releases the GIL.
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +26,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, CompileError, InputError
 from ..train.init import initial_value
 from . import threads
 
@@ -31,7 +35,16 @@ ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime 
 MAX_STEP = 2**53  # step counts beyond it lose their integer in the float64 hyperparameters
 OPTIMIZER_FILE = "optimizer.json"  # the optimizer settings of the latest compile into a build folder
 _MODULES: dict[str, Any] = {}
+_RECORDS: dict[str, dict] = {}  # each loaded module's record of its metadata (bp_layout)
 _MODULES_LOCK = threading.Lock()
+REBUILD = "recompile the model (bp.compile replaces a damaged build)"
+# meta.json's top-level fields and the JSON types each may hold: all are required
+META_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (int,), "name": (str,), "dtype": (str,), "dims": (list,), "inputs": (list,), "params": (list,),
+    "param_size": (int,), "state_size": (int,), "optimizer": (dict, type(None)), "outputs": (list,),
+    "losses": (list,), "entries": (dict,), "module": (str,), "module_file": (str,), "key": (str,),
+    "blas": (dict, type(None)), "files": (dict,),
+}
 
 
 def aligned_empty(count: int, dtype: Any) -> np.ndarray:
@@ -42,24 +55,160 @@ def aligned_empty(count: int, dtype: Any) -> np.ndarray:
     return raw[start:start + count * dtype.itemsize].view(dtype)
 
 
+# --- verifying a build folder ---------------------------------------------------------------
+
+def _damaged(folder: Path, what: str) -> CompileError:
+    return CompileError(f"damaged build folder {folder}: {what}; {REBUILD}")
+
+
+def read_meta(folder: Path) -> dict:
+    """A build folder's meta.json, parsed, with every top-level field present and of its type."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a bpcompile build folder (no such folder)")
+    try:
+        text = (folder / "meta.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CompileError(f"{folder} is not a bpcompile build folder, or a damaged one: it has no meta.json; "
+                           f"{REBUILD}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _damaged(folder, f"meta.json is unreadable ({e})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise _damaged(folder, f"meta.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(folder, f"meta.json holds {_json_kind(meta)}, not an object")
+    for key, kinds in META_FIELDS.items():
+        if key not in meta:
+            raise _damaged(folder, f"meta.json has no field {key!r}")
+        if not _of_kind(meta[key], kinds):
+            raise _damaged(folder, f"meta.json field {key!r} is {_short(meta[key])}, not "
+                                   f"{' or '.join(_json_kind(k) for k in kinds)}")
+    if not _file_name(meta["module_file"]):
+        raise _damaged(folder, f"meta.json field 'module_file' is {meta['module_file']!r}, not a file name")
+    if not meta["module"].isidentifier():
+        raise _damaged(folder, f"meta.json field 'module' is {meta['module']!r}, not a module name")
+    if meta["blas"] is not None and not all(isinstance(meta["blas"].get(k), str) for k in ("name", "libdir", "file")):
+        raise _damaged(folder, f"meta.json field 'blas' is {_short(meta['blas'])}, not a library's record")
+    return meta
+
+
+def check_files(folder: Path, meta: dict) -> None:
+    """Every file meta.json records (the module file among them) is there with the recorded size
+    and sha256; else a CompileError naming the file and what differs."""
+    files = meta["files"]
+    if meta["module_file"] not in files:
+        raise _damaged(folder, f"meta.json records no size and sha256 of the module {meta['module_file']}")
+    for name, want in files.items():
+        if not (_file_name(name) and isinstance(want, dict) and _of_kind(want.get("size"), (int,))
+                and isinstance(want.get("sha256"), str)):
+            raise _damaged(folder, f"meta.json's record of file {name!r} is malformed ({_short(want)})")
+        path = Path(folder) / name
+        if not path.is_file():
+            raise _damaged(folder, f"{name} is missing")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise _damaged(folder, f"{name} has {size} bytes, the build wrote {want['size']} (size mismatch)")
+        if _sha256(path) != want["sha256"]:
+            raise _damaged(folder, f"{name} does not have the sha256 the build recorded (hash mismatch: its "
+                                   "content is damaged)")
+
+
+def check_record(folder: Path, meta: dict, built: dict) -> None:
+    """meta.json against the module's own record of it: a CompileError naming the first field
+    that differs, types included (so an edited state_size or buffer list never sizes a buffer)."""
+    mine = {k: v for k, v in meta.items() if k != "files"}  # the record holds the module's hash: not in it
+    if isinstance(mine.get("optimizer"), dict):  # nor the learning rate, which is not part of the build
+        mine["optimizer"] = {k: v for k, v in mine["optimizer"].items() if k != "lr"}
+    found = _difference(mine, built, "")
+    if found is None:
+        return
+    field, given, want = found
+    if given is _ABSENT:
+        what = f"meta.json has no field {field!r} (the module was built with {_short(want)})"
+    elif want is _ABSENT:
+        what = f"meta.json field {field!r} is not in the module's record of its metadata"
+    else:
+        what = f"meta.json field {field!r} is {_short(given)}, but the module was built with {_short(want)}"
+    raise _damaged(folder, what)
+
+
+_ABSENT = object()
+
+
+def _difference(given: Any, want: Any, path: str) -> tuple[str, Any, Any] | None:
+    """The first (path, given, wanted) where two JSON values differ, types included; else None."""
+    if isinstance(want, dict) and isinstance(given, dict):
+        for key in list(want) + [k for k in given if k not in want]:
+            found = _difference(given.get(key, _ABSENT), want.get(key, _ABSENT), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if isinstance(want, list) and isinstance(given, list) and len(want) == len(given):
+        for i, (g, w) in enumerate(zip(given, want)):
+            found = _difference(g, w, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if type(given) is type(want) and (given == want or given != given and want != want):  # NaN is NaN
+        return None
+    return path, given, want
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_name(name: str) -> bool:
+    return Path(name).name == name and name not in ("", ".", "..")
+
+
+def _of_kind(value: Any, kinds: tuple[type, ...]) -> bool:
+    return any(type(value) is k for k in kinds)  # type(): true is no integer here
+
+
+def _json_kind(value: Any) -> str:
+    kind = value if isinstance(value, type) else type(value)
+    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true/false", type(None): "null"}.get(kind, kind.__name__)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _load_module(path: Path, meta: dict) -> Any:
+    """The native module of a build folder, loaded once per process, after its file has been
+    verified; then meta.json is checked against the module's own record of it."""
+    check_files(path, meta)  # before any byte of the folder runs
     name = meta["module"]
     with _MODULES_LOCK:
-        if name in _MODULES:
-            return _MODULES[name]
-        file = path / meta["module_file"]
-        if not file.is_file():
-            raise FileNotFoundError(f"{path} holds no built module {meta['module_file']}: rebuild the model")
-        if meta.get("blas"):
-            from . import blas
-            blas.load(meta["blas"])
-        spec = importlib.util.spec_from_file_location(name, file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules.setdefault(name, module)
-        threads.attach(module.lib)
-        _MODULES[name] = module
-        return module
+        module = _MODULES.get(name)
+        if module is None:
+            if meta.get("blas"):
+                from . import blas
+                blas.load(meta["blas"])
+            file = path / meta["module_file"]
+            try:
+                spec = importlib.util.spec_from_file_location(name, file)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                record = json.loads(module.ffi.string(module.lib.bp_layout()))
+            except (ImportError, OSError, AttributeError, ValueError) as e:
+                raise CompileError(f"{path}: the built module {file.name} does not load ({type(e).__name__}: {e}); "
+                                   "recompile the model") from None
+            sys.modules.setdefault(name, module)
+            threads.attach(module.lib)
+            _MODULES[name] = module
+            _RECORDS[name] = record
+    check_record(path, meta, _RECORDS[name])
+    return module
 
 
 def plan_offsets(buffers: list[list], dims: Mapping[str, int], itemsize: int) -> tuple[np.ndarray, int]:
@@ -178,14 +327,11 @@ class CompiledModel:
     def __init__(self, build_path: str | Path, seed: int = 0, optimizer: Any = None,
                  init_arrays: Mapping[str, np.ndarray] | None = None):
         self.build_path = Path(build_path)
-        meta_file = self.build_path / "meta.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{self.build_path} is not a bpcompile build folder (no meta.json)")
-        self.meta = meta = json.loads(meta_file.read_text())
+        self.meta = meta = read_meta(self.build_path)
+        self._module = _load_module(self.build_path, meta)  # meta.json verified against the module from here on
         self.name: str = meta["name"]
         self.dtype = np.dtype(meta["dtype"])
         self._ctype = "float[]" if self.dtype == np.float32 else "double[]"
-        self._module = _load_module(self.build_path, meta)
         self._ffi, self._lib = self._module.ffi, self._module.lib
         self._inputs: dict[str, dict] = {i["name"]: i for i in meta["inputs"]}
         self._dims: list[str] = meta["dims"]
@@ -239,16 +385,18 @@ class CompiledModel:
         self.step = 0
 
     def _optimizer_from_meta(self):
+        """The build's optimizer with the latest compile's learning rate (not part of the build),
+        when OPTIMIZER_FILE holds a readable config that differs from the build's in nothing else."""
         cfg = self.meta.get("optimizer")
         if not cfg:
             return None
-        latest = self.build_path / OPTIMIZER_FILE
-        if latest.is_file():  # the learning rate is not part of the build: the latest compile's
-            try:
-                cfg = json.loads(latest.read_text())
-            except (OSError, ValueError):
-                pass
         from ..train.optim import from_config
+        try:
+            latest = json.loads((self.build_path / OPTIMIZER_FILE).read_text())
+            if isinstance(latest, dict) and _less_lr(latest) == _less_lr(cfg):
+                return from_config(latest)
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
         return from_config(cfg)
 
     @property
@@ -600,6 +748,10 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
                 f"entries {list(self._entries)} at {self.build_path}>")
+
+
+def _less_lr(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "lr"}
 
 
 def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
