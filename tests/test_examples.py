@@ -70,3 +70,11 @@ def test_custom_mish_derivative_and_training(build_dir, capsys):
     assert result["kernel_error"] < 1e-12
     assert result["mse_after"] < result["mse_before"] / 10
     assert "mish'(z) = " in capsys.readouterr().out
+
+
+def test_gpt_adder_learns_to_add(build_dir, capsys):
+    """The tiny GPT on a shortened schedule: held-out sums answered exactly by greedy decoding."""
+    accuracy = load_example("gpt_adder").main(["--steps", "300", "--min-accuracy", "0"])
+    assert accuracy >= 0.97
+    printed = capsys.readouterr().out
+    assert "held-out exact match" in printed and "+" in printed.splitlines()[-1]

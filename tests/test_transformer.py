@@ -7,6 +7,10 @@ Finite differences and the NumPy reference for the same ops are rows of test_op_
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +330,61 @@ def test_multi_head_attention_state_dict_has_torch_names(build_dir) -> None:
     tm = torch.nn.MultiheadAttention(8, 2, batch_first=True)
     assert {f"attn.{k}" for k in tm.state_dict()} == set(sd)
     assert all(sd[f"attn.{k}"].shape == tuple(v.shape) for k, v in tm.state_dict().items())
+
+
+# --- specs, explanations and the standalone C of a GPT -----------------------------------------
+
+GPT_SPEC = Path(__file__).resolve().parents[1] / "examples" / "gpt_spec.yaml"
+
+
+def test_yaml_gpt_spec_builds_the_bp_nn_model(build_dir) -> None:
+    from bpcompile.tools.spec import load_spec
+    spec = load_spec(GPT_SPEC)
+    g = spec.graph
+    assert g.params["wte.weight"].shape == (65, 64) and "transformer_block2.attn.in_proj_weight" in g.params
+    model = bp.compile(g, dtype="float64", optimizer=spec.optimizer, seed=0)
+    rng = np.random.default_rng(0)
+    data = {name: rng.integers(0, 65, (3, 16)).astype(np.int32) for name in ("idx", "targets")}
+    loss = model.loss(**data)
+    assert abs(loss - math.log(65)) < 0.5  # small random init: close to uniform predictions
+    assert model.train_step(**data) == pytest.approx(loss, rel=1e-12)
+
+
+def test_yaml_gpt_spec_errors_name_the_layer(tmp_path) -> None:
+    from bpcompile.tools.spec import SpecError, load_spec
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GPT_SPEC.read_text().replace("  - {type: embedding, vocab: 65, dim: 64, positions: 16}\n", ""))
+    with pytest.raises(SpecError, match=r"layers\[0\]: shape mismatch: transformer_block needs a float tensor"):
+        load_spec(bad)
+    bad.write_text(GPT_SPEC.read_text().replace("heads: 4}", "heads: 5}", 1))
+    with pytest.raises(SpecError, match=r"layers\[1\].*not divisible by heads 5"):
+        load_spec(bad)
+
+
+def test_show_grad_explains_layer_norm_and_attention(capsys) -> None:
+    from bpcompile.tools import cli
+    assert cli.main(["show", str(GPT_SPEC), "--grad"]) == 0
+    out = capsys.readouterr().out
+    backward = out.split("Backward pass")[1]
+    assert "softmax_causal(" in out.split("Backward pass")[0]
+    # layer norm's backward as written by hand, the softmax Jacobian-vector product
+    assert re.search(r"\(1/std\(T\d+\)\) ⊙ \(dT\d+ - mean\(dT\d+\) - T\d+ ⊙ mean\(dT\d+ ⊙ T\d+\)\)", backward)
+    assert re.search(r"dT(\d+) += T(\d+) ⊙ \(dT\2 - Σ_axis3 \(dT\2 ⊙ T\2\)\)", backward)
+    assert re.search(r"T\d+ · T\d+ᵀ", out)  # q kᵀ, read transposed by the GEMM
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None, reason="needs a C compiler and make")
+def test_exported_gpt_trains_like_the_python_module(tmp_path) -> None:
+    from bpcompile.tools import export
+    from bpcompile.tools.spec import load_spec
+    spec = load_spec(GPT_SPEC)
+    export.export_model(spec.graph, tmp_path / "c", "float64", spec.optimizer, seed=0, batch=3, steps=4)
+    flags = "CFLAGS=-std=c99 -O2 -Wall -Wextra -Werror -pedantic"
+    done = subprocess.run(["make", "-s", flags], cwd=tmp_path / "c", capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = subprocess.run(["./main"], cwd=tmp_path / "c", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    c_losses = [float(line.split()[-1]) for line in run.stdout.splitlines() if line.startswith("step ")]
+    model = bp.compile(spec.graph, "float64", optimizer=spec.optimizer, seed=0)
+    data = export.synthetic_inputs(model.meta["inputs"], {"batch": 3}, seed=0, dtype=np.float64)
+    np.testing.assert_allclose(c_losses, [model.train_step(**data) for _ in range(4)], rtol=1e-12)

@@ -32,6 +32,7 @@ from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, Shape, broadcast_shapes, shape_str
 from ..passes.pipeline import Kernel
 from ..symbolic.functions import ARGS, Fn
+from .batched import bmatmul
 from .core import (
     _check_tensor,
     _need_float,
@@ -42,7 +43,6 @@ from .core import (
     register,
     reshape,
     sum,
-    transpose,
 )
 
 __all__ = ["constant", "where", "masked_fill", "max", "min", "layer_norm", "attention"]
@@ -260,7 +260,7 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
-    scores = mul(q, scale) @ transpose(k, tuple(range(k.ndim - 2)) + (k.ndim - 1, k.ndim - 2))
+    scores = bmatmul(mul(q, scale), k, tb=True)  # kᵀ read by the GEMM, never copied
     if mask is not None:
         mask = _as_condition(mask)
         try:

@@ -343,7 +343,7 @@ class Explanation:
         op = node.op
         if op == "ew":
             return self._render_ew(node, args, tex)
-        if op == "matmul":
+        if op in ("matmul", "bmatmul"):  # a batched product's ᵀ swaps the last two axes
             def side(i: int, transposed: bool) -> str:
                 text, prec = args[i]
                 if transposed:
@@ -393,9 +393,29 @@ class Explanation:
                 return (rf"\frac{{\operatorname{{softmax}}({logits}) - \operatorname{{onehot}}({labels})}}{{{rows}}}",
                         MUL)
             return f"(softmax({logits}) - onehot({labels})) / {rows}", MUL
+        if op in ("layer_norm_rstd", "layer_norm_grad", "attention_softmax", "amax", "amin"):
+            return self._render_transformer(node, args, tex)
         fname = {"softmax": "softmax", "log_softmax": "log_softmax"}.get(op, op)
         joined = ", ".join(a for a, _ in args)
         return (rf"\operatorname{{{_tex_escape(fname)}}}({joined})" if tex else f"{fname}({joined})"), ATOM
+
+    def _render_transformer(self, node: Node, args: list[tuple[str, int]], tex: bool) -> tuple[str, int]:
+        """Layer norm's backward as a person writes it, 1/std, max/min, the attention softmax."""
+        def fn(name: str, *xs: str) -> str:
+            return rf"\operatorname{{{name}}}({', '.join(xs)})" if tex else f"{name}({', '.join(xs)})"
+        dot = r" \odot " if tex else " ⊙ "
+        if node.op == "layer_norm_rstd":  # inputs: the normalized value, then x
+            return (rf"1 / \operatorname{{std}}({args[1][0]})" if tex else f"1/std({args[1][0]})"), MUL
+        if node.op == "layer_norm_grad":  # (g, x̂, 1/std): the projection of g off 1 and x̂
+            g, xhat, rstd = (a for a, _ in args)
+            rstd = rstd if args[2][1] >= POW else f"({rstd})"
+            return f"{rstd}{dot}({g} - {fn('mean', g)} - {xhat}{dot}{fn('mean', g + dot + xhat)})", MUL
+        if node.op == "attention_softmax":
+            return fn("softmax_causal" if node.attrs["causal"] else "softmax", args[0][0]), ATOM
+        x = node.inputs[0]
+        labels = [str(x.shape[a]) if isinstance(x.shape[a], str) else f"axis{a}" for a in node.attrs["axes"]]
+        name = ("max" if node.op == "amax" else "min") + ("" if len(labels) == x.ndim else "_" + ",".join(labels))
+        return fn(name, args[0][0]), ATOM
 
     @staticmethod
     def _rows(labels: Node, tex: bool) -> str:

@@ -24,8 +24,10 @@ A **YAML spec** describes a stack of layers, for people who configure rather tha
     optimizer: {type: adam, lr: 0.001}
 
 Layers: `dense` (units, activation, init, bias, bias_init, name), `dropout` (p), `batch_norm`
-(momentum, eps, name), `flatten`, `softmax`, `log_softmax`, `leaky_relu` (negative_slope), `elu`
-(alpha), every built-in elementwise op
+(momentum, eps, name), the layers of a GPT (`embedding` (vocab, dim, positions, name) reading int32
+token ids, `layer_norm` (eps), `transformer_block` (heads, mlp_ratio, dropout, causal), `lm_head`
+(units; without units it is tied to the embedding's table): see examples/gpt_spec.yaml), `flatten`,
+`softmax`, `log_softmax`, `leaky_relu` (negative_slope), `elu` (alpha), every built-in elementwise op
 (relu, sigmoid, tanh, softplus, gelu, silu, exp, log, sqrt, square, abs, neg) and every function
 of `functions` (a function of several symbols takes the stack as its first one and constants for
 the others: `{type: f, args: {beta: 1.5}}`). A layer with no settings may be written as its name.
@@ -461,6 +463,15 @@ LOSSES = {"softmax_cross_entropy": "softmax_cross_entropy", "mse": "mse",
 UNARY = ["relu", "sigmoid", "tanh", "softplus", "gelu", "silu", "exp", "log", "sqrt", "square", "abs", "neg"]
 PARAMETRIC = {"leaky_relu": ("negative_slope", "leaky_relu"), "elu": ("alpha", "elu")}
 SHAPED = {"flatten": "flatten", "softmax": "softmax", "log_softmax": "log_softmax"}
+NAME_KEY = {"name": "a prefix for its parameter names"}
+TRANSFORMER_KEYS = {  # the layers of a GPT, as bp.nn builds them
+    "embedding": {"vocab": "the number of token ids", "dim": "the embedding width",
+                  "positions": "add learned position embeddings for this many steps", **NAME_KEY},
+    "layer_norm": {"eps": "a positive number (1e-5)", **NAME_KEY},
+    "transformer_block": {"heads": "the number of attention heads", "mlp_ratio": "the MLP width / dim (4)",
+                          "dropout": "a probability (0)", "causal": "true (default) or false", **NAME_KEY},
+    "lm_head": {"units": "outputs (default: tied to the embedding's table)", **NAME_KEY},
+}
 
 
 def _load_yaml(path: Path) -> Spec:
@@ -605,7 +616,7 @@ class _YamlBuilder:
         return inputs[floats[0]]
 
     def layer_kinds(self) -> list[str]:
-        return ["dense", "dropout", "batch_norm", *SHAPED, *UNARY, *PARAMETRIC, *self.functions]
+        return ["dense", "dropout", "batch_norm", *TRANSFORMER_KEYS, *SHAPED, *UNARY, *PARAMETRIC, *self.functions]
 
     def layers(self, g, x) -> Any:
         r = self.r
@@ -628,6 +639,8 @@ class _YamlBuilder:
             elif kind == "batch_norm":
                 norms += 1
                 x = self.batch_norm(g, x, settings, where, norms)
+            elif kind in TRANSFORMER_KEYS:
+                x = self.transformer_layer(g, x, kind, settings, where, i)
             else:
                 x = self.apply(kind, settings, x, where)
         return x
@@ -662,6 +675,49 @@ class _YamlBuilder:
                                        if k not in ("dense", "flatten", "dropout", "batch_norm")], "activation")
             y = self.apply(kind, act_settings, y, act_where)
         return y
+
+    def transformer_layer(self, g, x, kind: str, settings: dict, where: tuple, i: int) -> Any:
+        """embedding (+ positions), layer_norm, transformer_block, lm_head (tied by default)."""
+        r = self.r
+        r.mapping(settings, where, {"type": kind, **TRANSFORMER_KEYS[kind]},
+                  required={"embedding": ("vocab", "dim"), "transformer_block": ("heads",)}.get(kind, ()))
+        name = r.name(settings.get("name", {"embedding": "wte", "lm_head": "lm_head"}.get(kind, f"{kind}{i}")),
+                      where + ("name",), "a parameter name prefix")
+        needs_int = kind == "embedding"
+        if (x.dtype == "int32") != needs_int:
+            raise r.error(where, f"shape mismatch: {kind} needs {'int32 token ids' if needs_int else 'a float tensor'}"
+                          f", its input is {x.dtype} {tuple(x.shape)}")
+        if not needs_int and (x.ndim < 1 or not isinstance(x.shape[-1], int)):
+            raise r.error(where, f"shape mismatch: {kind} needs a fixed last dimension, its input has shape "
+                          f"{tuple(x.shape)}")
+        if kind == "embedding":
+            vocab = r.integer(settings["vocab"], where + ("vocab",), maximum=MAX_UNITS)
+            dim = r.integer(settings["dim"], where + ("dim",), maximum=MAX_UNITS)
+            self.embedding = self.call(where, lambda: bp.nn.Embedding(g, vocab, dim, name=name))
+            x = self.call(where, lambda: self.embedding(x))
+            if "positions" in settings:
+                steps = r.integer(settings["positions"], where + ("positions",), maximum=MAX_UNITS)
+                wpe = self.call(where, lambda: g.param(f"{name}_positions", (steps, dim), init="normal"))
+                x = self.call(where + ("positions",), lambda: x + wpe, mismatch=True)
+            return x
+        if kind == "layer_norm":
+            eps = {"eps": r.number(settings["eps"], where + ("eps",))} if "eps" in settings else {}
+            return self.call(where, lambda: bp.nn.LayerNorm(g, x.shape[-1], name=name, **eps)(x))
+        if kind == "transformer_block":
+            options = {"heads": r.integer(settings["heads"], where + ("heads",)),
+                       "mlp_ratio": r.integer(settings.get("mlp_ratio", 4), where + ("mlp_ratio",)),
+                       "dropout": r.number(settings.get("dropout", 0.0), where + ("dropout",)),
+                       "causal": r.boolean(settings.get("causal", True), where + ("causal",))}
+            return self.call(where, lambda: bp.nn.TransformerBlock(g, x.shape[-1], name=name, **options)(x),
+                             mismatch=True)
+        if "units" in settings:
+            units = r.integer(settings["units"], where + ("units",), maximum=MAX_UNITS)
+            return self.call(where, lambda: bp.nn.Linear(g, x.shape[-1], units, bias=False, name=name)(x))
+        table = getattr(self, "embedding", None)
+        if table is None:
+            raise r.error(where, "an lm_head without 'units' is tied to an embedding layer, and there is none "
+                          "before it")
+        return self.call(where, lambda: x @ bp.transpose(table.weight), mismatch=True)
 
     def batch_norm(self, g, x, settings: dict, where: tuple, k: int) -> Any:
         r = self.r
