@@ -8,7 +8,6 @@ graph -> autodiff (one backward graph per loss) -> passes.schedule per entry poi
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,8 @@ from .codegen import module as codegen
 from .ir.graph import Graph, Node, topo_order
 from .passes import pipeline as passes
 from .passes.pipeline import Storage
-from .runtime.model import OPTIMIZER_FILE, CompiledModel, write_atomic
-from .train.optim import SGD, Optimizer
+from .runtime.model import CompiledModel
+from .train.optim import SGD, Optimizer, PerLoss, as_optimizer
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
 DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64
@@ -69,7 +68,7 @@ def _param_layout(graph: Graph) -> tuple[dict[str, int], int]:
     return offsets, offset
 
 
-def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | None) -> list[EntryPlan]:
+def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | PerLoss | None) -> list[EntryPlan]:
     plans = []
     if graph.outputs:
         results = [(Storage("output", k, name), node) for k, (name, node) in enumerate(graph.outputs.items())]
@@ -87,15 +86,16 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | N
                                training=False))
         plans.append(EntryPlan(f"grad_{suffix}", f"loss {lname!r} and the gradients of {names}", grad_results, lname))
         if optimizer is not None:
+            kind = optimizer.for_loss(lname).kind
             state = [(Storage("param", offsets[n], n), v) for n, v in graph.state_updates.items()]
             plans.append(EntryPlan(f"train_{suffix}", f"one training step on loss {lname!r}: forward, backward, "
-                                   f"{optimizer.kind} update of {names}", grad_results + state, lname, names))
+                                   f"{kind} update of {names}", grad_results + state, lname, names))
             # the train step in two calls (data-parallel training reduces the gradients in between):
             # the same kernels without the update, and the update alone from the gradient buffer
             plans.append(EntryPlan(f"backward_{suffix}", f"loss {lname!r}, the gradients of {names} into the "
                                    "gradient buffer and the running statistics: train step without the update",
                                    grad_results + state, lname))
-            plans.append(EntryPlan(f"update_{suffix}", f"the {optimizer.kind} update of {names} from the gradient "
+            plans.append(EntryPlan(f"update_{suffix}", f"the {kind} update of {names} from the gradient "
                                    "buffer: the last part of a train step", [], lname, names))
     return plans
 
@@ -181,7 +181,7 @@ def _count(name: str, value: int) -> int:
     return int(value)
 
 
-def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None,
+def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss | dict | None = None,
           blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS, parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> Lowered:
     """Run every stage but the C compiler: the sources and metadata of the native module."""
     if not isinstance(graph, Graph):
@@ -189,6 +189,9 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
     if not graph.outputs and not graph.losses:
         raise ValueError(f"graph {graph.name!r} has no outputs and no loss: nothing to compile")
     dtype = _dtype_name(dtype)
+    optimizer = as_optimizer(optimizer)
+    if isinstance(optimizer, PerLoss):
+        optimizer.check_losses({name: graph.trained_params(name) for name in graph.losses})
     offsets, param_size = _param_layout(graph)
     plans = _entry_plans(graph, offsets, optimizer)
     for plan in plans:
@@ -229,7 +232,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
         sched = passes.schedule(plan.results, leaf_storage)
         update = None
         if plan.trains:
-            update = _update_context(optimizer, plan.trains, graph, offsets, param_size, renderer)
+            update = _update_context(optimizer.for_loss(plan.loss), plan.trains, graph, offsets, param_size, renderer)
         entries.append(codegen.EntryCode(plan.name, plan.doc, sched, update))
         entry_meta[plan.name] = {
             "inputs": needed,
@@ -265,7 +268,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = No
                    for lname, spec in graph.losses.items()],
         "entries": entry_meta,
     }
-    sources = build.Sources(graph.name, c_source, header, cdef, meta)
+    sources = build.Sources(graph.name, c_source, header, cdef, meta, arrays=init_arrays)
     return Lowered(sources, entries, node_names, graph, init_arrays)
 
 
@@ -279,7 +282,7 @@ def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> Non
                                  "this computation reads")
 
 
-def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = None, seed: int = 0,
+def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss | dict | None = None, seed: int = 0,
             build_dir: str | Path | None = None, *, blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS,
             parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> CompiledModel:
     """Compile `graph` to a native module (cached in `build_dir`) and load it.
@@ -293,13 +296,9 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | None = 
     """
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
-    if optimizer is not None and not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
+    optimizer = as_optimizer(optimizer)
     lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, build_dir)
-    if optimizer is not None:
-        config = json.dumps(optimizer.config()).encode()
-        write_atomic(path / OPTIMIZER_FILE, lambda f: f.write(config))
     model = CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
     model.graph = graph
     return model

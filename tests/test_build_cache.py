@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from testutil import run_started_together, subprocess_env
 
 import bpcompile as bp
@@ -75,7 +76,9 @@ def test_learning_rate_change_does_not_rebuild(build_dir, monkeypatch):
     monkeypatch.setattr(bpbuild, "_compile", _no_compiler)
     fast = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=0.5), seed=1)
     sched = bp.compile(g, dtype="float64", optimizer=bp.optim.SGD(lr=bp.schedules.StepDecay(0.3, 1, 0.5)), seed=1)
-    assert fast.build_path == slow.build_path == sched.build_path
+    # one folder per learning rate (each holds its model's settings), one module compiled for all
+    assert len({fast.build_path, slow.build_path, sched.build_path}) == 3
+    assert fast.meta["module"] == slow.meta["module"] == sched.meta["module"]
     X, T = data()
     _, grads = fast.loss_and_grad(x=X, t=T)
     before = {k: v.copy() for k, v in fast.params.items()}
@@ -294,17 +297,27 @@ def test_the_module_reports_the_metadata_it_was_built_for(build_dir):
     assert record == {**{k: v for k, v in meta.items() if k != "files"}, "optimizer": optimizer}
 
 
-def test_an_optimizer_file_of_another_optimizer_is_ignored(build_dir):
-    """optimizer.json carries the latest compile's learning rate; anything else in it that does not
-    match the build (another optimizer would size its hyperparameters differently) is not used."""
-    model = bp.compile(mlp_graph("latest_lr"), dtype="float64", optimizer=bp.optim.Adam(lr=0.01))
-    latest = model.build_path / "optimizer.json"
-    latest.write_text(json.dumps(bp.optim.Adam(lr=0.25).config()))
-    assert bp.load(model.build_path).optimizer.config() == bp.optim.Adam(lr=0.25).config()
-    latest.write_text(json.dumps(bp.optim.SGD(lr=0.5).config()))
-    assert bp.load(model.build_path).optimizer.config() == model.optimizer.config()
-    latest.write_text('{"kind": "adam", "lr": ')
-    assert bp.load(model.build_path).optimizer.config() == model.optimizer.config()
+def test_load_gives_back_the_compiled_settings(build_dir):
+    """bp.load(build_path) restores array initial values and the learning rate, whatever was
+    compiled after it: each compile's settings have their own folder."""
+    g = bp.Graph("settings")
+    x, t = g.input("x", ("batch", 3)), g.input("t", ("batch", 2))
+    bias = np.arange(5.0) + 0.5  # an array init, as an LSTM's forget-gate bias of ones
+    w1, b1 = g.param("W1", (3, 5), init="normal"), g.param("b1", (5,), init=bias)
+    g.loss(bp.mse(bp.tanh(x @ w1 + b1) @ g.param("W2", (5, 2), init="normal"), t))
+    first = bp.compile(g, dtype="float64", optimizer=bp.optim.Adam(lr=0.01), seed=2)
+    second = bp.compile(g, dtype="float64", optimizer=bp.optim.Adam(lr=0.25), seed=2)
+    assert first.build_path != second.build_path
+    for model in (first, second):
+        loaded = bp.load(model.build_path, seed=2)
+        assert loaded.optimizer.config() == model.optimizer.config()
+        np.testing.assert_array_equal(loaded.params["b1"], bias)
+        for name, value in model.params.items():
+            np.testing.assert_array_equal(loaded.params[name], value)
+    assert "optimizer.json" not in {p.name for p in first.build_path.iterdir()}
+    (first.build_path / "init.npz").write_bytes(b"damaged")
+    with pytest.raises(bp.CompileError, match="init.npz"):
+        bp.load(first.build_path)
 
 
 REPAIR = textwrap.dedent("""

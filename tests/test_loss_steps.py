@@ -69,3 +69,53 @@ def test_reset_clears_every_count(build_dir):
     train(model, np.ones((2, 3)))
     model.reset_parameters(0)
     assert model.step == 0 and model.loss_steps == {"d": 0, "g": 0}
+
+
+def test_an_optimizer_per_loss_matches_two_torch_optimizers(build_dir, tmp_path):
+    """DCGAN / TTUR: each network its own optimizer kind and hyperparameters, as two torch optimizers."""
+    torch = pytest.importorskip("torch", reason="needs the [torch] extra (pip install torch==2.13.0)")
+    optimizers = {"d": bp.optim.Adam(lr=4e-2, betas=(0.5, 0.999)), "g": bp.optim.SGD(lr=0.1, momentum=0.9)}
+    model = bp.compile(gan_graph(), "float64", optimizer=optimizers, seed=1)
+    assert isinstance(model.optimizer, bp.optim.PerLoss) and model.optimizer.for_loss("g").kind == "sgd"
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    a = torch.tensor(model.params["a"].copy(), requires_grad=True)
+    b = torch.tensor(model.params["b"].copy(), requires_grad=True)
+    opt = {"d": torch.optim.Adam([a], lr=4e-2, betas=(0.5, 0.999)), "g": torch.optim.SGD([b], lr=0.1, momentum=0.9)}
+    xt = torch.from_numpy(x)
+    for loss in SCHEDULE:
+        out = xt @ a + b
+        value = (out ** 2).mean() if loss == "d" else torch.tanh(out).mean()
+        opt[loss].zero_grad()
+        value.backward()
+        opt[loss].step()
+        assert model.train_step(loss=loss, x=x) == pytest.approx(value.item(), rel=1e-12)
+        np.testing.assert_allclose(model.params["a"], a.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(model.params["b"], b.detach().numpy(), rtol=1e-12)
+    # the per-loss optimizers travel with the build and the checkpoint
+    reloaded = bp.load(model.build_path)
+    assert reloaded.optimizer.config() == model.optimizer.config()
+    model.save(tmp_path / "ck.npz")
+    resumed = bp.compile(gan_graph(), "float64", optimizer=optimizers, seed=5)
+    resumed.load(tmp_path / "ck.npz")
+    for loss in ("g", "d"):
+        assert resumed.train_step(loss=loss, x=x) == pytest.approx(model.train_step(loss=loss, x=x), rel=1e-12)
+
+
+def test_per_loss_optimizers_are_checked(build_dir):
+    adam = bp.optim.Adam(lr=1e-3)
+    with pytest.raises(ValueError, match=r"no optimizer for \['g'\]"):
+        bp.compile(gan_graph(), optimizer={"d": adam})
+    with pytest.raises(ValueError, match=r"no loss named \['gen'\]"):
+        bp.compile(gan_graph(), optimizer={"d": adam, "g": adam, "gen": adam})
+    g = bp.Graph("shared_param")
+    x = g.input("x", ("batch", 2))
+    w = g.param("w", (2,), init="normal")
+    g.loss(bp.mean(x * w), name="a")
+    g.loss(bp.mean(bp.square(x * w)), name="b")
+    with pytest.raises(ValueError, match="'w' is trained by loss 'a' and loss 'b' with different optimizers"):
+        bp.compile(g, optimizer={"a": adam, "b": bp.optim.Adam(lr=1e-3)})
+    with pytest.raises(TypeError, match="dict of them per loss"):
+        bp.compile(gan_graph(), optimizer="adam")
+    from bpcompile.tools import export
+    with pytest.raises(export.ExportError, match="one optimizer"):
+        export.export_model(gan_graph(), build_dir / "c", optimizer={"d": adam, "g": adam})

@@ -165,14 +165,15 @@ def test_schedules_drive_the_step(build_dir, monkeypatch, schedule, formula):
         assert_params_close(model, params, f"at step {k}")
 
 
-def test_bp_load_restores_the_schedule_of_the_latest_compile(build_dir, monkeypatch):
+def test_bp_load_restores_each_compiles_schedule(build_dir, monkeypatch):
     first = compile_model(optim.SGD(lr=0.1), monkeypatch)
     decay = schedules.StepDecay(0.4, step_size=3, gamma=0.25)
     model = compile_model(optim.SGD(lr=decay), monkeypatch)
-    assert model.build_path == first.build_path  # a learning rate needs no rebuild
+    assert model.build_path != first.build_path and model.meta["module"] == first.meta["module"]  # no new C
     assert [model.optimizer.lr_at(k) for k in range(1, 8)] == [decay(k) for k in range(1, 8)]
     loaded = bp.load(model.build_path)
     assert [loaded.optimizer.lr_at(k) for k in range(1, 8)] == [0.4, 0.4, 0.4, 0.1, 0.1, 0.1, 0.025]
+    assert bp.load(first.build_path).optimizer.lr_at(5) == 0.1  # the later compile changed nothing of it
 
 
 def test_bp_load_restores_optimizer_settings(build_dir, monkeypatch):

@@ -39,6 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import CompileError
 
@@ -58,6 +59,10 @@ class Sources:
     cdef: str
     meta: dict
     defines: dict[str, str] = field(default_factory=dict)
+    arrays: dict[str, Any] = field(default_factory=dict)  # parameters' initial values given as arrays
+
+
+INIT_FILE = "init.npz"  # a build folder's array initial values (meta.json's "init_file")
 
 
 def default_build_root() -> Path:
@@ -196,6 +201,19 @@ def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+def settings_key(code_key: str, src: Sources) -> str:
+    """The key of a build folder: its code's key and the settings the code does not depend on
+    (learning rates, array initial values), so no compile changes another's folder."""
+    import numpy as np
+    h = hashlib.sha256(code_key.encode())
+    h.update(json.dumps(src.meta.get("optimizer"), sort_keys=True).encode())
+    for name in sorted(src.arrays):
+        value = np.ascontiguousarray(src.arrays[name], dtype=np.float64)
+        h.update(f"\0{name}\0{value.shape}\0".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
 def _meta_key(meta: dict) -> str:
     """The stored metadata, less the learning rate (a runtime value that needs no rebuild)."""
     return json.dumps(module_record(meta), sort_keys=True, default=str)
@@ -206,9 +224,13 @@ def module_record(meta: dict) -> dict:
     the record of the built files, which holds the module's own hash, and the learning rate, a
     runtime value that needs no rebuild."""
     meta = {k: v for k, v in meta.items() if k != "files"}
-    if isinstance(meta.get("optimizer"), dict):
-        meta["optimizer"] = {k: v for k, v in meta["optimizer"].items() if k != "lr"}
+    meta["optimizer"] = _without_lr(meta.get("optimizer"))
     return meta
+
+
+def _without_lr(config: Any) -> Any:
+    """An optimizer config with every learning rate left out (per-loss configs nest them)."""
+    return {k: _without_lr(v) for k, v in config.items() if k != "lr"} if isinstance(config, dict) else config
 
 
 def build(src: Sources, root: Path | str | None = None) -> Path:
@@ -223,11 +245,11 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
     if blas_info:
         defines["BP_USE_BLAS"] = "1"
         defines["BP_CBLAS_GEMM"] = blas_info["sgemm" if src.meta["dtype"] == "float32" else "dgemm"]
-    digest = cache_key(src, defines)
-    final = root / f"{safe_name(src.name)}-{digest[:16]}"
+    digest = cache_key(src, defines)  # the code: one module per key
+    final = root / f"{safe_name(src.name)}-{settings_key(digest, src)[:16]}"  # the code and its settings
     module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
     meta = dict(src.meta, module=module, module_file=module + sysconfig.get_config_var("EXT_SUFFIX"),
-                key=digest, blas=blas_info)
+                key=digest, blas=blas_info, init_file=INIT_FILE if src.arrays else None)
     meta = json.loads(json.dumps(meta))  # as meta.json will hold it (lists, not tuples)
     if os.path.lexists(final) and _verifies(final, meta):
         return final
@@ -236,8 +258,13 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
     _as_umask_allows(tmp)  # mkdtemp makes it private: a shared cache must serve other users too
     try:
         record = json.dumps(module_record(meta), sort_keys=True, separators=(",", ":")).encode()
-        _compile(src, tmp, module, defines, blas_info, record)
-        meta["files"] = {meta["module_file"]: file_record(tmp / meta["module_file"])}
+        if not _copy_built_module(root, src.name, meta, tmp):  # the same code under other settings
+            _compile(src, tmp, module, defines, blas_info, record)
+        files = [meta["module_file"]]
+        if src.arrays:
+            _write_arrays(tmp / INIT_FILE, src.arrays)
+            files.append(INIT_FILE)
+        meta["files"] = {name: file_record(tmp / name) for name in files}
         _write(tmp / "meta.json", json.dumps(meta, indent=1))
         _sync_folder(tmp)
         _install(tmp, final, meta)
@@ -251,6 +278,31 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _copy_built_module(root: Path, name: str, meta: dict, out: Path) -> bool:
+    """Copy this module, with its sources and logs, from another folder of the cache that holds
+    it intact (a compile that differs only in settings): no C compiler run. False if none does."""
+    module_file = meta["module_file"]
+    for other in sorted(root.glob(f"{safe_name(name)}-*/{module_file}")):
+        try:
+            found = json.loads((other.parent / "meta.json").read_text(encoding="utf-8"))
+            if found.get("module") != meta["module"] or file_record(other) != found["files"][module_file]:
+                continue
+            for part in (module_file, "model.c", "model.h", "layout.h", "compile.log", "build.json"):
+                if (other.parent / part).is_file():
+                    shutil.copyfile(other.parent / part, out / part)
+            if file_record(out / module_file) == found["files"][module_file]:
+                return True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return False
+
+
+def _write_arrays(path: Path, arrays: dict[str, Any]) -> None:
+    import numpy as np
+    with open(path, "wb") as f:
+        np.savez(f, **{name: np.asarray(value, dtype=np.float64) for name, value in arrays.items()})
 
 
 def _install(tmp: Path, final: Path, meta: dict) -> None:

@@ -33,7 +33,6 @@ from . import threads
 ALIGN = 64
 ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
 MAX_STEP = 2**53  # step counts beyond it lose their integer in the float64 hyperparameters
-OPTIMIZER_FILE = "optimizer.json"  # the optimizer settings of the latest compile into a build folder
 _MODULES: dict[str, Any] = {}
 _RECORDS: dict[str, dict] = {}  # each loaded module's record of its metadata (bp_layout)
 _MODULES_LOCK = threading.Lock()
@@ -43,7 +42,7 @@ META_FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "name": (str,), "dtype": (str,), "dims": (list,), "inputs": (list,), "params": (list,),
     "param_size": (int,), "state_size": (int,), "optimizer": (dict, type(None)), "outputs": (list,),
     "losses": (list,), "entries": (dict,), "module": (str,), "module_file": (str,), "key": (str,),
-    "blas": (dict, type(None)), "files": (dict,),
+    "blas": (dict, type(None)), "files": (dict,), "init_file": (str, type(None)),
 }
 
 
@@ -85,6 +84,8 @@ def read_meta(folder: Path) -> dict:
         if not _of_kind(meta[key], kinds):
             raise _damaged(folder, f"meta.json field {key!r} is {_short(meta[key])}, not "
                                    f"{' or '.join(_json_kind(k) for k in kinds)}")
+    if meta["init_file"] is not None and meta["init_file"] not in meta["files"]:
+        raise _damaged(folder, f"meta.json records no size and sha256 of {meta['init_file']!r}")
     if not _file_name(meta["module_file"]):
         raise _damaged(folder, f"meta.json field 'module_file' is {meta['module_file']!r}, not a file name")
     if not meta["module"].isidentifier():
@@ -119,8 +120,7 @@ def check_record(folder: Path, meta: dict, built: dict) -> None:
     """meta.json against the module's own record of it: a CompileError naming the first field
     that differs, types included (so an edited state_size or buffer list never sizes a buffer)."""
     mine = {k: v for k, v in meta.items() if k != "files"}  # the record holds the module's hash: not in it
-    if isinstance(mine.get("optimizer"), dict):  # nor the learning rate, which is not part of the build
-        mine["optimizer"] = {k: v for k, v in mine["optimizer"].items() if k != "lr"}
+    mine["optimizer"] = _less_lr(mine.get("optimizer"))  # nor the learning rates, not part of the build
     found = _difference(mine, built, "")
     if found is None:
         return
@@ -349,7 +349,7 @@ class CompiledModel:
         self._train_lock = threading.Lock()
         self._plans: dict[tuple, tuple[dict[str, np.ndarray], int]] = {}
         self._tls = threading.local()
-        self._init_arrays = dict(init_arrays or {})
+        self._init_arrays = dict(init_arrays) if init_arrays is not None else self._arrays_from_folder()
         self.graph: Any = None  # the bp.Graph it was compiled from, set by bp.compile (for bp.to_onnx)
         self.reset_parameters(seed)
 
@@ -385,19 +385,33 @@ class CompiledModel:
         self.step = 0
 
     def _optimizer_from_meta(self):
-        """The build's optimizer with the latest compile's learning rate (not part of the build),
-        when OPTIMIZER_FILE holds a readable config that differs from the build's in nothing else."""
+        """The optimizer the model was compiled with, learning rate included (the folder is the
+        build's code and settings: another compile never changes it)."""
         cfg = self.meta.get("optimizer")
         if not cfg:
             return None
         from ..train.optim import from_config
         try:
-            latest = json.loads((self.build_path / OPTIMIZER_FILE).read_text())
-            if isinstance(latest, dict) and _less_lr(latest) == _less_lr(cfg):
-                return from_config(latest)
-        except (OSError, ValueError, TypeError, KeyError):
-            pass
-        return from_config(cfg)
+            return from_config(cfg)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(self.build_path, f"meta.json field 'optimizer' does not describe an optimizer "
+                                            f"({type(e).__name__}: {e})") from None
+
+    def _arrays_from_folder(self) -> dict[str, np.ndarray]:
+        """The parameters' initial values that were given as arrays, from the build folder (its
+        verified init file), for a model loaded with bp.load."""
+        name = self.meta["init_file"]
+        if name is None:
+            return {}
+        try:
+            with np.load(self.build_path / name, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise _damaged(self.build_path, f"{name} is unreadable ({e})") from None
+        shapes = {p["name"]: tuple(p["shape"]) for p in self.meta["params"] if p["init"] == "array"}
+        if {k: v.shape for k, v in arrays.items()} != shapes:
+            raise _damaged(self.build_path, f"{name} does not hold the array initial values of {sorted(shapes)}")
+        return arrays
 
     @property
     def c_source(self) -> str:
@@ -616,9 +630,9 @@ class CompiledModel:
         Each named loss counts its own steps (Adam's bias correction, the schedule), as one
         torch optimizer per network would; the random streams follow the count of all updates."""
         spec = self._loss_spec(loss)
-        optimizer = self.optimizer
-        if optimizer is None:
+        if self.optimizer is None:
             raise InputError(f"model {self.name!r} was compiled without an optimizer")
+        optimizer = self.optimizer.for_loss(spec["name"])
         entry = spec["entries"][kind]
         with self._train_lock:
             step = self.loss_steps[spec["name"]] + 1
@@ -750,8 +764,10 @@ class CompiledModel:
                 f"entries {list(self._entries)} at {self.build_path}>")
 
 
-def _less_lr(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "lr"}
+def _less_lr(config: Any) -> Any:
+    """An optimizer config with every learning rate left out (per-loss configs nest them; the
+    build's twin of this is build.cffi_build._without_lr, which may not import the runtime)."""
+    return {k: _less_lr(v) for k, v in config.items() if k != "lr"} if isinstance(config, dict) else config
 
 
 def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

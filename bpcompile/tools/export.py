@@ -298,10 +298,13 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     from .. import compiler
     from ..codegen import module as codegen
     from ..train.init import initial_value
-    from ..train.optim import SGD, Optimizer
+    from ..train.optim import SGD, Optimizer, PerLoss
 
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
+    if isinstance(optimizer, dict | PerLoss):
+        raise ExportError("the standalone C export takes one optimizer for every loss; per-loss optimizers "
+                          "train in Python (bp.compile) only for now")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
     kwargs = {} if blas_min_flops is None else {"blas_min_flops": int(blas_min_flops)}

@@ -99,6 +99,10 @@ class Optimizer:
     def lr_at(self, step: int) -> float:
         return float(self.lr(step))
 
+    def for_loss(self, loss: str) -> Optimizer:
+        """The optimizer that trains on `loss`: this one (see PerLoss)."""
+        return self
+
     def describe(self) -> str:
         """The settings that shape the generated update (not the learning rate, a runtime value)."""
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k not in ("kind", "lr"))
@@ -405,9 +409,78 @@ OPTIMIZERS: dict[str, type[Optimizer]] = {c.kind: c for c in (SGD, Adam, AdamW, 
                                                                Adamax, NAdam)}
 
 
-def from_config(cfg: dict[str, Any]) -> Optimizer:
+class PerLoss:
+    """One optimizer per named loss (a GAN's discriminator and generator, TTUR): what
+    `bp.compile(g, optimizer={"d": Adam(...), "g": Adam(...)})` makes of a dict. Each loss's train
+    step runs its own optimizer's update with its own step count; the losses must train disjoint
+    parameters, so that each parameter's optimizer state belongs to one optimizer."""
+
+    kind = "per_loss"
+    clip_norm = None
+    param_groups: list = []
+
+    def __init__(self, optimizers: dict[str, Optimizer]):
+        if not isinstance(optimizers, dict) or not optimizers:
+            raise TypeError("per-loss optimizers must be a non-empty dict of loss name -> bp.optim optimizer")
+        for name, opt in optimizers.items():
+            if not isinstance(name, str) or not isinstance(opt, Optimizer):
+                raise TypeError(f"per-loss optimizers: {name!r} maps to {type(opt).__name__}; expected a loss "
+                                "name mapped to a bp.optim optimizer")
+        self.optimizers = dict(optimizers)
+
+    def for_loss(self, loss: str) -> Optimizer:
+        return self.optimizers[loss]
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """Enough state slots for the optimizer with the most (each parameter uses its own's)."""
+        return max((o.slots for o in self.optimizers.values()), key=len)
+
+    def hyper_names(self) -> tuple[str, ...]:
+        return max((o.hyper_names() for o in self.optimizers.values()), key=len)
+
+    def check_losses(self, losses: dict[str, list[str]]) -> None:
+        """Every loss of the graph ({name: trained params}) has an optimizer, no optimizer is for
+        a loss the graph lacks, and no parameter is trained by two of them."""
+        missing, unknown = sorted(set(losses) - set(self.optimizers)), sorted(set(self.optimizers) - set(losses))
+        if missing or unknown:
+            raise ValueError(f"per-loss optimizers must name every loss of the graph {sorted(losses)} exactly: "
+                             + "; ".join(([f"no optimizer for {missing}"] if missing else [])
+                                         + ([f"no loss named {unknown}"] if unknown else [])))
+        owner: dict[str, str] = {}
+        for loss, params in losses.items():
+            for p in params:
+                if p in owner and self.optimizers[owner[p]] is not self.optimizers[loss]:
+                    raise ValueError(f"parameter {p!r} is trained by loss {owner[p]!r} and loss {loss!r} with "
+                                     "different optimizers; a parameter's optimizer state belongs to one optimizer "
+                                     "(give both losses the same optimizer object, or train disjoint parameters)")
+                owner.setdefault(p, loss)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "losses": {n: o.config() for n, o in self.optimizers.items()}}
+
+    def describe(self) -> str:
+        return "PerLoss(" + ", ".join(f"{n}={o.describe()}" for n, o in self.optimizers.items()) + ")"
+
+    def __repr__(self) -> str:
+        return "PerLoss(" + ", ".join(f"{n}={o!r}" for n, o in self.optimizers.items()) + ")"
+
+
+def as_optimizer(optimizer: Any) -> Optimizer | PerLoss | None:
+    """An optimizer, a PerLoss, a dict of them per loss, or None."""
+    if optimizer is None or isinstance(optimizer, Optimizer | PerLoss):
+        return optimizer
+    if isinstance(optimizer, dict):
+        return PerLoss(optimizer)
+    raise TypeError(f"optimizer must be a bp.optim optimizer or a dict of them per loss, got "
+                    f"{type(optimizer).__name__}")
+
+
+def from_config(cfg: dict[str, Any]) -> Optimizer | PerLoss:
     """Rebuild an optimizer from `Optimizer.config()` (as stored beside a built model)."""
     cfg = dict(cfg)
+    if cfg.get("kind") == PerLoss.kind:
+        return PerLoss({n: from_config(c) for n, c in cfg["losses"].items()})
     cls = OPTIMIZERS[cfg.pop("kind")]
     cfg["lr"] = schedule_from_config(cfg["lr"])
     if "betas" in cfg:
