@@ -366,10 +366,10 @@ def test_show_grad_explains_layer_norm_and_attention(capsys) -> None:
     assert cli.main(["show", str(GPT_SPEC), "--grad"]) == 0
     out = capsys.readouterr().out
     backward = out.split("Backward pass")[1]
-    assert "softmax_causal(" in out.split("Backward pass")[0]
+    assert "softmax_causal(0.25·T" in out.split("Backward pass")[0]  # scale 1/sqrt(16) inside the kernel
     # layer norm's backward as written by hand, the softmax Jacobian-vector product
     assert re.search(r"\(1/std\(T\d+\)\) ⊙ \(dT\d+ - mean\(dT\d+\) - T\d+ ⊙ mean\(dT\d+ ⊙ T\d+\)\)", backward)
-    assert re.search(r"dT(\d+) += T(\d+) ⊙ \(dT\2 - Σ_axis3 \(dT\2 ⊙ T\2\)\)", backward)
+    assert re.search(r"dT\d+ += 0\.25·\(T(\d+) ⊙ \(dT\1 - Σ_axis3 \(dT\1 ⊙ T\1\)\)\)", backward)
     assert re.search(r"T\d+ · T\d+ᵀ", out)  # q kᵀ, read transposed by the GEMM
 
 

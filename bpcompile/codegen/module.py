@@ -419,7 +419,8 @@ def _softmax(k: Kernel, ctx: Context) -> dict[str, Any]:
     x = node.inputs[0]
     return {"rows": ctx.c(Mono.of(x.shape[:-1])), "cols": ctx.c(Mono.of(x.shape[-1:])),
             "log": node.op == "log_softmax", "masked": node.op == "attention_softmax",
-            "causal": node.attrs.get("causal", False), "queries": ctx.c(Mono.of(x.shape[-2:-1]))}
+            "causal": node.attrs.get("causal", False), "queries": ctx.c(Mono.of(x.shape[-2:-1])),
+            "scale": repr(node.attrs.get("scale", 1.0))}
 
 
 def _softmax_ce(k: Kernel, ctx: Context) -> dict[str, Any]:

@@ -12,9 +12,10 @@ Each follows ops/core.py's pattern (shape rule, VJP in graph ops, NumPy referenc
 - `layer_norm` is one fused kernel writing x̂ = (x - mean) / std and 1/std per row; the affine
   part (x̂ w + b) is elementwise. Its backward is one fused kernel,
   dx = (1/std) (g - mean(g) - x̂ mean(g x̂)).
-- `attention` is (q·scale) @ kᵀ (a batched GEMM), the mask as `where(mask, s, -inf)`, a fused
-  causal softmax kernel (only j <= i is read; a row with no allowed key gives zeros, as
-  torch's scaled_dot_product_attention does), and @ v. Its backward is the batched-GEMM and
+- `attention` is q @ kᵀ (a batched GEMM reading k transposed), the mask as
+  `where(mask, s, -inf)`, a fused kernel for softmax(scale · s) with the causal mask (only
+  j <= i is read; a row with no allowed key gives zeros, as torch's
+  scaled_dot_product_attention does), and @ v. Its backward is the batched-GEMM and
   softmax rules, all graph ops.
 """
 
@@ -260,7 +261,9 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
-    scores = bmatmul(mul(q, scale), k, tb=True)  # kᵀ read by the GEMM, never copied
+    if scale <= 0:
+        raise ValueError(f"attention: scale must be positive, got {scale}")
+    scores = bmatmul(q, k, tb=True)  # kᵀ read by the GEMM, never copied; the softmax kernel scales
     if mask is not None:
         mask = _as_condition(mask)
         try:
@@ -269,7 +272,7 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
             raise ShapeError(f"attention: mask {shape_str(mask.shape)} does not broadcast to the scores "
                              f"{shape_str(scores.shape)}") from None
         scores = where(mask, scores, -math.inf)
-    probs = Node("attention_softmax", (scores,), {"causal": bool(causal)}, scores.shape, FLOAT)
+    probs = Node("attention_softmax", (scores,), {"causal": bool(causal), "scale": scale}, scores.shape, FLOAT)
     if dropout:
         from .families import dropout as drop
         probs = drop(probs, dropout)
@@ -277,7 +280,7 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
 
 
 def _attention_softmax_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
-    s = np.array(args[0], dtype=np.float64)
+    s = np.array(args[0], dtype=np.float64) * node.attrs["scale"]
     if node.attrs["causal"]:
         t, n = s.shape[-2:]
         s = np.where(np.tril(np.ones((t, n), dtype=bool)), s, -np.inf)
@@ -289,7 +292,8 @@ def _attention_softmax_ref(node: Node, args: list[np.ndarray], dims: dict[str, i
 
 
 def _softmax_vjp(node: Node, g: Node) -> list[Node]:
-    return [node * (g - sum(g * node, axis=-1, keepdims=True))]
+    """softmax(scale s)'s Jacobian-vector product: scale p (g - Σ g p)."""
+    return [mul(node * (g - sum(g * node, axis=-1, keepdims=True)), node.attrs["scale"])]
 
 
 register("attention_softmax", vjp=_softmax_vjp, ref=_attention_softmax_ref, kernel="softmax")

@@ -411,7 +411,8 @@ class Explanation:
             rstd = rstd if args[2][1] >= POW else f"({rstd})"
             return f"{rstd}{dot}({g} - {fn('mean', g)} - {xhat}{dot}{fn('mean', g + dot + xhat)})", MUL
         if node.op == "attention_softmax":
-            return fn("softmax_causal" if node.attrs["causal"] else "softmax", args[0][0]), ATOM
+            scaled = f"{_number(node.attrs['scale'])}·{args[0][0]}"
+            return fn("softmax_causal" if node.attrs["causal"] else "softmax", scaled), ATOM
         x = node.inputs[0]
         labels = [str(x.shape[a]) if isinstance(x.shape[a], str) else f"axis{a}" for a in node.attrs["axes"]]
         name = ("max" if node.op == "amax" else "min") + ("" if len(labels) == x.ndim else "_" + ",".join(labels))
