@@ -34,8 +34,8 @@ KNOWN_VIOLATIONS = {
     # Tensor operators (x + y, x @ W) build ops nodes: ir <-> ops
     ("bpcompile.ir.graph", "bpcompile.ops.core"),
     ("bpcompile.ir.graph", "bpcompile.ops"),
-    # op families, batched matmul and the transformer ops register their kernel builders with codegen and passes (frontend loads backend;
-    # module-level imports)
+    # op families, batched matmul and the transformer ops register their kernel builders with codegen and passes
+    # (frontend loads backend; module-level imports)
     ("bpcompile.ops.families", "bpcompile.codegen"),
     ("bpcompile.ops.families", "bpcompile.codegen.module"),
     ("bpcompile.ops.families", "bpcompile.passes.pipeline"),
