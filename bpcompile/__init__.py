@@ -25,7 +25,7 @@ _LAZY = {
     "sigmoid": "ops", "tanh": "ops", "softplus": "ops", "gelu": "ops", "silu": "ops", "exp": "ops",
     "log": "ops", "sqrt": "ops", "square": "ops", "abs": "ops", "sum": "ops", "mean": "ops",
     "reshape": "ops", "transpose": "ops", "flatten": "ops", "softmax": "ops", "log_softmax": "ops",
-    "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops",
+    "mse": "ops", "softmax_cross_entropy": "ops", "binary_cross_entropy_with_logits": "ops", "nll_loss": "ops",
     "add": "ops", "sub": "ops", "mul": "ops", "div": "ops", "power": "ops", "neg": "ops", "const": "ops",
     "grad": "autodiff", "evaluate": "ops.reference", "set_num_threads": "runtime.threads",
     "num_threads": "runtime.threads", "to_onnx": "tools.onnx_export",
@@ -40,7 +40,7 @@ _SUBMODULES = {name: name for name in ("ir", "symbolic", "ops", "autodiff", "pas
                                        "runtime", "train", "tools", "nn")}
 _SUBMODULES.update({"nn_ops": "ops.families", "reference": "ops.reference", "blas": "runtime.blas",
                     "threads": "runtime.threads", "optim": "train.optim", "schedules": "train.schedules",
-                    "init": "train.init", "training": "train.fit",
+                    "init": "train.init", "training": "train.fit", "callbacks": "train.callbacks",
                     "distributed": "train.distributed", "cli": "tools.cli", "spec": "tools.spec",
                     "explain": "tools.explain", "export": "tools.export"})
 

@@ -282,20 +282,24 @@ def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> Non
                                  "this computation reads")
 
 
-def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss | dict | None = None, seed: int = 0,
+_UNSET: Any = object()  # compile() without an optimizer argument: SGD(lr=0.01) if the graph has a loss
+
+
+def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss | dict | None = _UNSET, seed: int = 0,
             build_dir: str | Path | None = None, *, blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS,
             parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> CompiledModel:
     """Compile `graph` to a native module (cached in `build_dir`) and load it.
 
-    `optimizer` (default SGD(lr=0.01) when the graph has a loss) is fused into `train_step`;
+    `optimizer` (when not given: SGD(lr=0.01) if the graph has a loss) is fused into `train_step`;
+    optimizer=None compiles the forward, loss and gradient calls only (no train_step);
     `seed` draws the initial parameters. Products of at least `blas_min_flops` multiply-adds
     with every dimension >= 16 call OpenBLAS, others run as generated loops; 0 sends every
     product to OpenBLAS. Loops of at least `parallel_min_work` elements, products of at least
     16 times as many multiply-adds, and recurrent layers of as much work are split across the
     thread pool (`bp.set_num_threads`); 0 splits everything that can be split.
     """
-    if optimizer is None and graph.losses:
-        optimizer = SGD(lr=0.01)
+    if optimizer is _UNSET:
+        optimizer = SGD(lr=0.01) if graph.losses else None
     optimizer = as_optimizer(optimizer)
     lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, build_dir)

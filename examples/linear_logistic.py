@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = {"x": x, "y": labels[:, None]}
     losses = train_full_batch(model, data, args.steps)
     ours = np.concatenate([model.params["w"][:, 0], model.params["b"]])
-    accuracy = float(np.mean((model.predict(x=x)[:, 0] > 0.5) == (labels > 0.5)))
+    accuracy = float(np.mean((model.predict(x=x)["p"][:, 0] > 0.5) == (labels > 0.5)))
     print(f"logistic regression: {n} samples, {d} features, {args.steps} gradient-descent steps (lr {args.lr * 4})")
     print(f"  cross-entropy {losses[0]:.4f} -> {model.loss(**data):.6f}, training accuracy {accuracy:.3f}")
     newton = newton_logistic(x, labels)

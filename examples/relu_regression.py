@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"final: training MSE {train_mse:.2e}, held-out MSE {test_mse:.2e} "
           f"({args.epochs} epochs of SGD in {seconds:.2f} s)")
     probe = np.array([[0.5, 0.25], [-0.3, 0.6], [0.9, -0.9], [0.0, 0.0]])
-    predicted = model.predict(x=probe)[:, 0]
+    predicted = model.predict(x=probe)["y"][:, 0]
     for (x1, x2), p in zip(probe, predicted):
         print(f"  x1 = {x1:+.2f}, x2 = {x2:+.2f}:  x1 - x2 = {x1 - x2:+.4f}, network {p:+.4f}")
     assert train_mse < args.target, f"training MSE {train_mse:.2e} is not below {args.target:g}"

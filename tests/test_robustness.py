@@ -806,7 +806,7 @@ def test_input_named_like_a_call_parameter(name, build_dir):
     feed = {"x": X, name: 2 * X}
     assert model.loss(**feed) == pytest.approx(1.0)
     assert model.train_step(**feed) == pytest.approx(1.0)
-    np.testing.assert_array_equal(model.predict(**feed), model.forward(**feed)["y"])
+    np.testing.assert_array_equal(model.predict(**feed)["y"], model.forward(**feed)["y"])
 
 
 @pytest.mark.parametrize("reduce", ["mean", "sum"])

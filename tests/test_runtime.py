@@ -440,11 +440,11 @@ def test_fit_evaluate_predict(build_dir):
     # batches equal the whole-data forward (up to the last-ulp differences of vectorized math: a
     # row may fall in a loop's SIMD body in one call and in its scalar tail in another)
     full = model.forward(x=X)["logits"]
-    pred = model.predict({"x": X}, batch_size=50)
+    pred = model.predict({"x": X}, batch_size=50)["logits"]
     assert pred.shape == full.shape == (n, 3)
     np.testing.assert_allclose(pred, full, rtol=2e-6, atol=2e-6)
-    np.testing.assert_allclose(model.predict(x=X, batch_size=7), full, rtol=2e-6, atol=2e-6)
-    np.testing.assert_array_equal(model.predict(x=X, batch_size=n), full)
+    np.testing.assert_allclose(model.predict(x=X, batch_size=7)["logits"], full, rtol=2e-6, atol=2e-6)
+    np.testing.assert_array_equal(model.predict(x=X, batch_size=n)["logits"], full)
 
 
 def test_fit_regression_history(build_dir):

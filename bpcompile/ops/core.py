@@ -472,6 +472,11 @@ register("log_softmax", vjp=lambda node, g: [g - exp(node) * sum(g, axis=-1, kee
 
 
 # --- losses -------------------------------------------------------------------------------
+# PyTorch's losses and reductions: "mean" (the default) or "sum" over every element (over every
+# label for the class-label losses). Built from graph ops, so each differentiates like any other.
+
+REDUCTIONS = ("mean", "sum")
+
 
 def _same_shape(a: Node, b: Node, what: str) -> None:
     if a.shape != b.shape:
@@ -479,34 +484,91 @@ def _same_shape(a: Node, b: Node, what: str) -> None:
                          "must have the same shape")
 
 
-def mse(prediction: Node, target: Node) -> Node:
-    """Mean squared error over all elements (PyTorch's default 'mean' reduction)."""
+def _check_reduction(reduction: Any, what: str) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"{what}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    return reduction
+
+
+def _reduced(values: Node, reduction: str) -> Node:
+    return mean(values) if reduction == "mean" else sum(values)
+
+
+def _check_labels(scores: Node, labels: Node, what: str, scores_name: str) -> None:
+    """Float scores (..., classes) and int32 labels of shape scores.shape[:-1]."""
+    _check_tensor(scores, what)
+    _check_tensor(labels, what)
+    _need_float(scores, f"{what} {scores_name}")
+    if labels.dtype != INT:
+        raise ShapeError(f"{what}: labels must be an int32 tensor, got {labels.dtype} {shape_str(labels.shape)}")
+    if scores.ndim < 1 or labels.shape != scores.shape[:-1]:
+        raise ShapeError(f"{what}: {scores_name} {shape_str(scores.shape)} need labels of shape "
+                         f"{shape_str(scores.shape[:-1])}, got labels {shape_str(labels.shape)}")
+
+
+def mse(prediction: Node, target: Node, reduction: str = "mean") -> Node:
+    """Squared error, averaged ("mean", PyTorch's default) or summed ("sum") over all elements."""
     _check_tensor(prediction, "mse")
     _check_tensor(target, "mse")
+    _check_reduction(reduction, "mse")
     _same_shape(prediction, target, "mse")
-    return mean(square(prediction - target))
+    return _reduced(square(prediction - target), reduction)
 
 
-def binary_cross_entropy_with_logits(logits: Node, target: Node) -> Node:
-    """Mean over all elements of max(z,0) - z t + log(1 + exp(-|z|)): stable for any z."""
+def binary_cross_entropy_with_logits(logits: Node, target: Node, reduction: str = "mean") -> Node:
+    """max(z,0) - z t + log(1 + exp(-|z|)) (stable for any z), averaged ("mean") or summed ("sum")
+    over all elements."""
     _check_tensor(logits, "binary_cross_entropy_with_logits")
     _check_tensor(target, "binary_cross_entropy_with_logits")
+    _check_reduction(reduction, "binary_cross_entropy_with_logits")
     _same_shape(logits, target, "binary_cross_entropy_with_logits")
-    return mean(ew(ew_mod.builtin("bce_with_logits"), logits, target))
+    return _reduced(ew(ew_mod.builtin("bce_with_logits"), logits, target), reduction)
 
 
-def softmax_cross_entropy(logits: Node, labels: Node) -> Node:
-    """Mean over the batch of -log softmax(logits)[label], with integer labels."""
-    _check_tensor(logits, "softmax_cross_entropy")
-    _check_tensor(labels, "softmax_cross_entropy")
-    _need_float(logits, "softmax_cross_entropy logits")
-    if labels.dtype != INT:
-        raise ShapeError(f"softmax_cross_entropy: labels must be an int32 tensor, got {labels.dtype} "
-                         f"{shape_str(labels.shape)}")
-    if logits.ndim < 1 or labels.shape != logits.shape[:-1]:
-        raise ShapeError(f"softmax_cross_entropy: logits {shape_str(logits.shape)} need labels of shape "
-                         f"{shape_str(logits.shape[:-1])}, got labels {shape_str(labels.shape)}")
-    return Node("softmax_ce", (logits, labels), {}, (), FLOAT)
+def softmax_cross_entropy(logits: Node, labels: Node, reduction: str = "mean", label_smoothing: float = 0.0) -> Node:
+    """-log softmax(logits)[label] with integer labels (class on the last axis), averaged over the
+    labels ("mean") or summed ("sum"), as torch's F.cross_entropy. With `label_smoothing` e, the
+    target puts 1 - e on the label and e / classes on every class (torch's definition):
+    (1 - e) * the loss above + e * the mean (or sum) of -log softmax(logits) summed over classes / classes."""
+    _check_labels(logits, labels, "softmax_cross_entropy", "logits")
+    _check_reduction(reduction, "softmax_cross_entropy")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"softmax_cross_entropy: label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    loss = Node("softmax_ce", (logits, labels), {}, (), FLOAT)  # fused: the mean over the labels
+    if reduction == "sum":
+        rows = reduced_count(labels.shape, tuple(range(labels.ndim)))
+        loss = ew(Fn("times_rows", ARGS[0] * rows, 1), loss)
+    smoothing = float(label_smoothing)
+    if smoothing == 0.0:
+        return loss
+    # -sum over classes of log softmax / classes, reduced over the labels: for "mean" that is the
+    # mean over every element; for "sum", the sum over every element / classes
+    spread = -_reduced(log_softmax(logits), reduction)
+    if reduction == "sum":
+        spread = spread / logits.shape[-1]
+    return (1.0 - smoothing) * loss + smoothing * spread
+
+
+_NLL_PICK = Fn("nll_pick", sp.Piecewise((-ARGS[1], sp.Eq(ARGS[0], ARGS[2])), (0, True)), 3,
+               ("label", "log_prob", "class"))
+
+
+def nll_loss(log_probs: Node, labels: Node, reduction: str = "mean") -> Node:
+    """-log_probs[label] with integer labels (class on the last axis), averaged over the labels
+    ("mean") or summed ("sum"), as torch's F.nll_loss (e.g. of bp.log_softmax(logits)). A label
+    outside [0, classes) makes the call raise InputError."""
+    from .families import embedding  # the family ops load after core (they import it)
+    from .transformer import constant
+    _check_labels(log_probs, labels, "nll_loss", "log_probs")
+    _check_reduction(reduction, "nll_loss")
+    classes = log_probs.shape[-1]
+    if not isinstance(classes, int):
+        raise ShapeError(f"nll_loss: the class axis of log_probs {shape_str(log_probs.shape)} must have a fixed size")
+    index = constant(np.arange(classes, dtype=np.float64).reshape(classes, 1))
+    label = embedding(labels, index)  # (..., 1): each label as a number, checked to be in [0, classes)
+    picked = ew(_NLL_PICK, label, log_probs, reshape(index, (classes,)))  # -log_probs at the label, else 0
+    return _reduced(sum(picked, axis=-1), reduction)
 
 
 def _softmax_ce_vjp(node: Node, g: Node) -> list[Node | None]:

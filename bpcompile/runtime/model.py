@@ -562,10 +562,33 @@ class CompiledModel:
         return f"model {self.name!r}: the native call rejected its input data"
 
     # --- the public calls ----------------------------------------------------------------
-    def forward(self, **inputs: Any) -> dict[str, np.ndarray]:
+    # Inputs go by name (x=X, y=Y), or by position in the order the graph declared the inputs
+    # the call reads (or all of its inputs), or as one dict.
+    def _named(self, call: str, entry: str, arrays: tuple, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The inputs of a call given positional arrays too (see above)."""
+        if len(arrays) == 1 and isinstance(arrays[0], Mapping):
+            arrays, inputs = (), {**arrays[0], **inputs}
+        reads = self._entries[entry].inputs
+        names = [n for n in self._inputs if n in reads]
+        if len(arrays) > len(names):
+            names = list(self._inputs)
+        if len(arrays) > len(names):
+            raise TypeError(f"{call}() takes at most {len(names)} input arrays by position ({', '.join(names)}), "
+                            f"got {len(arrays)}; pass the inputs by name ({', '.join(f'{n}=...' for n in names)})")
+        named = dict(zip(names, arrays))
+        both = [n for n in named if n in inputs]
+        if both:
+            raise TypeError(f"{call}() got input {both[0]!r} both by position and by name; pass the inputs "
+                            f"by name ({', '.join(f'{n}=...' for n in names)})")
+        named.update(inputs)
+        return named
+
+    def forward(self, *arrays: Any, **inputs: Any) -> dict[str, np.ndarray]:
         """Named outputs (eval mode: running statistics, no dropout)."""
         if "forward" not in self._entries:
             raise InputError(f"model {self.name!r} declares no outputs (use g.output(name, tensor))")
+        if arrays:
+            inputs = self._named("forward", "forward", arrays, inputs)
         entry = self._entries["forward"]
         named = dict(zip(self._dims, self._frame("forward", inputs)[0].dims))  # validated once per signature
         outputs = [np.empty([named[d] if isinstance(d, str) else d for d in r["shape"]], dtype=self.dtype)
@@ -586,27 +609,36 @@ class CompiledModel:
             raise InputError(f"model {self.name!r} has no loss {loss!r}; its losses are {list(self._losses)}")
         return self._losses[loss]
 
-    def loss(self, loss: str | None = None, training: bool = True, **inputs: Any) -> float:
+    def loss(self, *arrays: Any, loss: str | None = None, training: bool = True, **inputs: Any) -> float:
         """The loss on a batch without gradients: in training mode (batch statistics, dropout),
         as loss_and_grad sees it, or with training=False as forward sees it."""
         spec = self._loss_spec(loss)
         entry = spec["entries"]["loss" if training else "eval"]
+        if arrays:
+            inputs = self._named("loss", entry, arrays, inputs)
         return self._run(entry, inputs).scalar_c[0]
 
-    def loss_and_grad(self, loss: str | None = None, **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
+    def loss_and_grad(self, *arrays: Any, loss: str | None = None,
+                      **inputs: Any) -> tuple[float, dict[str, np.ndarray]]:
         """The loss and the gradient of every parameter it trains (fresh arrays each call)."""
         spec = self._loss_spec(loss)
+        if arrays:
+            inputs = self._named("loss_and_grad", spec["entries"]["grad"], arrays, inputs)
         grads = aligned_empty(self.meta["param_size"], self.dtype)
         value = self._run(spec["entries"]["grad"], inputs, grads=grads).scalar_c[0]
         layout = {p["name"]: p for p in self.meta["params"]}
         return value, {n: self._view(grads, layout[n]) for n in spec["params"]}
 
-    def train_step(self, loss: str | None = None, lr: float | None = None, **inputs: Any) -> float:
+    def train_step(self, *arrays: Any, loss: str | None = None, lr: float | None = None, **inputs: Any) -> float:
         """Forward, backward and the optimizer update in one native call; returns the loss
         (computed before the update). `lr` overrides the schedule for this step."""
+        if arrays:
+            spec = self._loss_spec(loss)
+            if "train" in spec["entries"]:  # else _optimizer_call says there is no optimizer
+                inputs = self._named("train_step", spec["entries"]["train"], arrays, inputs)
         return self._optimizer_call("train", loss, lr, inputs)
 
-    def backward(self, loss: str | None = None, **inputs: Any) -> float:
+    def backward(self, *arrays: Any, loss: str | None = None, **inputs: Any) -> float:
         """The first half of `train_step`, one native call: the loss, the gradients written into
         the model's gradient buffer (the views `model.grads`, one flat array) and the running
         statistics updated, with the dropout stream of the coming step; no update, step unchanged.
@@ -614,7 +646,10 @@ class CompiledModel:
         in place (e.g. summed across processes by bp.distributed)."""
         spec = self._loss_spec(loss)
         if "backward" not in spec["entries"]:
-            raise InputError(f"model {self.name!r} was compiled without an optimizer")
+            raise InputError(f"model {self.name!r} was compiled without an optimizer (optimizer=None): it has the "
+                             "forward, loss and gradient calls only")
+        if arrays:
+            inputs = self._named("backward", spec["entries"]["backward"], arrays, inputs)
         return self._run(spec["entries"]["backward"], inputs, counter=self.step + 1).scalar_c[0]
 
     def apply_gradients(self, loss: str | None = None, lr: float | None = None) -> None:
@@ -631,7 +666,8 @@ class CompiledModel:
         torch optimizer per network would; the random streams follow the count of all updates."""
         spec = self._loss_spec(loss)
         if self.optimizer is None:
-            raise InputError(f"model {self.name!r} was compiled without an optimizer")
+            raise InputError(f"model {self.name!r} was compiled without an optimizer (optimizer=None): it has the "
+                             "forward, loss and gradient calls only; compile it with an optimizer to train it")
         optimizer = self.optimizer.for_loss(spec["name"])
         entry = spec["entries"][kind]
         with self._train_lock:
@@ -644,24 +680,39 @@ class CompiledModel:
 
     # --- training loop (bpcompile.training) ----------------------------------------------
     def fit(self, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
-            seed: int = 0, validation: Mapping[str, Any] | None = None, loss: str | None = None,
-            verbose: bool = True, checkpoint: str | os.PathLike | None = None) -> dict[str, list[float]]:
-        """Train on a dict of arrays for `epochs`; returns the per-epoch history. With `checkpoint`,
-        the model is saved there (atomically) after each epoch."""
+            seed: int | None = None, validation: Mapping[str, Any] | None = None, loss: str | None = None,
+            verbose: int | bool = 1, checkpoint: str | os.PathLike | None = None, *, stream: Any = None,
+            callbacks: Any = None, metrics: Mapping[str, Callable] | None = None, train_metrics: bool = False,
+            initial_epoch: int = 0, parallel: Any = None) -> dict[str, list[float]]:
+        """Train on a dict of arrays (Keras's fit: callbacks, metrics, verbose 0/1/2); returns the
+        history, a dict of lists ("loss", "val_loss", metrics, ...). See bpcompile.training.fit."""
         from ..train.fit import fit
         return fit(self, data, epochs=epochs, batch_size=batch_size, shuffle=shuffle, seed=seed,
-                   validation=validation, loss=loss, verbose=verbose, checkpoint=checkpoint)
+                   validation=validation, loss=loss, verbose=verbose, stream=stream, checkpoint=checkpoint,
+                   parallel=parallel, callbacks=callbacks, metrics=metrics, train_metrics=train_metrics,
+                   initial_epoch=initial_epoch)
 
-    def evaluate(self, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None) -> dict[str, float]:
-        """Mean loss (and accuracy for a classifier) over a dataset."""
+    def evaluate(self, data: Mapping[str, Any], batch_size: int = 256, loss: str | None = None,
+                 metrics: Mapping[str, Callable] | None = None) -> dict[str, float]:
+        """Mean loss (and accuracy for a classifier) over a dataset, and `metrics`
+        ({name: fn(outputs, inputs) -> float}) on its outputs."""
         from ..train.fit import evaluate
-        return evaluate(self, data, batch_size=batch_size, loss=loss)
+        return evaluate(self, data, batch_size=batch_size, loss=loss, metrics=metrics)
 
-    def predict(self, data: Mapping[str, Any] | None = None, batch_size: int = 256, **inputs: Any):
-        """Named outputs over a dataset in batches; a single output is returned as its array."""
+    def predict(self, data: Mapping[str, Any] | None = None, *arrays: Any, batch_size: int = 256,
+                **inputs: Any) -> dict[str, np.ndarray]:
+        """Named outputs over a dataset, in batches: what `forward` returns, for any number of rows.
+        The dataset is a dict, or arrays by name or position as `forward` takes them."""
         from ..train.fit import predict
-        out = predict(self, data if data is not None else inputs, batch_size=batch_size)
-        return next(iter(out.values())) if len(out) == 1 else out
+        if data is not None and not isinstance(data, Mapping):
+            arrays = (data, *arrays)
+        elif data is not None:
+            if arrays:
+                raise TypeError("predict() takes a dataset dict or input arrays, not both")
+            inputs = {**data, **inputs}
+        if arrays:
+            inputs = self._named("predict", "forward", arrays, inputs) if "forward" in self._entries else inputs
+        return predict(self, inputs, batch_size=batch_size)
 
     # --- checkpoints -----------------------------------------------------------------------
     def _signature(self) -> dict[str, Any]:

@@ -299,7 +299,7 @@ class DataParallel:
 
     def predict(self, data: Mapping[str, Any], batch_size: int = 256):
         """`model.predict` over the whole dataset, each rank taking a contiguous part; every rank
-        gets all the outputs, in the dataset's order."""
+        gets all the outputs (a dict, as `forward` returns), in the dataset's order."""
         self.sync_running_statistics()
         shard, _ = self._my_shard(data, "predict")
         rows = len(next(iter(shard.values())))
@@ -310,8 +310,7 @@ class DataParallel:
             failure = e
         self._agree(failure, [])
         parts = [p for p in self.comm.allgather(out) if p is not None]
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        return next(iter(merged.values())) if len(merged) == 1 else merged
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
