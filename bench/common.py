@@ -115,7 +115,7 @@ def measure(build: Callable[[], Trainer], result: Result, repeats: int | None,
 
 def parse_args(variants: tuple[str, ...]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Time one training workload in this process.")
-    p.add_argument("--workload", required=True, help="W1 .. W6")
+    p.add_argument("--workload", required=True, help="W1 .. W7")
     p.add_argument("--variant", choices=variants, default=variants[0])
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--repeats", type=int, default=None,

@@ -192,11 +192,19 @@ def loss_check(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
     return f"{'ok' if diff <= LOSS_RTOL else 'MISMATCH'} ({diff:.0e})"
 
 
-def result_table(results: list[dict[str, Any]]) -> list[str]:
+def fmt_floor_share(r: dict[str, Any], gflops: float) -> str:
+    """The GEMM floor (FLOPs / peak) as a share of this row's median step: 100% is the peak."""
+    if r.get("status") != "ok" or not r.get("median_step_s") or not gflops or math.isnan(gflops):
+        return "–"
+    pct = 100 * flops_per_step(WORKLOADS[r["workload"]]) / (gflops * 1e9) / r["median_step_s"]
+    return f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"
+
+
+def result_table(results: list[dict[str, Any]], gflops: float = math.nan) -> list[str]:
     by_key = {(r["workload"], r["framework"]): r for r in results}
-    header = ("| workload | framework | median step | ratio to bpcompile | compile time |"
+    header = ("| workload | framework | median step | ratio to bpcompile | floor % | compile time |"
               " peak RSS | loss vs numpy | note |")
-    lines = [header, "|" + "---|" * 8]
+    lines = [header, "|" + "---|" * 9]
     for r in results:
         w = r["workload"]
         ref, loss_ref = by_key.get((w, REFERENCE)), by_key.get((w, LOSS_REFERENCE))
@@ -205,7 +213,8 @@ def result_table(results: list[dict[str, Any]]) -> list[str]:
         if r.get("status") != "ok":
             note = f"{r.get('status')}: {note}"
         lines.append(f"| {w} | {r['framework']} | {fmt_time(r.get('median_step_s'))} | "
-                     f"{fmt_ratio(r, ref)} | {fmt_time(r.get('compile_s'))} | {rss} | "
+                     f"{fmt_ratio(r, ref)} | {fmt_floor_share(r, gflops)} | "
+                     f"{fmt_time(r.get('compile_s'))} | {rss} | "
                      f"{loss_check(r, loss_ref)} | {note.replace('|', '/')} |")
     return lines
 
@@ -230,6 +239,15 @@ def busy_summary(share: float | None) -> str:
     if share >= BUSY_WARNING:
         line += " Rows noted 'machine busy' are suspect: rerun them on a quiet machine."
     return line
+
+
+def versions_line(results: list[dict[str, Any]]) -> str:
+    """Each framework's version and BLAS, as its runner reported them (first run of each)."""
+    seen: dict[str, str] = {}
+    for r in results:
+        if r.get("version") and r["framework"] not in seen:
+            seen[r["framework"]] = r["version"]
+    return "Versions and BLAS: " + ("; ".join(f"{k} {v}" for k, v in seen.items()) or "–") + "."
 
 
 def machine_lines(peak: dict[str, Any]) -> list[str]:
@@ -259,10 +277,11 @@ def main() -> None:
     if args.save:
         args.save.write_text(json.dumps({"gemm_peak": peak, "results": results}, indent=1))
     flops_note = ("FLOPs count GEMM/conv work only (forward, weight and input gradients); "
-                  "floor = FLOPs / GEMM peak.")
-    report = [*machine_lines(peak), busy_summary(meter.share()), "",
-              *result_table(results), "", flops_note, "",
-              *flops_table(args.workloads, results, peak.get("gflops", math.nan))]
+                  "floor = FLOPs / GEMM peak; floor % = floor / median step.")
+    gflops = peak.get("gflops", math.nan)
+    report = [*machine_lines(peak), versions_line(results), busy_summary(meter.share()), "",
+              *result_table(results, gflops), "", flops_note, "",
+              *flops_table(args.workloads, results, gflops)]
     print("\n".join(report))
 
 

@@ -7,6 +7,11 @@ bpcompile is imported as installed, else from this repository's working tree. Th
 are passed as ``init=<ndarray>`` so the losses match the other runners step for step.
 ``bp.compile`` uses its default build directory: run.py points $BPCOMPILE_BUILD_DIR at a
 fresh temporary folder per run, so the reported compile time is a cold build.
+
+The GPT (W7) needs bp.layer_norm and bp.attention (issue 14); while bpcompile lacks them its
+runs are "skipped" with "not available: ...". Its graph takes ``idx`` (B, T) and ``labels``
+(B*T,), int32 inputs of fixed shape, and trains the mean cross-entropy of the (B*T, vocab)
+logits.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import common
 import numpy as np
-from workloads import CNN, MLP, Workload, cnn_feature_shapes, init_params, make_batch
+from workloads import CNN, GPT, MLP, Workload, cnn_feature_shapes, gpt_layer_names, init_params, make_batch
 
 if importlib.util.find_spec("bpcompile") is None:
     sys.path.append(str(Path(__file__).resolve().parent.parent))
@@ -27,13 +32,23 @@ bp = common.optional_import("bpcompile")
 
 CORE_API = ("Graph", "compile", "optim", "relu", "tanh", "softplus", "mse",
             "softmax_cross_entropy")
-FAMILY_API = {"CNN": ("conv2d", "max_pool2d", "flatten"), "LSTM": ("lstm",)}
+FAMILY_API = {"CNN": ("conv2d", "max_pool2d", "flatten"), "LSTM": ("lstm",),
+              "GPT": ("embedding", "layer_norm", "attention", "gelu", "reshape", "transpose",
+                      "slice")}
+
+
+def _has(name: str) -> bool:
+    try:  # bp.<name> imports its module lazily: one being written may raise anything
+        getattr(bp, name)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _require(names: tuple[str, ...]) -> None:
-    missing = [n for n in names if not hasattr(bp, n)]
+    missing = [n for n in names if not _has(n)]
     if missing:
-        raise common.Skip(f"bpcompile has no {', '.join('bp.' + n for n in missing)}")
+        raise common.Skip(f"not available: bpcompile has no {', '.join('bp.' + n for n in missing)}")
 
 
 class GraphBuilder:
@@ -74,8 +89,42 @@ class GraphBuilder:
         _, (h, _) = bp.lstm(x, *weights)  # h: (batch, hidden), the last hidden state
         return h @ self.param("fc_w") + self.param("fc_b")
 
+    def layer_norm(self, x: Any, weight: str, bias: str) -> Any:
+        assert isinstance(self.w.model, GPT)
+        return bp.layer_norm(x, self.param(weight), self.param(bias), eps=self.w.model.eps)
+
+    def attention(self, m: GPT, n: dict[str, str], h: Any) -> Any:
+        bsz, t, c = self.w.batch, m.block, m.embed
+        qkv = h @ self.param(n["attn_w"]) + self.param(n["attn_b"])  # (B, T, 3C)
+        q, k, v = (bp.transpose(bp.reshape(bp.slice(qkv, 2, i * c, (i + 1) * c),
+                                           (bsz, t, m.heads, m.head_dim)), (0, 2, 1, 3))
+                   for i in range(3))  # each (B, H, T, d)
+        y = bp.attention(q, k, v, causal=True)  # (B, H, T, d)
+        y = bp.reshape(bp.transpose(y, (0, 2, 1, 3)), (bsz, t, c))
+        return y @ self.param(n["proj_w"]) + self.param(n["proj_b"])
+
+    def mlp_block(self, n: dict[str, str], h: Any) -> Any:
+        u = bp.gelu(h @ self.param(n["fc_w"]) + self.param(n["fc_b"]))  # erf form
+        return u @ self.param(n["fc2_w"]) + self.param(n["fc2_b"])
+
+    def gpt(self, m: GPT) -> Any:
+        idx = self.g.input("idx", (self.w.batch, m.block), dtype="int32")
+        labels = self.g.input("labels", (self.w.batch * m.block,), dtype="int32")
+        x = bp.embedding(idx, self.param("wte")) + self.param("wpe")  # (B, T, C)
+        for layer in range(m.layers):
+            n = gpt_layer_names(layer)
+            x = x + self.attention(m, n, self.layer_norm(x, n["ln1_w"], n["ln1_b"]))
+            x = x + self.mlp_block(n, self.layer_norm(x, n["ln2_w"], n["ln2_b"]))
+        x = self.layer_norm(x, "lnf_w", "lnf_b")
+        logits = bp.reshape(x @ self.param("lm_w"), (self.w.batch * m.block, m.vocab))
+        self.g.output("logits", logits)
+        self.g.loss(bp.softmax_cross_entropy(logits, labels))
+        return self.g
+
     def build(self) -> Any:
         w, m = self.w, self.w.model
+        if isinstance(m, GPT):
+            return self.gpt(m)
         x_np, y_np = make_batch(w)
         x = self.g.input("x", ("batch", *x_np.shape[1:]))
         if w.loss == "softmax_ce":
@@ -107,6 +156,9 @@ def build(w: Workload, variant: str) -> common.Trainer:
     model = bp.compile(graph, dtype="float32", optimizer=make_optimizer(w), seed=0)
     x, y = make_batch(w)
     x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    if isinstance(w.model, GPT):
+        labels = np.ascontiguousarray(y.reshape(-1))
+        return common.Trainer(lambda: model.train_step(idx=x, labels=labels))
     return common.Trainer(lambda: model.train_step(x=x, y=y))
 
 

@@ -3,7 +3,9 @@
     python bench/run_jax.py --workload W2 --json
 
 Adam is written by hand (bench/fn_optim.py), optax is not used. Parameters and optimizer
-state are donated to the jitted step, so the update happens in place.
+state are donated to the jitted step, so the update happens in place. The GPT (W7) uses
+jax.nn.dot_product_attention(is_causal=True) on (B, T, heads, head) arrays and
+jax.nn.gelu(approximate=False); its layer norm is written out (biased variance, as torch).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import common
 import fn_optim
-from workloads import CNN, MLP, Workload, cnn_feature_shapes, init_params, make_batch
+from workloads import CNN, GPT, MLP, Workload, cnn_feature_shapes, gpt_layer_names, init_params, make_batch
 
 jax = common.optional_import("jax")
 jnp = common.optional_import("jax.numpy")
@@ -65,7 +67,32 @@ def lstm(p: Params, x: Any) -> Any:
     return h @ p["fc_w"] + p["fc_b"]
 
 
+def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * weight + bias
+
+
+def gpt(m: GPT, p: Params, idx: Any) -> Any:
+    """Logits (B*T, vocab) of the W7 GPT (see workloads.GPT)."""
+    bsz, t = idx.shape
+    c, h, d = m.embed, m.heads, m.head_dim
+    x = p["wte"][idx] + p["wpe"]
+    for layer in range(m.layers):
+        n = gpt_layer_names(layer)
+        qkv = _layer_norm(x, p[n["ln1_w"]], p[n["ln1_b"]], m.eps) @ p[n["attn_w"]] + p[n["attn_b"]]
+        q, k, v = (z.reshape(bsz, t, h, d) for z in jnp.split(qkv, 3, axis=-1))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(bsz, t, c)
+        x = x + (y @ p[n["proj_w"]] + p[n["proj_b"]])
+        u = _layer_norm(x, p[n["ln2_w"]], p[n["ln2_b"]], m.eps) @ p[n["fc_w"]] + p[n["fc_b"]]
+        x = x + (jax.nn.gelu(u, approximate=False) @ p[n["fc2_w"]] + p[n["fc2_b"]])
+    x = _layer_norm(x, p["lnf_w"], p["lnf_b"], m.eps)
+    return (x @ p["lm_w"]).reshape(bsz * t, m.vocab)
+
+
 def forward(w: Workload, p: Params, x: Any) -> Any:
+    if isinstance(w.model, GPT):
+        return gpt(w.model, p, x)
     if isinstance(w.model, MLP):
         return mlp(w.model, p, x)
     if isinstance(w.model, CNN):
@@ -77,6 +104,7 @@ def loss(w: Workload, p: Params, x: Any, y: Any) -> Any:
     out = forward(w, p, x)
     if w.loss == "mse":
         return jnp.mean((out - y) ** 2)
+    y = y.reshape(-1)  # the GPT's (B, T) labels, one per row of its (B*T, vocab) logits
     picked = jnp.take_along_axis(out, y[:, None], axis=1)[:, 0]
     return jnp.mean(jax.nn.logsumexp(out, axis=1) - picked)
 
@@ -109,4 +137,4 @@ def build(w: Workload, variant: str) -> common.Trainer:
 
 if __name__ == "__main__":
     common.run_cli("jax", build, requires=("jax", "jax.numpy"),
-                   version=lambda: jax.__version__)
+                   version=lambda: f"{jax.__version__}, XLA on {jax.devices()[0].platform}")

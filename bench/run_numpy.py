@@ -1,15 +1,24 @@
 """Hand-written NumPy backprop: every layer has a forward and a backward method.
 
     python bench/run_numpy.py --workload W2 --json
+
+The GPT (W7) is one forward and one backward function over its blocks (layer norm,
+causal attention by batched matmuls over the full T x T scores, erf GELU; the erf is
+SciPy's when SciPy is installed, else math.erf element by element).
 """
 
 from __future__ import annotations
+
+import math
 
 import common
 import fn_optim
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from workloads import CNN, MLP, Workload, cnn_feature_shapes, init_params, make_batch
+from workloads import CNN, GPT, MLP, Workload, cnn_feature_shapes, gpt_layer_names, init_params, make_batch
+
+_special = common.optional_import("scipy.special")
+erf = _special.erf if _special is not None else np.vectorize(math.erf, otypes=[np.float32])
 
 Arrays = dict[str, np.ndarray]
 
@@ -213,6 +222,136 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
 LOSSES = {"mse": mse, "softmax_ce": softmax_cross_entropy}
 
 
+# --- the GPT (W7) -----------------------------------------------------------------------------
+
+F32 = np.float32
+
+
+def _ln_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> tuple[np.ndarray, tuple]:
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    rstd = 1 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + F32(eps))
+    xhat = xc * rstd
+    return xhat * w + b, (xhat, rstd)
+
+
+def _ln_backward(dy: np.ndarray, w: np.ndarray, cache: tuple) -> tuple[np.ndarray, ...]:
+    xhat, rstd = cache
+    dxhat = dy * w
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    rows = dy.reshape(-1, dy.shape[-1])
+    return dx, (rows * xhat.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)
+
+
+def _dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    y = x.reshape(-1, x.shape[-1]) @ w
+    return (y if b is None else y + b).reshape(*x.shape[:-1], w.shape[1])
+
+
+def _dense_backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(dx, dW, db) of y = x @ w + b."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return (dy2 @ w.T).reshape(x.shape), x2.T @ dy2, dy2.sum(axis=0)
+
+
+class GPTTrainer:
+    """x = wte[idx] + wpe; blocks of x += attn(ln1(x)), x += mlp(ln2(x)); ln_f; lm head; CE."""
+
+    def __init__(self, w: Workload) -> None:
+        assert isinstance(w.model, GPT)
+        self.w, self.m = w, w.model
+        self.params = init_params(w)
+        self.state = fn_optim.init_state(w.optimizer, self.params, np.zeros_like)
+        self.idx, labels = make_batch(w)
+        self.labels = labels.reshape(-1)
+        t = self.m.block
+        self.future = np.triu(np.ones((t, t), bool), k=1)  # j > i: masked
+
+    def _split_heads(self, z: np.ndarray) -> np.ndarray:  # (B, T, C) -> (B, H, T, d)
+        bsz, t, _ = z.shape
+        return z.reshape(bsz, t, self.m.heads, self.m.head_dim).transpose(0, 2, 1, 3)
+
+    def _merge_heads(self, z: np.ndarray) -> np.ndarray:  # (B, H, T, d) -> (B, T, C)
+        bsz, _, t, _ = z.shape
+        return z.transpose(0, 2, 1, 3).reshape(bsz, t, self.m.embed)
+
+    def _attn_forward(self, p: dict, n: dict, h: np.ndarray) -> tuple[np.ndarray, dict]:
+        c = self.m.embed
+        qkv = _dense(h, p[n["attn_w"]], p[n["attn_b"]])
+        q, k, v = (self._split_heads(qkv[..., i * c:(i + 1) * c]) for i in range(3))
+        scale = F32(1 / math.sqrt(self.m.head_dim))
+        s = (q @ k.transpose(0, 1, 3, 2)) * scale
+        s[..., self.future] = -np.inf
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        prob = e / e.sum(axis=-1, keepdims=True)
+        y = self._merge_heads(prob @ v)
+        out = _dense(y, p[n["proj_w"]], p[n["proj_b"]])
+        return out, {"h": h, "q": q, "k": k, "v": v, "prob": prob, "y": y, "scale": scale}
+
+    def _attn_backward(self, p: dict, n: dict, dout: np.ndarray, c: dict, grads: dict) -> np.ndarray:
+        dy, grads[n["proj_w"]], grads[n["proj_b"]] = _dense_backward(c["y"], p[n["proj_w"]], dout)
+        dy = self._split_heads(dy)
+        prob = c["prob"]
+        dprob = dy @ c["v"].transpose(0, 1, 3, 2)
+        dv = prob.transpose(0, 1, 3, 2) @ dy
+        ds = prob * (dprob - (dprob * prob).sum(axis=-1, keepdims=True)) * c["scale"]
+        dq, dk = ds @ c["k"], ds.transpose(0, 1, 3, 2) @ c["q"]
+        dqkv = np.concatenate([self._merge_heads(z) for z in (dq, dk, dv)], axis=-1)
+        dh, grads[n["attn_w"]], grads[n["attn_b"]] = _dense_backward(c["h"], p[n["attn_w"]], dqkv)
+        return dh
+
+    def _mlp_forward(self, p: dict, n: dict, h: np.ndarray) -> tuple[np.ndarray, dict]:
+        u = _dense(h, p[n["fc_w"]], p[n["fc_b"]])
+        cdf = F32(0.5) * (1 + erf(u * F32(1 / math.sqrt(2)))).astype(F32)
+        g = u * cdf
+        return _dense(g, p[n["fc2_w"]], p[n["fc2_b"]]), {"h": h, "u": u, "cdf": cdf, "g": g}
+
+    def _mlp_backward(self, p: dict, n: dict, dout: np.ndarray, c: dict, grads: dict) -> np.ndarray:
+        dg, grads[n["fc2_w"]], grads[n["fc2_b"]] = _dense_backward(c["g"], p[n["fc2_w"]], dout)
+        u = c["u"]
+        pdf = np.exp(F32(-0.5) * u * u) * F32(1 / math.sqrt(2 * math.pi))
+        du = dg * (c["cdf"] + u * pdf)
+        dh, grads[n["fc_w"]], grads[n["fc_b"]] = _dense_backward(c["h"], p[n["fc_w"]], du)
+        return dh
+
+    def step(self) -> float:
+        m, p, eps = self.m, self.params, self.m.eps
+        x = p["wte"][self.idx] + p["wpe"]
+        caches = []
+        for layer in range(m.layers):
+            n = gpt_layer_names(layer)
+            h, ln1 = _ln_forward(x, p[n["ln1_w"]], p[n["ln1_b"]], eps)
+            a, attn = self._attn_forward(p, n, h)
+            x = x + a
+            h, ln2 = _ln_forward(x, p[n["ln2_w"]], p[n["ln2_b"]], eps)
+            f, mlp = self._mlp_forward(p, n, h)
+            x = x + f
+            caches.append((ln1, attn, ln2, mlp))
+        hf, lnf = _ln_forward(x, p["lnf_w"], p["lnf_b"], eps)
+        logits = _dense(hf, p["lm_w"], None).reshape(-1, m.vocab)
+        loss, dlogits = softmax_cross_entropy(logits, self.labels)
+
+        grads: Arrays = {}
+        dhf, grads["lm_w"], _ = _dense_backward(hf, p["lm_w"], dlogits.reshape(*hf.shape[:-1], -1))
+        dx, grads["lnf_w"], grads["lnf_b"] = _ln_backward(dhf, p["lnf_w"], lnf)
+        for layer in reversed(range(m.layers)):
+            n = gpt_layer_names(layer)
+            ln1, attn, ln2, mlp = caches[layer]
+            dh = self._mlp_backward(p, n, dx, mlp, grads)
+            dh, grads[n["ln2_w"]], grads[n["ln2_b"]] = _ln_backward(dh, p[n["ln2_w"]], ln2)
+            dx = dx + dh
+            dh = self._attn_backward(p, n, dx, attn, grads)
+            dh, grads[n["ln1_w"]], grads[n["ln1_b"]] = _ln_backward(dh, p[n["ln1_w"]], ln1)
+            dx = dx + dh
+        grads["wpe"] = dx.sum(axis=0)
+        dwte = np.zeros_like(p["wte"])
+        np.add.at(dwte, self.idx.reshape(-1), dx.reshape(-1, m.embed))
+        grads["wte"] = dwte
+        self.params, self.state = fn_optim.update(self.w.optimizer, p, grads, self.state, np.sqrt)
+        return loss
+
+
 class NumpyTrainer:
     def __init__(self, w: Workload) -> None:
         self.w = w
@@ -236,8 +375,18 @@ class NumpyTrainer:
 
 
 def build(w: Workload, variant: str) -> common.Trainer:
+    if isinstance(w.model, GPT):
+        return common.Trainer(GPTTrainer(w).step)
     return common.Trainer(NumpyTrainer(w).step)
 
 
+def version() -> str:
+    try:
+        blas = np.__config__.CONFIG["Build Dependencies"]["blas"]
+        return f"{np.__version__}, {blas['name']} {blas['version']}"
+    except (AttributeError, KeyError, TypeError):
+        return np.__version__
+
+
 if __name__ == "__main__":
-    common.run_cli("numpy", build, version=lambda: np.__version__)
+    common.run_cli("numpy", build, version=version)

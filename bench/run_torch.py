@@ -5,7 +5,11 @@
 
 The compile variant compiles the model (forward and, through AOTAutograd, backward) and
 the optimizer step, as PyTorch's compiled-optimizer tutorial does; backward() itself is
-called eagerly in between, as in any training loop.
+called eagerly in between, as in any training loop. For the GPT (W7) it compiles the whole
+train step instead (zero_grad, forward, loss, backward, Adam step) as one function.
+
+The GPT uses PyTorch's fused kernels: F.scaled_dot_product_attention(is_causal=True),
+F.layer_norm, F.gelu (erf form), F.cross_entropy.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import common
 import numpy as np
-from workloads import CNN, MLP, Workload, cnn_feature_shapes, init_params, make_batch
+from workloads import CNN, GPT, MLP, Workload, cnn_feature_shapes, gpt_layer_names, init_params, make_batch
 
 torch = common.optional_import("torch")
 VARIANTS = ("eager", "compile")
@@ -45,6 +49,56 @@ class LSTMLastHidden(_Module):
     def forward(self, x: Any) -> Any:
         _, (h, _) = self.lstm(x)
         return self.fc(h[-1])
+
+
+class GPTModel(_Module):
+    """The W7 GPT on the shared weights, with the same parameter names (see workloads.GPT)."""
+
+    def __init__(self, m: GPT, p: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.m = m
+        self.p = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in p.items()})
+
+    def _ln(self, x: Any, w: str, b: str) -> Any:
+        return torch.nn.functional.layer_norm(x, (self.m.embed,), self.p[w], self.p[b], self.m.eps)
+
+    def forward(self, idx: Any) -> Any:
+        F, m, p = torch.nn.functional, self.m, self.p
+        bsz, t = idx.shape
+        c, h, d = m.embed, m.heads, m.head_dim
+        x = F.embedding(idx, p["wte"]) + p["wpe"]
+        for layer in range(m.layers):
+            n = gpt_layer_names(layer)
+            qkv = self._ln(x, n["ln1_w"], n["ln1_b"]) @ p[n["attn_w"]] + p[n["attn_b"]]
+            q, k, v = (z.view(bsz, t, h, d).transpose(1, 2) for z in qkv.split(c, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y.transpose(1, 2).reshape(bsz, t, c)
+            x = x + (y @ p[n["proj_w"]] + p[n["proj_b"]])
+            u = self._ln(x, n["ln2_w"], n["ln2_b"]) @ p[n["fc_w"]] + p[n["fc_b"]]
+            x = x + (F.gelu(u) @ p[n["fc2_w"]] + p[n["fc2_b"]])
+        return self._ln(x, "lnf_w", "lnf_b") @ p["lm_w"]  # (B, T, vocab)
+
+
+def build_gpt(w: Workload, variant: str) -> common.Trainer:
+    assert isinstance(w.model, GPT)
+    torch.manual_seed(0)
+    model = GPTModel(w.model, init_params(w))
+    opt = build_optimizer(w, model.parameters())
+    idx_np, labels_np = make_batch(w)
+    idx = torch.from_numpy(idx_np.astype(np.int64))
+    labels = torch.from_numpy(labels_np.astype(np.int64)).reshape(-1)
+    vocab = w.model.vocab
+
+    def train_step() -> Any:
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(idx).reshape(-1, vocab), labels)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    step = torch.compile(train_step) if variant == "compile" else train_step
+    return common.Trainer(step, lambda loss: float(loss.item()))
 
 
 def _load(module: Any, weight: np.ndarray, bias: np.ndarray) -> None:
@@ -93,6 +147,8 @@ def build_optimizer(w: Workload, params: Any) -> Any:
 
 
 def build(w: Workload, variant: str) -> common.Trainer:
+    if isinstance(w.model, GPT):
+        return build_gpt(w, variant)
     torch.manual_seed(0)
     model = build_model(w)
     opt = build_optimizer(w, model.parameters())
@@ -115,6 +171,11 @@ def build(w: Workload, variant: str) -> common.Trainer:
     return common.Trainer(step, lambda loss: float(loss.item()))
 
 
+def version() -> str:
+    libs = [name for name, on in (("MKL", torch.backends.mkl.is_available()),
+                                  ("oneDNN", torch.backends.mkldnn.is_available())) if on]
+    return f"{torch.__version__}, {' + '.join(libs) or 'no MKL'}, {torch.get_num_threads()} threads"
+
+
 if __name__ == "__main__":
-    common.run_cli("torch", build, variants=VARIANTS, requires=("torch",),
-                   version=lambda: torch.__version__)
+    common.run_cli("torch", build, variants=VARIANTS, requires=("torch",), version=version)
