@@ -3,11 +3,14 @@ model.forward (float32, 1e-5), at two batch sizes (named dims stay dynamic)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sympy as sp
 
 import bpcompile as bp
+from bpcompile.ops.batched import bmatmul
 
 onnx = pytest.importorskip("onnx", reason="needs the [onnx] extra (onnx, onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="needs the [onnx] extra (onnx, onnxruntime)")
@@ -57,16 +60,50 @@ def tokens() -> bp.Graph:
     return g
 
 
+def gpt() -> bp.Graph:
+    """examples/gpt_spec.yaml: embeddings, two pre-norm blocks (causal attention), a final layer
+    norm and the LM head tied to the token table."""
+    from bpcompile.tools.spec import load_spec
+    return load_spec(Path(__file__).parent.parent / "examples" / "gpt_spec.yaml").graph
+
+
+def attention() -> bp.Graph:
+    """Attention with a key mask from an int input (a batch row of zeros masks every key: zeros
+    out), causal attention with its own scale and a runtime length, max / min, masked_fill with a
+    constant mask, layer norm without weights, and batched products reading operands transposed."""
+    rng = np.random.default_rng(7)
+    g = bp.Graph("onnx_attention")
+    x = g.input("x", ("batch", 6, 8))
+    keep = g.input("keep", ("batch", 1, 6), dtype="int32")
+    seq = g.input("seq", ("batch", "time", 8))
+    q, k, v = (bp.nn.Linear(g, 8, 8, name=n)(x) for n in "qkv")
+    g.output("masked", bp.attention(q, k, v, mask=keep))
+    g.output("causal", bp.attention(seq, seq, seq * 0.5, causal=True, scale=0.3))
+    g.output("extremes", bp.max(x, axis=1) - bp.reshape(bp.min(x, axis=(1, 2), keepdims=True), ("batch", 1)))
+    filled = bp.masked_fill(bp.layer_norm(x), rng.random((6, 8)) < 0.3, -2.0)
+    g.output("filled", filled + bp.constant(rng.normal(size=8)))
+    qt, vt = bp.transpose(q, (0, 2, 1)), bp.transpose(v, (0, 2, 1))
+    g.output("products", bmatmul(q, k, ta=True) + bmatmul(qt, vt, tb=True))
+    return g
+
+
 def inputs_for(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     if name == "mlp":
         return {"x": rng.normal(size=(n, 6)).astype(np.float32)}
     if name == "cnn":
         return {"x": rng.normal(size=(n, 2, 10, 10)).astype(np.float32)}
+    if name == "gpt":
+        return {"idx": rng.integers(0, 65, (n, 16)).astype(np.int32)}
+    if name == "attention":
+        keep = rng.integers(0, 2, (n, 1, 6)).astype(np.int32)
+        keep[0] = 0  # no key at all
+        return {"x": rng.normal(size=(n, 6, 8)).astype(np.float32), "keep": keep,
+                "seq": rng.normal(size=(n, n + 2, 8)).astype(np.float32)}
     return {"ids": rng.integers(0, 11, (n, 5)).astype(np.int32),
             "feats": rng.normal(size=(n, 5, 3)).astype(np.float32)}
 
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "tokens": tokens}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "tokens": tokens, "gpt": gpt, "attention": attention}
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
@@ -87,6 +124,19 @@ def test_onnx_runtime_computes_forward(name, build_dir, tmp_path):
         got = dict(zip([o.name for o in session.get_outputs()], session.run(None, data)))
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=f"{name} {key} batch {n}")
+
+
+@pytest.mark.parametrize("opset", [16, 17, 18])
+def test_gpt_exports_at_each_opset(opset, build_dir):
+    """Opset 16 writes layer norm decomposed; 18 gives reductions their axes as inputs."""
+    model = bp.compile(gpt(), "float32", seed=3)
+    proto = bp.to_onnx(model, opset=opset)
+    kinds = {n.op_type for n in proto.graph.node}
+    assert ("LayerNormalization" in kinds) == (opset >= 17)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    data = inputs_for("gpt", np.random.default_rng(opset), 2)
+    got = session.run(None, data)[0]
+    np.testing.assert_allclose(got, model.forward(**data)["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_batch_dim_stays_dynamic(build_dir):

@@ -46,7 +46,7 @@ from .core import (
     sum,
 )
 
-__all__ = ["constant", "where", "masked_fill", "max", "min", "layer_norm", "attention"]
+__all__ = ["constant", "where", "masked_fill", "max", "min", "layer_norm", "attention", "masked_softmax"]
 
 CONSTANT_LIMIT = 1 << 20  # elements a constant may hold: its values are printed into the C source
 
@@ -272,11 +272,21 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
             raise ShapeError(f"attention: mask {shape_str(mask.shape)} does not broadcast to the scores "
                              f"{shape_str(scores.shape)}") from None
         scores = where(mask, scores, -math.inf)
-    probs = Node("attention_softmax", (scores,), {"causal": bool(causal), "scale": scale}, scores.shape, FLOAT)
+    probs = masked_softmax(scores, scale, causal)
     if dropout:
         from .families import dropout as drop
         probs = drop(probs, dropout)
     return probs @ v
+
+
+def masked_softmax(scores: Node, scale: float = 1.0, causal: bool = False) -> Node:
+    """softmax(scale · scores) over the last axis where -inf scores (and, with `causal`, keys
+    j > i) get probability 0 and a row with no allowed key gets all zeros: attention's softmax."""
+    _need_float(_check_tensor(scores, "masked_softmax"), "masked_softmax")
+    if scores.ndim < 2 or not (math.isfinite(scale) and scale > 0):
+        raise ShapeError(f"masked_softmax: needs (..., queries, keys) scores and a positive scale, got "
+                         f"{shape_str(scores.shape)} and {scale}")
+    return Node("attention_softmax", (scores,), {"causal": bool(causal), "scale": float(scale)}, scores.shape, FLOAT)
 
 
 def _attention_softmax_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:

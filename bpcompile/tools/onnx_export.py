@@ -5,9 +5,15 @@
 Each graph node becomes one or a few ONNX nodes, named after the graph node it computes:
 elementwise functions are printed from their SymPy expression (the builtins as their ONNX
 operator, e.g. relu -> Relu; any other expression term by term: Add, Mul, Pow, Exp, Where for a
-Piecewise, ...), the im2col + GEMM + transpose of a conv2d as one Conv, pools as MaxPool /
-AveragePool, batch norm and dropout through their evaluation branch. Named runtime dims stay
-dynamic (ONNX dim_params). A node without an ONNX form raises CompileError naming it.
+Piecewise, so where / masked_fill too, ...), the im2col + GEMM + transpose of a conv2d as one
+Conv, pools as MaxPool / AveragePool, batch norm and dropout through their evaluation branch.
+The transformer ops: constant -> a Constant node (float initializers are the parameters only),
+layer_norm with the weight and bias after it -> one LayerNormalization (from opset 17; its
+decomposition before), amax / amin -> ReduceMax / ReduceMin (axes an input from opset 18),
+bmatmul's transposed operands -> Transpose + MatMul, attention_softmax -> Mul by the scale, the
+causal mask as Where (a constant, or Trilu of the runtime length), Softmax, and zeros for rows
+with no allowed key when a mask may leave one. Named runtime dims stay dynamic (ONNX
+dim_params). A node without an ONNX form raises CompileError naming it.
 
 The onnx package is the optional extra `bpcompile[onnx]`.
 """
@@ -34,6 +40,9 @@ UNARY = {sp.exp: "Exp", sp.log: "Log", sp.tanh: "Tanh", sp.sinh: "Sinh", sp.cosh
          sp.cos: "Cos", sp.atan: "Atan", sp.erf: "Erf", sp.Abs: "Abs", sp.sign: "Sign"}
 COMPARISONS = {sp.StrictGreaterThan: "Greater", sp.StrictLessThan: "Less", sp.GreaterThan: "GreaterOrEqual",
                sp.LessThan: "LessOrEqual", sp.Equality: "Equal"}
+LOGIC = {sp.And: "And", sp.Or: "Or", sp.Xor: "Xor"}
+# the opset from which a reduction takes its axes as an input rather than an attribute
+AXES_AS_INPUT = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMax": 18, "ReduceMin": 18}
 
 
 def _broadcast(shapes: list[tuple]) -> tuple:
@@ -44,6 +53,11 @@ def _broadcast(shapes: list[tuple]) -> tuple:
         dims = {s[axis - ndim + len(s)] for s in shapes if axis - ndim + len(s) >= 0} - {1}
         out.append(dims.pop() if len(dims) == 1 else 1 if not dims else None)
     return tuple(out)
+
+
+def _is_builtin(node: Node, name: str) -> bool:
+    """Whether `node` applies the builtin elementwise `name` to two tensors."""
+    return node.op == "ew" and len(node.inputs) == 2 and node.attrs["fn"] is builtin(name)
 
 
 def _onnx() -> Any:
@@ -57,9 +71,9 @@ def _onnx() -> Any:
 class _Exporter:
     """Builds the ONNX graph of the nodes that the outputs need, each once."""
 
-    def __init__(self, model: Any, graph: Graph):
+    def __init__(self, model: Any, graph: Graph, opset: int = DEFAULT_OPSET):
         self.onnx = _onnx()
-        self.model, self.graph = model, graph
+        self.model, self.graph, self.opset = model, graph, opset
         self.np_dtype = model.dtype
         self.elem = self.onnx.helper.np_dtype_to_tensor_dtype(model.dtype)
         self.nodes: list[Any] = []
@@ -79,9 +93,15 @@ class _Exporter:
         return out
 
     def constant(self, value: Any, dtype: Any = None) -> str:
+        """A fixed tensor: an initializer, or a Constant node for a float array (initializers
+        of floats are the parameters, which bp.from_onnx makes trainable)."""
         array = np.asarray(value, dtype=dtype or self.np_dtype)
         name = self.fresh("const")
-        self.initializers.append(self.onnx.numpy_helper.from_array(array, name))
+        tensor = self.onnx.numpy_helper.from_array(array, name)
+        if array.dtype.kind == "f" and array.ndim > 0:
+            self.nodes.append(self.onnx.helper.make_node("Constant", [], [name], name=name, value=tensor))
+        else:
+            self.initializers.append(tensor)
         return name
 
     def value(self, node: Node) -> str:
@@ -93,6 +113,12 @@ class _Exporter:
                 raise CompileError(f"to_onnx: node {node!r} (op {node.op!r}) has no ONNX export")
             name = self.names[node] = method(node)
         return name
+
+    def reduce(self, op: str, x: str, axes: list[int], keepdims: bool, stem: str) -> str:
+        """A reduction, its axes an input or an attribute as the opset wants."""
+        if self.opset >= AXES_AS_INPUT[op]:
+            return self.emit(op, [x, self.constant(axes, np.int64)], stem, keepdims=int(keepdims))
+        return self.emit(op, [x], stem, axes=axes, keepdims=int(keepdims))
 
     def _dims(self, shape: tuple) -> list[Any]:
         return [d if isinstance(d, int) else str(d) for d in shape]
@@ -110,10 +136,17 @@ class _Exporter:
         self.initializers.append(self.onnx.numpy_helper.from_array(value, name))
         return name
 
+    def op_constant(self, node: Node) -> str:
+        return self.constant(node.attrs["values"])
+
     # --- elementwise -------------------------------------------------------------------------
     def op_ew(self, node: Node) -> str:
+        fused = self._affine_layer_norm(node)
+        if fused is not None:
+            return fused
         fn = node.attrs["fn"]
-        args = [self.value(i) for i in node.inputs]
+        args = [self.value(i) if i.dtype == "float" else self.emit("Cast", [self.value(i)], "cast", to=self.elem)
+                for i in node.inputs]  # int operands (a mask, a condition) as floats
         if fn.nargs == 0:
             if not all(isinstance(d, int) for d in node.shape):
                 raise CompileError(f"to_onnx: constant {node!r} has a runtime shape")
@@ -167,14 +200,25 @@ class _Exporter:
             raise CompileError(f"to_onnx: node {node!r}: the elementwise function {node.attrs['fn'].name!r} uses "
                                f"{type(e).__name__} ({e}), which has no ONNX export")
 
+        def test(c: Any) -> str:
+            if type(c) in COMPARISONS:
+                return self.emit(COMPARISONS[type(c)], [print_(c.lhs), print_(c.rhs)], "ew")
+            if isinstance(c, sp.Unequality):
+                return self.emit("Not", [self.emit("Equal", [print_(c.lhs), print_(c.rhs)], "ew")], "ew")
+            if isinstance(c, sp.Not):
+                return self.emit("Not", [test(c.args[0])], "ew")
+            if type(c) in LOGIC:
+                out = test(c.args[0])
+                for a in c.args[1:]:
+                    out = self.emit(LOGIC[type(c)], [out, test(a)], "ew")
+                return out
+            raise CompileError(f"to_onnx: node {node!r}: condition {c} has no ONNX export")
+
         def piecewise(pieces: list) -> str:
             (value, condition), rest = pieces[0], pieces[1:]
             if condition is sp.true or not rest:
                 return print_(value)
-            if type(condition) not in COMPARISONS:
-                raise CompileError(f"to_onnx: node {node!r}: condition {condition} has no ONNX export")
-            test = self.emit(COMPARISONS[type(condition)], [print_(condition.lhs), print_(condition.rhs)], "ew")
-            return self.emit("Where", [test, print_(value), piecewise(rest)], "ew")
+            return self.emit("Where", [test(condition), print_(value), piecewise(rest)], "ew")
 
         return print_(expr)
 
@@ -183,12 +227,17 @@ class _Exporter:
         return self.value(node.inputs[1])  # the evaluation branch: running statistics, no dropout
 
     def op_reduce(self, node: Node) -> str:
-        x = self.value(node.inputs[0])
         axes = list(node.attrs["axes"]) or list(range(len(node.inputs[0].shape)))
-        keep = int(bool(node.attrs["keepdims"]))
-        if node.attrs["mean"]:
-            return self.emit("ReduceMean", [x], "mean", axes=axes, keepdims=keep)
-        return self.emit("ReduceSum", [x, self.constant(axes, np.int64)], "sum", keepdims=keep)
+        op = "ReduceMean" if node.attrs["mean"] else "ReduceSum"
+        return self.reduce(op, self.value(node.inputs[0]), axes, node.attrs["keepdims"], op[6:].lower())
+
+    def op_amax(self, node: Node) -> str:
+        return self.reduce("ReduceMax", self.value(node.inputs[0]), list(node.attrs["axes"]), node.attrs["keepdims"],
+                           "max")
+
+    def op_amin(self, node: Node) -> str:
+        return self.reduce("ReduceMin", self.value(node.inputs[0]), list(node.attrs["axes"]), node.attrs["keepdims"],
+                           "min")
 
     def op_reshape(self, node: Node) -> str:
         x = node.inputs[0]
@@ -241,6 +290,64 @@ class _Exporter:
 
     def op_softmax(self, node: Node) -> str:
         return self.emit("Softmax", [self.value(node.inputs[0])], "softmax", axis=-1)
+
+    def op_attention_softmax(self, node: Node) -> str:
+        """softmax(scale · s) over the last axis, keys j > i masked when causal; a row with no
+        allowed key (every score -inf from a mask) gives zeros, as the bpcompile kernel."""
+        x = node.inputs[0]
+        s = self.value(x)
+        if node.attrs["scale"] != 1.0:
+            s = self.emit("Mul", [s, self.constant(node.attrs["scale"])], "scale")
+        if node.attrs["causal"]:
+            s = self.emit("Where", [self._causal(s, node.shape), s, self.constant(-np.inf)], "causal")
+        p = self.emit("Softmax", [s], "softmax", axis=-1)
+        if not (x.op == "ew" and x.attrs["fn"].expr.has(-sp.oo)):
+            return p  # no score is -inf: every row has an allowed key
+        top = self.reduce("ReduceMax", s, [-1], True, "row_max")
+        empty = self.emit("Equal", [top, self.constant(-np.inf)], "empty_row")
+        return self.emit("Where", [empty, self.constant(0.0), p], "attention")
+
+    def _causal(self, s: str, shape: tuple) -> str:
+        """The boolean (T, S) mask of keys j <= i: a constant, or Trilu of ones of s's last two
+        dims when one of them is a runtime size."""
+        rows, cols = shape[-2:]
+        if isinstance(rows, int) and isinstance(cols, int):
+            return self.constant(np.tril(np.ones((rows, cols), dtype=bool)), np.bool_)
+        dims = self.emit("Slice", [self.emit("Shape", [s], "shape"), self.constant([-2], np.int64),
+                                   self.constant([2**63 - 1], np.int64)], "dims")
+        ones = self.emit("ConstantOfShape", [dims], "ones",
+                         value=self.onnx.numpy_helper.from_array(np.ones(1, dtype=self.np_dtype)))
+        lower = self.emit("Trilu", [ones], "tril", upper=0)
+        return self.emit("Cast", [lower], "causal_mask", to=self.onnx.TensorProto.BOOL)
+
+    def op_layer_norm(self, node: Node) -> str:
+        """x̂ over the last axis: LayerNormalization with unit scale (weight and bias are the
+        elementwise nodes after it), or its decomposition before opset 17."""
+        x, eps = self.value(node.inputs[0]), node.attrs["eps"]
+        if self.opset >= 17:
+            ones = self.constant(np.ones(node.shape[-1]))
+            return self.emit("LayerNormalization", [x, ones], "layer_norm", axis=-1, epsilon=eps)
+        centered = self.emit("Sub", [x, self.reduce("ReduceMean", x, [-1], True, "ln_mean")], "ln_centered")
+        var = self.reduce("ReduceMean", self.emit("Mul", [centered, centered], "ln_square"), [-1], True, "ln_var")
+        std = self.emit("Sqrt", [self.emit("Add", [var, self.constant(eps)], "ln_var_eps")], "ln_std")
+        return self.emit("Div", [centered, std], "layer_norm")
+
+    def _affine_layer_norm(self, node: Node) -> str | None:
+        """layer_norm(x) * w (+ b), w and b of the last axis' size, as one LayerNormalization."""
+        if self.opset < 17:
+            return None
+        product, bias = node, None
+        if _is_builtin(node, "add"):
+            product, bias = node.inputs if _is_builtin(node.inputs[0], "mul") else node.inputs[::-1]
+        if not _is_builtin(product, "mul"):
+            return None
+        ln, weight = product.inputs if product.inputs[0].op == "layer_norm" else product.inputs[::-1]
+        row = (ln.shape[-1],) if ln.op == "layer_norm" else None
+        if row is None or weight.shape != row or (bias is not None and bias.shape != row) or product.shape != ln.shape \
+                or node.shape != ln.shape:
+            return None
+        inputs = [self.value(ln.inputs[0]), self.value(weight)] + ([self.value(bias)] if bias is not None else [])
+        return self.emit("LayerNormalization", inputs, "layer_norm", axis=-1, epsilon=ln.attrs["eps"])
 
     def op_log_softmax(self, node: Node) -> str:
         return self.emit("LogSoftmax", [self.value(node.inputs[0])], "log_softmax", axis=-1)
@@ -296,7 +403,8 @@ def to_onnx(model: Any, path: str | os.PathLike | None = None, opset: int | None
     if not graph.outputs:
         raise InputError(f"model {model.name!r} declares no outputs to export (use g.output(name, tensor))")
     onnx = _onnx()
-    proto = _Exporter(model, graph).model_proto(opset or DEFAULT_OPSET)
+    opset = opset or DEFAULT_OPSET
+    proto = _Exporter(model, graph, opset).model_proto(opset)
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         from ..runtime.model import write_atomic

@@ -6,11 +6,28 @@ can be compiled, inspected and trained here.
     model = bp.compile(g, optimizer=bp.optim.SGD(lr=0.1))
 
 Every ONNX node becomes bpcompile ops, so gradients come from the same VJP rules as a graph
-written by hand. Float initializers become trainable parameters under their ONNX names (integer
-ones, such as Reshape's target shape, stay constants); graph inputs become inputs whose symbolic
-dims (dim_param) are named runtime dims; graph outputs become named outputs. An operator, or an
-attribute value, without a bpcompile form raises CompileError naming the node, the operator and
-the attribute: never a wrong graph. The onnx package is the optional extra `bpcompile[onnx]`.
+written by hand. Float initializers that the outputs depend on as data become trainable
+parameters under their ONNX names; the others (a causal-mask buffer, Reshape's target shape,
+indices), those torch.export marks as buffers and, in its models, those of one element (a
+scale) stay constants, and a node whose inputs are all constants is evaluated at import time
+by ONNX's reference evaluator (so a mask built from Shape/Expand/Trilu/Equal/Where of fixed sizes
+becomes one bp.constant). Graph inputs become inputs whose symbolic dims (dim_param) are named
+runtime dims, which Shape/Gather/Concat/Reshape pass along by name; graph outputs become named
+outputs. An operator, or an attribute value, without a bpcompile form raises CompileError naming
+the node, the operator and the attribute: never a wrong graph. The onnx package is the optional
+extra `bpcompile[onnx]`.
+
+Transformers as torch.onnx.export writes them (TorchScript or dynamo): LayerNormalization ->
+bp.layer_norm (the decomposed form of opsets before 17 imports op by op); MatMul of batched
+operands -> bmatmul with NumPy broadcasting; Split / Slice -> slices; Reshape's -1 next to a
+runtime size is inferred, and a Reshape merging a runtime size with other dims is followed
+through Transposes to the Reshape that splits it again; a causal mask (-inf or float32's lowest
+number added to the scores, a where() over a tril buffer, or Trilu of ones of a runtime length)
+before a Softmax -> the fused causal attention softmax; other masks -> bp.where on bp.constant or on
+conditions of graph tensors (Equal/Less/.../Not/And/Or/Xor, bpcompile having no boolean
+tensors); Gather of a table by int inputs -> embedding, by constant indices -> a slice or a
+product with their one-hot matrix; Identity of an initializer -> a parameter of its own (torch's
+exporter writes one initializer for parameters with equal values).
 """
 
 from __future__ import annotations
@@ -22,21 +39,123 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
-from ..errors import CompileError
-from ..ir.graph import Graph, Node
+from ..errors import CompileError, ShapeError
+from ..ir.graph import FLOAT, Graph, Node, broadcast_shapes
 from ..ops import core as ops
-from ..ops import families
-from .onnx_export import _onnx
+from ..ops import families, transformer
+from ..symbolic.functions import ARGS, Fn, builtin
+from .onnx_export import DEFAULT_OPSET, _onnx
 
-Value = Node | np.ndarray  # a graph tensor, or a constant known at import time
+Value = Any  # a graph Node, a constant np.ndarray known at import time (an object array holds
+# runtime sizes by name), or a value kept until its consumer: _Condition, _Infinite, _Causal,
+# _Merged
+
+# The inputs of an operator its output is differentiable in (all when not listed): an
+# initializer that reaches an output only through the others (a mask, a shape, indices) is a
+# constant, not a trainable parameter.
+_DATA_INPUTS = {
+    **{op: () for op in ("Shape", "Size", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not", "And",
+                         "Or", "Xor", "IsInf", "IsNaN", "ConstantOfShape", "Range", "ArgMax", "ArgMin")},
+    **{op: (0,) for op in ("Reshape", "Slice", "Gather", "Expand", "Tile", "Squeeze", "Unsqueeze", "Split", "Trilu",
+                           "Dropout", "Pad", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin")},
+    "Where": (1, 2),
+}
+
+
+def _data_inputs(onnx: Any, node: Any) -> tuple[int, ...]:
+    if node.op_type == "Cast":  # a cast to bool or int is a test, not a value
+        to = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+        kind = onnx.helper.tensor_dtype_to_np_dtype(to).kind if to is not None else "f"
+        return (0,) if kind == "f" else ()
+    return _DATA_INPUTS.get(node.op_type, tuple(range(len(node.input))))
+
+
+def _differentiable(onnx: Any, graph: Any) -> set[str]:
+    """The tensor names the graph outputs depend on through data inputs (not through shapes,
+    conditions or indices)."""
+    live = {value.name for value in graph.output}
+    for node in reversed(graph.node):
+        if any(out in live for out in node.output):
+            live.update(node.input[i] for i in _data_inputs(onnx, node) if i < len(node.input))
+    return live
+
+
+class _Condition:
+    """A boolean tensor, as a SymPy condition on graph tensors (bpcompile has no boolean
+    tensors): kept until a Where selects with it or a Cast turns it into 1.0 / 0.0."""
+
+    def __init__(self, expr: Any, operands: list[Node]):
+        self.expr, self.operands = expr, operands
+        self.shape = broadcast_shapes([n.shape for n in operands], [f"operand {i}" for i in range(len(operands))])
+
+    def number(self) -> Node:
+        return _select(sp.Piecewise((1, self.expr), (0, True)), self.operands, "condition")
+
+
+class _Infinite:
+    """x == ±inf. Alone it has no bpcompile form (a real never equals an infinity); in the guard
+    Where(ReduceMax(s) == -inf, 0, Softmax(s)) that bp.to_onnx writes for a masked softmax's
+    rows without an allowed key, it is bpcompile's attention softmax."""
+
+    def __init__(self, x: Node, value: float):
+        self.x, self.value, self.shape = x, value, x.shape
+
+
+class _Causal:
+    """The causal mask at a runtime length, which no constant can hold, as the steps from
+    Trilu(ones) to the scores it masks: "allowed" (true for keys j <= i), "masked" (j > i),
+    "additive" (0 or -inf), "scores" (s, -inf at j > i). Only a Softmax of the scores takes it,
+    as bpcompile's causal attention softmax: how torch writes is_causal=True and bp.to_onnx
+    writes causal attention when the length is a runtime size."""
+
+    def __init__(self, kind: str, shape: tuple, scores: Node | None = None):
+        self.kind, self.shape, self.scores = kind, tuple(shape), scores
+
+    def negated(self) -> _Causal | None:
+        flip = {"allowed": "masked", "masked": "allowed"}.get(self.kind)
+        return _Causal(flip, self.shape) if flip else None
+
+    def masking(self, im: _Importer, scores: Node) -> _Causal:
+        """These scores, masked."""
+        if scores.ndim < 2 or scores.shape[-2:] != self.shape[-2:] or any(d != 1 for d in self.shape[:-2]):
+            raise im.fail(f"a causal mask of shape {self.shape} on scores of shape {scores.shape} is not supported")
+        return _Causal("scores", scores.shape, scores)
+
+
+class _Merged:
+    """x with its first `lead` dims, a runtime size among them, merged into one, which a
+    bpcompile shape cannot write: kept while Transposes move only the other axes, until a
+    Reshape splits the lead again (how the dynamo exporter transposes the last two axes of a
+    4-D tensor: Reshape(-1, T, d), Transpose(0, 2, 1), Reshape(B, H, d, T))."""
+
+    def __init__(self, x: Node, lead: int):
+        self.x, self.lead = x, lead
+        self.shape = ("*".join(map(str, x.shape[:lead])),) + tuple(x.shape[lead:])
+
+
+_MERGED = "a tensor whose runtime size is merged with other dims is supported only before Transpose and a Reshape back"
+_CAUSAL = ("a causal mask of runtime size is supported only as Where(mask, scores, -inf) or scores + Where(mask, 0, "
+           "-inf) before a Softmax")
+# A masked score: -inf, or float32's lowest number as the dynamo exporter writes it (exp of
+# either minus the row's max is 0, and a causal row always keeps its first key).
+_LOWEST = float(np.finfo(np.float32).min)
+_C = tuple(sp.Symbol(f"c{i}", real=True) for i in range(len(ARGS)))
+
+
+def _select(expr: Any, operands: list[Node], name: str) -> Node:
+    """ew of an expression of _C[:len(operands)]."""
+    fn = Fn(name, expr.xreplace(dict(zip(_C, ARGS))), len(operands))
+    return ops.ew(fn, *operands)
 
 
 class _Importer:
     def __init__(self, proto: Any, name: str | None):
         self.onnx = _onnx()
         self.proto = proto
+        self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), DEFAULT_OPSET)
         self.graph = Graph(name or proto.graph.name or "onnx_model")
         self.env: dict[str, Value] = {}
+        self.initial: dict[str, np.ndarray] = {}  # the initializers that became parameters
         self.node: Any = None  # the ONNX node being imported, for error messages
 
     # --- errors and attributes -------------------------------------------------------------
@@ -73,26 +192,66 @@ class _Importer:
             raise self.fail(f"{what} must be a constant (an initializer or Constant), it is computed by the graph")
         return value
 
+    def ints(self, name: str, what: str) -> list[int]:
+        """A constant list of sizes or indices, refused when it holds runtime sizes (names)."""
+        values = np.ravel(self.constant(name, what))
+        if any(isinstance(v, str) for v in values):
+            raise self.fail(f"{what} {[str(v) for v in values]} hold runtime sizes, which is not supported")
+        return [int(v) for v in values]
+
     def tensor(self, value: Value) -> Node:
+        """A graph tensor for a value: constants become bp.constant (scalars a filled tensor)."""
         if isinstance(value, Node):
             return value
+        if isinstance(value, _Condition):
+            return value.number()
+        if isinstance(value, _Infinite):
+            raise self.fail(_INFINITE)
+        if isinstance(value, _Causal):
+            raise self.fail(_CAUSAL)
+        if isinstance(value, _Merged):
+            raise self.fail(_MERGED)
+        if value.dtype == object:
+            raise self.fail("runtime sizes (from Shape) used as a tensor are not supported")
+        if not np.all(np.isfinite(value)):
+            raise self.fail("a constant holding inf or NaN is supported only as a Where branch or an Add/Sub "
+                            "operand (a mask)")
         if value.ndim == 0:
             return ops.const(float(value))
-        raise self.fail("an operand that is a non-scalar constant must be an initializer")
+        return transformer.constant(value)
 
-    def operand(self, value: Value) -> Node | float:
-        if isinstance(value, np.ndarray) and value.ndim == 0:
-            return float(value)
+    def operand(self, value: Value, like: Value = None) -> Node | float:
+        """A number for a constant of one element that broadcasting against `like` does not
+        widen, else a graph tensor."""
+        if isinstance(value, np.ndarray) and value.size == 1 and value.dtype != object and np.isfinite(value).all():
+            ndim = len(like.shape) if like is not None and not isinstance(like, np.ndarray) else 0
+            if value.ndim <= ndim:
+                return float(value.reshape(()))
         return self.tensor(value)
+
+    def fold(self, args: list) -> tuple[np.ndarray, ...]:
+        """Evaluate a node whose inputs are all constants, with ONNX's reference evaluator."""
+        from onnx.reference import ReferenceEvaluator
+        feeds = {name: value for name, value in zip(self.node.input, args) if name}
+        try:
+            results = ReferenceEvaluator(self.node, opsets={"": self.opset}).run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - reported with the node
+            raise self.fail(f"evaluating it on its constant inputs failed: {e}") from None
+        return tuple(np.asarray(r) for r in results)
 
     # --- the model -------------------------------------------------------------------------
     def run(self) -> Graph:
         g = self.proto.graph
         numpy_helper = self.onnx.numpy_helper
+        live = _differentiable(self.onnx, g)
+        kinds = _torch_kinds(g)
         for init in g.initializer:
             array = numpy_helper.to_array(init)
-            if array.dtype.kind == "f" and array.ndim > 0:
+            unmarked = "CONSTANT" if kinds and array.size == 1 else "PARAMETER"
+            trainable = kinds.get(init.name, unmarked) == "PARAMETER"
+            if array.dtype.kind == "f" and array.ndim > 0 and init.name in live and trainable:
                 self.env[init.name] = self.graph.param(init.name, array.shape, init=array.astype(np.float64))
+                self.initial[init.name] = array
             else:
                 self.env[init.name] = array
         for value in g.input:
@@ -100,17 +259,26 @@ class _Importer:
                 self.env[value.name] = self.input(value)
         for node in g.node:
             self.node = node
-            handler = IMPORTERS.get(node.op_type)
-            if handler is None:
-                raise self.fail(f"operator {node.op_type} is not supported (supported: {', '.join(sorted(IMPORTERS))})")
-            results = handler(self, [self.get(i) for i in node.input])
+            args = [self.get(i) for i in node.input]
+            if args and all(isinstance(a, np.ndarray) and a.dtype != object for a in args if a is not None) \
+                    and node.op_type not in _NO_FOLD:
+                results = self.fold(args)
+            else:
+                handler = IMPORTERS.get(node.op_type)
+                if handler is None:
+                    raise self.fail(f"operator {node.op_type} is not supported (supported: "
+                                    f"{', '.join(sorted(IMPORTERS))})")
+                try:
+                    results = handler(self, args)
+                except (ShapeError, ValueError, TypeError) as e:  # a bpcompile op refused the operands
+                    raise self.fail(str(e)) from e
             results = results if isinstance(results, tuple) else (results,)
             for out, value in zip(node.output, results):
                 if out:
-                    self.env[out] = value
+                    self.env[out] = _settle(value)
         for value in g.output:
             result = self.env[value.name]
-            self.graph.output(value.name, self.tensor(result) if isinstance(result, np.ndarray) else result)
+            self.graph.output(value.name, result if isinstance(result, Node) else self.tensor(result))
         return self.graph
 
     def input(self, value: Any) -> Node:
@@ -124,7 +292,30 @@ class _Importer:
             else:
                 dims.append("batch" if i == 0 else f"{_dim_name(value.name)}_{i}")
         kind = self.onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
-        return self.graph.input(value.name, tuple(dims), dtype="int32" if kind.kind in "iu" else None)
+        return self.graph.input(value.name, tuple(dims), dtype="int32" if kind.kind in "iub" else None)
+
+
+def _torch_kinds(graph: Any) -> dict[str, str]:
+    """What torch.export says a tensor is (PARAMETER, BUFFER, ...), where the dynamo exporter
+    wrote it down. In its models an initializer it does not mark is a folded parameter (a
+    transposed weight) unless it has one element: a constant it stored, such as attention's
+    sqrt(1/sqrt(d)) (the TorchScript exporter and bp.to_onnx write those as Constant nodes)."""
+    kinds = {}
+    for value in graph.value_info:
+        for prop in getattr(value, "metadata_props", ()):
+            if prop.key.endswith("InputSpec.kind"):
+                kinds[value.name] = prop.value
+    return kinds
+
+
+_NO_FOLD = {"Identity"}  # evaluated by their own rule even on constants
+
+
+def _settle(value: Value) -> Value:
+    """Runtime sizes (an object array) that turned out to be all fixed become int64."""
+    if isinstance(value, np.ndarray) and value.dtype == object and not any(isinstance(v, str) for v in value.flat):
+        return value.astype(np.int64)
+    return value
 
 
 def _dim_name(text: str) -> str:
@@ -161,12 +352,39 @@ _BP_BINARY = {"Add": ops.add, "Sub": ops.sub, "Mul": ops.mul, "Div": ops.div, "P
 def _binary(im: _Importer, args: list) -> Value:
     im.only({})
     a, b = args
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        try:
-            return np.asarray(_BINARY[im.node.op_type](a, b))
-        except TypeError:  # object arrays holding runtime sizes (names)
-            raise im.fail("arithmetic on runtime sizes is not supported") from None
-    return _BP_BINARY[im.node.op_type](im.tensor(a), im.operand(b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):  # runtime sizes (names): folded otherwise
+        raise im.fail("arithmetic on runtime sizes is not supported")
+    kind = im.node.op_type
+    for i, c in enumerate((a, b)):
+        if kind == "Add" and isinstance(c, _Causal) and c.kind == "additive" and isinstance(args[1 - i], Node):
+            return c.masking(im, args[1 - i])
+    for i, c in enumerate((a, b)):
+        if kind in ("Add", "Sub") and isinstance(c, np.ndarray) and not np.all(np.isfinite(c)):
+            return _add_mask(im, im.tensor(args[1 - i]), c if kind == "Add" or i == 0 else -c,
+                             negate=kind == "Sub" and i == 0)
+    return _BP_BINARY[kind](im.operand(a, b), im.operand(b, a))
+
+
+def _add_mask(im: _Importer, x: Node, mask: np.ndarray, negate: bool) -> Node:
+    """x + mask for a constant holding -inf (or +inf) where it masks, as torch writes attention
+    masks: where(finite, x + the finite part, inf)."""
+    finite = np.isfinite(mask)
+    infinite = np.unique(mask[~finite])
+    if len(infinite) != 1 or np.isnan(infinite[0]):
+        raise im.fail("a constant operand may hold one infinity (a mask), not NaN or both signs")
+    x = -x if negate else x
+    rest = np.where(finite, mask, 0.0)
+    if np.any(rest != 0):
+        x = x + im.operand(rest, x)
+    shape = broadcast_shapes([x.shape, mask.shape], ["x", "mask"])
+    if not finite.any():
+        return ops.const(float(infinite[0]), shape)
+    return _widen(transformer.where(finite, x, float(infinite[0])), shape)
+
+
+def _widen(node: Node, shape: tuple) -> Node:
+    """`node` broadcast to `shape` (ONNX's result shape, which constants may widen)."""
+    return node if node.shape == tuple(shape) else ops.ew(Fn("expand", ARGS[0], 1), node, shape=tuple(shape))
 
 
 _UNARY = {"Relu": ops.relu, "Sigmoid": ops.sigmoid, "Tanh": ops.tanh, "Softplus": ops.softplus, "Exp": ops.exp,
@@ -175,8 +393,6 @@ _A = tuple(sp.Symbol(f"a{i}", real=True) for i in range(4))
 # other elementwise operators, as the SymPy function bpcompile differentiates
 _SYMPY_UNARY = {"Erf": sp.erf, "Sin": sp.sin, "Cos": sp.cos, "Sinh": sp.sinh, "Cosh": sp.cosh, "Atan": sp.atan,
                 "Sign": sp.sign, "Reciprocal": lambda a: 1 / a}
-_COMPARE = {"Greater": sp.StrictGreaterThan, "Less": sp.StrictLessThan, "GreaterOrEqual": sp.GreaterThan,
-            "LessOrEqual": sp.LessThan}
 
 
 def _function(name: str, expr: sp.Expr, nargs: int) -> Callable[..., Node]:
@@ -198,28 +414,139 @@ def _max_min(im: _Importer, args: list) -> Node:
     return _function(im.node.op_type.lower(), fn(*_A[:len(args)]), len(args))(*[im.tensor(a) for a in args])
 
 
-class _Condition:
-    """A comparison, kept until a Where selects with it (bpcompile has no boolean tensors)."""
+# --- conditions: comparisons, logic and Where ---------------------------------------------------------
 
-    def __init__(self, relation: type, a: Node, b: Node):
-        self.relation, self.a, self.b = relation, a, b
+_COMPARE = {"Greater": sp.StrictGreaterThan, "Less": sp.StrictLessThan, "GreaterOrEqual": sp.GreaterThan,
+            "LessOrEqual": sp.LessThan, "Equal": sp.Eq}
+_LOGIC = {"Not": sp.Not, "And": sp.And, "Or": sp.Or, "Xor": sp.Xor}
+
+
+def _condition(im: _Importer, build: Callable[..., Any], values: list, logical: bool) -> _Condition:
+    """A condition `build(terms)` of graph tensors, constants and other conditions."""
+    operands: list[Node] = []
+
+    def symbol(node: Node) -> sp.Symbol:
+        if node not in operands:
+            if len(operands) == len(_C):
+                raise im.fail(f"a condition on more than {len(_C)} tensors is not supported")
+            operands.append(node)
+        return _C[operands.index(node)]
+
+    def term(value: Value) -> Any:
+        if isinstance(value, _Infinite) or (isinstance(value, np.ndarray) and value.dtype != object
+                                            and np.isinf(value).any()):
+            raise im.fail(_INFINITE)
+        if isinstance(value, _Causal):
+            raise im.fail(_CAUSAL)
+        if isinstance(value, _Condition):
+            if not logical:
+                raise im.fail("comparing boolean tensors is not supported")
+            return value.expr.xreplace({_C[i]: symbol(n) for i, n in enumerate(value.operands)})
+        if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype != object:
+            if logical:
+                return sp.true if bool(value) else sp.false
+            return sp.Float(float(value)) if value.dtype.kind == "f" else sp.Integer(int(value))
+        node = im.tensor(value)
+        return sp.Ne(symbol(node), 0) if logical else symbol(node)
+
+    expr = build(*[term(v) for v in values])
+    if expr in (sp.true, sp.false):
+        raise im.fail(f"the condition is always {bool(expr)}, which is not supported")
+    return _Condition(expr, operands)
+
+
+_INFINITE = "a test for inf is supported only in the guard Where(ReduceMax(s) == -inf, 0, Softmax(s))"
 
 
 @_op(*_COMPARE)
-def _compare(im: _Importer, args: list) -> _Condition:
+def _compare(im: _Importer, args: list) -> _Condition | _Infinite:
     im.only({})
-    return _Condition(_COMPARE[im.node.op_type], im.tensor(args[0]), im.tensor(args[1]))
+    if im.node.op_type == "Equal":
+        for x, c in (args, args[::-1]):
+            if isinstance(x, _Causal) and isinstance(c, np.ndarray) and c.size == 1 and x.negated():
+                value = float(c.reshape(()))
+                if value in (0.0, 1.0):
+                    return x.negated() if value == 0.0 else x
+            if isinstance(x, Node) and isinstance(c, np.ndarray) and c.size == 1 and c.dtype.kind == "f" \
+                    and np.isinf(c).all() and c.ndim <= x.ndim:
+                return _Infinite(x, float(c.reshape(())))
+    return _condition(im, _COMPARE[im.node.op_type], args, logical=False)
+
+
+def _empty_row_guard(im: _Importer, cond: _Infinite, x: Value, y: Value) -> Node:
+    """Where(ReduceMax(s, -1) == -inf, 0, Softmax(s)): softmax with rows of no allowed key zeros."""
+    top, p = cond.x, y
+    if cond.value < 0 and isinstance(x, np.ndarray) and x.size == 1 and float(x.reshape(())) == 0.0 \
+            and isinstance(p, Node) and p.op == "softmax" and top.op == "amax" and top.inputs[0] is p.inputs[0] \
+            and top.attrs["axes"] == (p.ndim - 1,) and top.attrs["keepdims"]:
+        return transformer.masked_softmax(p.inputs[0])
+    raise im.fail(_INFINITE)
+
+
+@_op(*_LOGIC)
+def _logic(im: _Importer, args: list) -> _Condition | _Causal:
+    im.only({})
+    if im.node.op_type == "Not" and isinstance(args[0], _Causal) and args[0].negated():
+        return args[0].negated()
+    return _condition(im, _LOGIC[im.node.op_type], args, logical=True)
+
+
+def _branch(im: _Importer, value: Value) -> Node | float:
+    """A Where branch: a tensor, or a number (±inf allowed: a mask)."""
+    if isinstance(value, np.ndarray) and value.dtype != object and value.size and np.all(value == value.flat[0]):
+        number = float(value.flat[0])
+        if not np.isfinite(number) or value.ndim == 0:
+            return number
+    return im.operand(value)
+
+
+def _causal_where(im: _Importer, cond: _Causal, x: Value, y: Value) -> _Causal:
+    """Where(allowed, s, -inf) -> masked scores; Where(allowed, 0, -inf) -> the additive mask
+    (either with the masked positions first when the condition is "masked")."""
+    if cond.kind not in ("allowed", "masked"):
+        raise im.fail(_CAUSAL)
+    keep, drop = (x, y) if cond.kind == "allowed" else (y, x)
+    if not (isinstance(drop, np.ndarray) and drop.size == 1 and float(drop.reshape(())) <= _LOWEST):
+        raise im.fail(_CAUSAL)
+    if isinstance(keep, Node):
+        return cond.masking(im, keep)
+    if isinstance(keep, np.ndarray) and keep.size == 1 and float(keep.reshape(())) == 0.0:
+        return _Causal("additive", cond.shape)
+    raise im.fail(_CAUSAL)
 
 
 @_op("Where")
 def _where(im: _Importer, args: list) -> Node:
     im.only({})
     cond, x, y = args
-    if not isinstance(cond, _Condition):
-        raise im.fail("the condition must be a comparison (Greater, Less, GreaterOrEqual, LessOrEqual) of tensors")
-    expr = sp.Piecewise((_A[2], cond.relation(_A[0], _A[1])), (_A[3], True))
-    return _function("where", expr, 4)(cond.a, cond.b, im.tensor(x), im.tensor(y))
+    if isinstance(cond, _Infinite):
+        return _empty_row_guard(im, cond, x, y)
+    if isinstance(cond, _Causal):
+        return _causal_where(im, cond, x, y)
+    a, b = _branch(im, x), _branch(im, y)
+    shape = broadcast_shapes([v.shape for v in args], ["cond", "x", "y"])
+    if isinstance(cond, np.ndarray):  # a constant mask, e.g. torch's causal one
+        if not any(isinstance(v, Node) for v in (a, b)):
+            raise im.fail("a Where on a constant condition needs a graph tensor as one of its branches")
+        return _widen(transformer.where(cond.astype(bool), a, b), shape)
+    if not isinstance(cond, _Condition):  # a boolean graph input
+        cond = _condition(im, lambda c: c, [cond], logical=True)
+    operands = list(cond.operands)
 
+    def term(v: Node | float) -> Any:
+        if isinstance(v, float):
+            return sp.oo if v == np.inf else -sp.oo if v == -np.inf else sp.Float(v)
+        if v not in operands:
+            operands.append(v)
+        return _C[operands.index(v)]
+
+    if len(set(operands) | {v for v in (a, b) if isinstance(v, Node)}) > len(_C):
+        raise im.fail(f"a Where on more than {len(_C)} tensors is not supported")
+    expr = sp.Piecewise((term(a), cond.expr), (term(b), True))
+    return _widen(_select(expr, operands, "where"), shape)
+
+
+# --- activations and plain structure ------------------------------------------------------------------
 
 @_op("LeakyRelu")
 def _leaky_relu(im: _Importer, args: list) -> Node:
@@ -239,8 +566,15 @@ def _gelu(im: _Importer, args: list) -> Node:
 
 @_op("Identity")
 def _identity(im: _Importer, args: list) -> Value:
+    """The identity; of an initializer, a parameter of its own, as it is when torch's exporter
+    writes one copy of initializers with equal values (ln_2.weight = Identity(ln_1.weight))."""
     im.only({})
-    return args[0]
+    x, source, out = args[0], im.node.input[0], im.node.output[0]
+    if isinstance(x, Node) and source in im.initial and out not in im.graph.params:
+        array = im.initial[source]
+        im.initial[out] = array
+        return im.graph.param(out, array.shape, init=array.astype(np.float64))
+    return x
 
 
 @_op("Dropout")
@@ -254,6 +588,7 @@ def _dropout(im: _Importer, args: list) -> Value:
 
 @_op("MatMul")
 def _matmul(im: _Importer, args: list) -> Node:
+    """NumPy's matmul, batched operands broadcast (bpcompile's bmatmul)."""
     im.only({})
     return ops.matmul(im.tensor(args[0]), im.tensor(args[1]))
 
@@ -270,7 +605,7 @@ def _gemm(im: _Importer, args: list) -> Node:
     if float(attrs.get("alpha", 1.0)) != 1.0:
         y = y * float(attrs["alpha"])
     if len(args) > 2 and args[2] is not None:
-        c = im.operand(args[2])
+        c = im.operand(args[2], y)
         beta = float(attrs.get("beta", 1.0))
         y = y + (c * beta if beta != 1.0 else c)
     return y
@@ -283,9 +618,63 @@ def _last_axis(im: _Importer, axis: int, ndim: int) -> None:
 
 @_op("Softmax", "LogSoftmax")
 def _softmax(im: _Importer, args: list) -> Node:
-    x = im.tensor(args[0])
-    _last_axis(im, int(im.only({"axis": None}).get("axis", -1)), x.ndim)
-    return ops.softmax(x) if im.node.op_type == "Softmax" else ops.log_softmax(x)
+    causal = args[0] if isinstance(args[0], _Causal) and args[0].kind == "scores" else None
+    x = causal.scores if causal else im.tensor(args[0])
+    # before opset 13 the default axis was 1, over the input flattened to 2-D there
+    axis = int(im.only({"axis": None}).get("axis", -1 if im.opset >= 13 else 1))
+    _last_axis(im, axis, x.ndim)
+    if causal and im.node.op_type == "Softmax":  # keys j > i masked at a runtime length
+        return _causal_softmax(x)
+    if causal:
+        raise im.fail(_CAUSAL)
+    if im.node.op_type == "Softmax":
+        scores = _causally_masked(x)
+        return ops.softmax(x) if scores is None else _causal_softmax(scores)
+    return ops.log_softmax(x)
+
+
+def _causal_softmax(scores: Node) -> Node:
+    return transformer.masked_softmax(scores, causal=True)
+
+
+def _is_tril(values: np.ndarray, rows: int, cols: int) -> bool:
+    return values.shape[-2:] == (rows, cols) and values.size == rows * cols and \
+        np.array_equal(values.reshape(rows, cols), np.tril(np.ones((rows, cols), dtype=bool)))
+
+
+def _causally_masked(x: Node) -> Node | None:
+    """The scores s when x = where(tril mask, s, -inf) or s + (0 on the tril, float32's lowest
+    above it) with a constant mask (what the causal mask of a fixed length folds to): their
+    softmax is the fused causal one, no mask stored."""
+    if x.op != "ew" or len(x.inputs) != 2 or x.ndim < 2:
+        return None
+    rows, cols = x.shape[-2:]
+    if _is_builtin_add(x):
+        for scores, mask in (x.inputs, x.inputs[::-1]):
+            if mask.op == "constant" and scores.shape == x.shape:
+                values = mask.attrs["values"]
+                if np.all((values == 0) | (values <= _LOWEST)) and _is_tril(values == 0, rows, cols):
+                    return scores
+        return None
+    if not isinstance(x.attrs["fn"].expr, sp.Piecewise):
+        return None
+    pieces = x.attrs["fn"].expr.args
+    if len(pieces) != 2 or pieces[1][1] is not sp.true:
+        return None
+    (first, test), (other, _) = pieces
+    if not (isinstance(test, sp.Unequality) and test.rhs == 0 and test.lhs in ARGS[:2]):
+        return None
+    m = ARGS.index(test.lhs)
+    mask, scores = x.inputs[m], x.inputs[1 - m]
+    if mask.op != "constant" or {first, other} != {ARGS[1 - m], -sp.oo}:
+        return None
+    values = mask.attrs["values"]
+    allowed = values != 0 if first == ARGS[1 - m] else values == 0
+    return scores if scores.shape == x.shape and _is_tril(allowed, rows, cols) else None
+
+
+def _is_builtin_add(x: Node) -> bool:
+    return x.attrs["fn"] is builtin("add") and len(x.inputs) == 2
 
 
 def _pair(im: _Importer, values: Any, what: str) -> tuple[int, int]:
@@ -348,6 +737,33 @@ def _batch_norm(im: _Importer, args: list) -> Node:
     return y
 
 
+@_op("LayerNormalization")
+def _layer_norm(im: _Importer, args: list) -> Value:
+    """bp.layer_norm over the axes from `axis` on (merged into one when there are several),
+    then the scale and bias; the optional Mean and InvStdDev outputs as graph tensors."""
+    attrs = im.only({"axis": None, "epsilon": None, "stash_type": 1})
+    x = im.tensor(args[0])
+    axis = int(attrs.get("axis", -1)) % x.ndim
+    eps = float(attrs.get("epsilon", 1e-5))
+    rows, trailing = x.shape[:axis], x.shape[axis:]
+    if not all(isinstance(d, int) for d in trailing):
+        raise im.fail(f"normalizing over runtime sizes {trailing} is not supported")
+    flat = x if len(trailing) == 1 else ops.reshape(x, rows + (int(np.prod(trailing)),))
+    y = transformer.layer_norm(flat, eps=eps)
+    y = y if len(trailing) == 1 else ops.reshape(y, x.shape)
+    scale, bias = args[1], args[2] if len(args) > 2 else None
+    if not (isinstance(scale, np.ndarray) and np.all(scale == 1)):  # a constant unit scale is no product
+        y = y * im.operand(scale, y)
+    if bias is not None and not (isinstance(bias, np.ndarray) and np.all(bias == 0)):
+        y = y + im.operand(bias, y)
+    if not any(im.node.output[1:]):
+        return y
+    axes = tuple(range(axis, x.ndim))
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    var = ops.mean(ops.square(x - mean), axis=axes, keepdims=True)
+    return y, mean, ops.power(var + eps, -0.5)
+
+
 @_op("Flatten")
 def _flatten(im: _Importer, args: list) -> Node:
     x = im.tensor(args[0])
@@ -359,13 +775,45 @@ def _flatten(im: _Importer, args: list) -> Node:
 
 @_op("Reshape")
 def _reshape(im: _Importer, args: list) -> Value:
-    """ONNX's target shape: 0 copies the input's size, -1 is inferred, a name is a runtime size."""
-    im.only({"allowzero": 0})
+    """ONNX's target shape: 0 copies the input's size (an empty dim with allowzero=1, which
+    bpcompile has not), -1 is inferred, a name is a runtime size."""
+    allowzero = int(im.only({"allowzero": None}).get("allowzero", 0))
     x = args[0]
     target = [v if isinstance(v, str) else int(v) for v in np.ravel(im.constant(im.node.input[1], "Reshape's shape"))]
+    if allowzero and 0 in target:
+        raise im.fail(f"attribute allowzero=1 with a 0 in the shape {target} (an empty dim) is not supported")
     if isinstance(x, np.ndarray):
         return x.reshape(target)
-    return ops.reshape(x, tuple(x.shape[i] if d == 0 else d for i, d in enumerate(target)))
+    if isinstance(x, _Merged):  # splitting the merged lead again
+        if target[:x.lead] != list(x.x.shape[:x.lead]) or -1 in target or 0 in target:
+            raise im.fail(_MERGED)
+        return ops.reshape(x.x, tuple(target))
+    x = im.tensor(x)
+    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+    if -1 in shape and any(isinstance(d, str) for d in x.shape):
+        shape[shape.index(-1)] = _inferred(x.shape, shape)
+        lead = x.ndim - len(shape) + 1
+        if shape[0] == -1 and lead > 1 and shape[1:] == list(x.shape[lead:]):
+            return _Merged(x, lead)  # (-1, *trailing): the leading dims merged
+    return ops.reshape(x, tuple(shape))
+
+
+def _inferred(source: tuple, target: list) -> Any:
+    """The size -1 stands for in `target` when `source` holds runtime sizes: what is left of
+    the source's size (a fixed number, or one runtime size) once the target's others are taken."""
+    names = [d for d in source if isinstance(d, str)]
+    for d in target:
+        if isinstance(d, str):
+            if d not in names:
+                return -1  # bpcompile's reshape explains why not
+            names.remove(d)
+    fixed = int(np.prod([d for d in source if isinstance(d, int)]))
+    other = int(np.prod([d for d in target if isinstance(d, int) and d != -1]))
+    if fixed % other:
+        return -1
+    if not names:
+        return fixed // other
+    return names[0] if len(names) == 1 and fixed == other else -1
 
 
 def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:
@@ -373,7 +821,7 @@ def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:
     if "axes" in attrs:
         return [int(a) for a in attrs["axes"]]
     if len(args) > 1 and args[1] is not None:
-        return [int(a) for a in np.ravel(im.constant(im.node.input[1], "axes"))]
+        return im.ints(im.node.input[1], "axes")
     return None
 
 
@@ -391,7 +839,7 @@ def _squeeze(im: _Importer, args: list) -> Value:
         new = list(shape)
         for a in sorted(a % (len(shape) + len(axes)) for a in axes):
             new.insert(a, 1)
-    return x.reshape(new) if isinstance(x, np.ndarray) else ops.reshape(x, tuple(new))
+    return x.reshape(new) if isinstance(x, np.ndarray) else ops.reshape(im.tensor(x), tuple(new))
 
 
 @_op("Transpose")
@@ -400,7 +848,12 @@ def _transpose(im: _Importer, args: list) -> Value:
     x = args[0]
     if isinstance(x, np.ndarray):
         return np.transpose(x, perm)
-    return ops.transpose(x, perm)
+    if isinstance(x, _Merged):  # moving the axes after the merged lead
+        if perm is None or perm[0] != 0:
+            raise im.fail(_MERGED)
+        inner = tuple(range(x.lead)) + tuple(x.lead - 1 + p for p in perm[1:])
+        return _Merged(ops.transpose(x.x, inner), x.lead)
+    return ops.transpose(im.tensor(x), perm)
 
 
 @_op("Concat")
@@ -415,45 +868,92 @@ def _concat(im: _Importer, args: list) -> Value:
 def _slice(im: _Importer, args: list) -> Value:
     im.only({})
     x = args[0]
-    starts = np.ravel(im.constant(im.node.input[1], "Slice's starts"))
-    ends = np.ravel(im.constant(im.node.input[2], "Slice's ends"))
+    starts = im.ints(im.node.input[1], "Slice's starts")
+    ends = im.ints(im.node.input[2], "Slice's ends")
     ndim = len(x.shape)
-    axes = np.ravel(im.constant(im.node.input[3], "Slice's axes")) if len(args) > 3 and args[3] is not None \
-        else np.arange(len(starts))
-    if len(args) > 4 and args[4] is not None and np.any(im.constant(im.node.input[4], "Slice's steps") != 1):
+    axes = im.ints(im.node.input[3], "Slice's axes") if len(args) > 3 and args[3] is not None \
+        else list(range(len(starts)))
+    if len(args) > 4 and args[4] is not None and any(s != 1 for s in im.ints(im.node.input[4], "Slice's steps")):
         raise im.fail("steps other than 1 are not supported")
+    x = x if isinstance(x, np.ndarray) else im.tensor(x)
     for start, end, axis in zip(starts, ends, axes):
-        axis = int(axis) % ndim
-        stop = None if int(end) >= 2**62 else int(end)
+        axis = axis % ndim
+        stop = None if end >= 2**62 else end
+        start = None if start <= -2**62 else start
         if isinstance(x, np.ndarray):
             index = [slice(None)] * ndim
-            index[axis] = slice(int(start), stop)
+            index[axis] = slice(start, stop)
             x = x[tuple(index)]
         else:
-            x = families.slice(x, axis, int(start), stop)
+            x = families.slice(x, axis, start, stop)
     return x
+
+
+@_op("Split")
+def _split(im: _Importer, args: list) -> tuple:
+    """Consecutive slices: sizes from the second input, the `split` attribute (before opset 13)
+    or equal parts (the last one smaller), as ONNX's Split."""
+    attrs = im.only({"axis": None, "split": None, "num_outputs": None})
+    x = args[0]
+    axis = int(attrs.get("axis", 0)) % len(x.shape)
+    if len(args) > 1 and args[1] is not None:
+        sizes = im.ints(im.node.input[1], "Split's sizes")
+    elif "split" in attrs:
+        sizes = [int(v) for v in attrs["split"]]
+    else:
+        count, n = int(attrs.get("num_outputs", len(im.node.output))), x.shape[axis]
+        if not isinstance(n, int):
+            raise im.fail(f"splitting the runtime size {n!r} is not supported")
+        part = -(-n // count)
+        sizes = [part] * (count - 1) + [n - part * (count - 1)]
+    parts, begin = [], 0
+    for size in sizes:
+        if isinstance(x, np.ndarray):
+            parts.append(np.take(x, np.arange(begin, begin + size), axis=axis))
+        else:
+            parts.append(families.slice(im.tensor(x), axis, begin, begin + size))
+        begin += size
+    return tuple(parts)
 
 
 @_op("Gather")
 def _gather(im: _Importer, args: list) -> Value:
+    """Rows of a table picked by int inputs (an embedding); slices for constant indices (a
+    range of them, e.g. positions), else a product with their one-hot matrix."""
     axis = int(im.only({"axis": None}).get("axis", 0))
     data, indices = args
-    if isinstance(data, np.ndarray) and isinstance(indices, np.ndarray):
+    if isinstance(data, np.ndarray) and isinstance(indices, np.ndarray):  # runtime sizes
         return np.asarray(np.take(data, indices, axis=axis), dtype=data.dtype)
-    if isinstance(indices, np.ndarray) and indices.ndim == 0:  # x[..., i, ...]: a slice without the axis
-        x = im.tensor(data)
-        i = int(indices) % x.shape[axis]
-        part = families.slice(x, axis, i, i + 1)
-        return ops.reshape(part, tuple(d for k, d in enumerate(part.shape) if k != axis))
-    if axis == 0 and isinstance(data, Node) and isinstance(indices, Node) and indices.dtype == "int32":
-        return families.embedding(indices, data)
-    raise im.fail("only a row lookup of integer inputs in a table (axis 0) or a constant index is supported")
+    x = im.tensor(data)
+    axis %= x.ndim
+    if isinstance(indices, np.ndarray):
+        n = x.shape[axis]
+        if not isinstance(n, int):
+            raise im.fail(f"indexing the runtime size {n!r} is not supported")
+        picked = indices.astype(np.int64) % n
+        if picked.ndim == 0:  # x[..., i, ...]: a slice without the axis
+            part = families.slice(x, axis, int(picked), int(picked) + 1)
+            return ops.reshape(part, tuple(d for k, d in enumerate(part.shape) if k != axis))
+        if picked.ndim == 1 and picked.size and np.array_equal(picked, np.arange(picked[0], picked[0] + picked.size)):
+            return families.slice(x, axis, int(picked[0]), int(picked[0]) + picked.size)
+        if not picked.size:
+            raise im.fail("an empty list of indices is not supported")
+        others = [k for k in range(x.ndim) if k != axis]
+        moved = x if axis == x.ndim - 1 else ops.transpose(x, (*others, axis))
+        columns = ops.matmul(moved, transformer.constant(np.eye(n)[:, picked.reshape(-1)]))  # (..., picked)
+        out = ops.reshape(columns, tuple(x.shape[k] for k in others) + picked.shape)
+        r, k = len(others), picked.ndim
+        perm = (*range(axis), *range(r, r + k), *range(axis, r))  # the picked dims where the axis was
+        return out if perm == tuple(range(out.ndim)) else ops.transpose(out, perm)
+    if axis == 0 and isinstance(indices, Node) and indices.dtype == "int32" and x.ndim == 2:
+        return families.embedding(indices, x)
+    raise im.fail("only a row lookup of integer inputs in a 2-D table (axis 0) or constant indices are supported")
 
 
 @_op("Shape")
 def _shape(im: _Importer, args: list) -> np.ndarray:
-    im.only({})
-    shape = args[0].shape
+    attrs = im.only({"start": None, "end": None})
+    shape = list(args[0].shape)[int(attrs.get("start", 0)):attrs.get("end")]
     if all(isinstance(d, int) for d in shape):
         return np.asarray(shape, dtype=np.int64)
     return np.asarray(shape, dtype=object)  # runtime sizes by name, for Gather/Concat/Reshape to pass along
@@ -473,40 +973,79 @@ def _constant(im: _Importer, args: list) -> np.ndarray:
     raise im.fail(f"attributes {sorted(attrs)} are not supported")
 
 
+@_op("ConstantOfShape")
+def _constant_of_shape(im: _Importer, args: list) -> Node:
+    """A filled tensor of a shape holding runtime sizes (constant shapes are folded)."""
+    attrs = im.only({"value": None})
+    value = im.onnx.numpy_helper.to_array(attrs["value"]).reshape(()) if "value" in attrs else np.zeros(())
+    if value.dtype.kind != "f":
+        raise im.fail(f"a {value.dtype} tensor of runtime shape is not supported (only float)")
+    dims = tuple(v if isinstance(v, str) else int(v) for v in np.ravel(args[0]))
+    return ops.const(float(value), dims)
+
+
+@_op("Expand")
+def _expand(im: _Importer, args: list) -> Node:
+    """NumPy broadcasting to the target shape (ONNX broadcasts both ways)."""
+    im.only({})
+    target = tuple(v if isinstance(v, str) else int(v) for v in np.ravel(im.constant(im.node.input[1], "shape")))
+    x = args[0]
+    if isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind == "f":
+        return ops.const(float(x.reshape(())), broadcast_shapes([x.shape, target], ["input", "shape"]))
+    x = im.tensor(x)
+    return _widen(x, broadcast_shapes([x.shape, target], ["input", "shape"]))
+
+
+@_op("Trilu")
+def _trilu(im: _Importer, args: list) -> Value:
+    upper = bool(im.only({"upper": None}).get("upper", 1))
+    x = im.tensor(args[0])
+    k = im.ints(im.node.input[1], "Trilu's k")[0] if len(args) > 1 and args[1] is not None else 0
+    rows, cols = x.shape[-2:]
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        ones = x.op == "ew" and not x.inputs and x.attrs["fn"].expr == 1
+        if ones and (upper, k) in ((False, 0), (True, 1)):  # the causal mask: keys j <= i (or j > i)
+            return _Causal("masked" if upper else "allowed", x.shape)
+        raise im.fail(f"a triangle of runtime size {rows!r} x {cols!r} is supported only as a causal mask "
+                      "(Trilu of ones, lower with k=0 or upper with k=1)")
+    keep = np.triu(np.ones((rows, cols)), k) if upper else np.tril(np.ones((rows, cols)), k)
+    return transformer.where(keep.astype(bool), x, 0.0)
+
+
+@_op("Range")
+def _range(im: _Importer, args: list) -> np.ndarray:
+    raise im.fail("a range of runtime sizes is not supported (constant ranges are folded)")
+
+
 @_op("Cast")
 def _cast(im: _Importer, args: list) -> Value:
     to = im.onnx.helper.tensor_dtype_to_np_dtype(im.only({"to": None, "saturate": None})["to"])
     x = args[0]
     if isinstance(x, np.ndarray):
         return x if x.dtype == object else x.astype(to)
+    if isinstance(x, _Causal):  # a triangle of ones is its own boolean
+        return x
+    if to.kind == "b":
+        return x if isinstance(x, _Condition) else _condition(im, lambda c: c, [x], logical=True)
+    if isinstance(x, _Condition):
+        return x.number()
     if (to.kind == "f") == (x.dtype == "float"):
         return x
-    raise im.fail(f"a cast of a computed tensor to {to} is not supported")
+    if to.kind == "f":  # int -> float: the identity as a float elementwise node (ew() would return x)
+        return Node("ew", (x,), {"fn": Fn("float", ARGS[0], 1)}, x.shape, FLOAT)
+    raise im.fail(f"a cast of a computed float tensor to {to} is not supported")
 
 
-@_op("ReduceMean", "ReduceSum")
+_REDUCE = {"ReduceMean": ops.mean, "ReduceSum": ops.sum, "ReduceMax": transformer.max, "ReduceMin": transformer.min}
+
+
+@_op(*_REDUCE)
 def _reduce(im: _Importer, args: list) -> Node:
     attrs = im.only({"axes": None, "keepdims": None, "noop_with_empty_axes": 0})
     x = im.tensor(args[0])
     axes = _axes(im, args, attrs)
     keep = bool(attrs.get("keepdims", 1))
-    reduce = ops.mean if im.node.op_type == "ReduceMean" else ops.sum
-    return reduce(x, axis=None if axes is None else tuple(axes), keepdims=keep)
-
-
-@_op("LayerNormalization")
-def _layer_norm(im: _Importer, args: list) -> Node:
-    attrs = im.only({"axis": None, "epsilon": None, "stash_type": 1})
-    x = im.tensor(args[0])
-    _last_axis(im, int(attrs.get("axis", -1)), x.ndim)
-    mu = ops.mean(x, axis=-1, keepdims=True)
-    centered = x - mu
-    var = ops.mean(ops.square(centered), axis=-1, keepdims=True)
-    y = centered * ops.power(var + float(attrs.get("epsilon", 1e-5)), -0.5)
-    y = y * im.operand(args[1])
-    if len(args) > 2 and args[2] is not None:
-        y = y + im.operand(args[2])
-    return y
+    return _REDUCE[im.node.op_type](x, axis=None if not axes else tuple(axes), keepdims=keep)
 
 
 def from_onnx(model: str | os.PathLike | Any, name: str | None = None) -> Graph:
