@@ -7,6 +7,7 @@ index expressions and printed formulas. Each kernel's comment lists the graph no
 
 from __future__ import annotations
 
+import functools
 import keyword
 import re
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import numpy as np
 import sympy as sp
 from sympy.codegen.ast import float32, float64, real
 from sympy.codegen.cfunctions import log1p
-from sympy.codegen.rewriting import expm1_opt, optimize
+from sympy.codegen.rewriting import ReplaceOptim, expm1_opt, optimize
 from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
@@ -168,6 +169,7 @@ def _stable_logistic(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: e.is_Mul, rewrite)
 
 
+@functools.lru_cache(maxsize=4096)  # kernels of a model repeat the same formulas
 def stable_form(expr: sp.Expr) -> sp.Expr:
     """Overflow-free forms of softplus and the logistic function (before CSE splits them)."""
     return _stable_logistic(_stable_softplus(expr))
@@ -181,12 +183,29 @@ def _log1p(expr: sp.Expr) -> sp.Expr:
     return expr.replace(is_log_one_plus, lambda e: log1p(e.args[0] - 1))
 
 
+# `sympy.factor`, which SymPy's expm1_opt tries on every formula, costs without bound in a
+# formula's size and degree (minutes and gigabytes for a few chained cubes): it is tried only on
+# formulas at most this many operations and this polynomial degree, where it can only save a
+# multiplication (a*b + a*c -> a*(b + c)) or find an expm1 hidden in an expanded sum.
+FACTOR_MAX_OPS = 24
+FACTOR_MAX_DEGREE = 8
+
+
+def _expm1(expr: sp.Expr) -> sp.Expr:
+    """exp(x) - 1 -> expm1(x) in each sum as written (c exp(x) - c too), and in the factored
+    formula only for small ones (FACTOR_MAX_OPS, FACTOR_MAX_DEGREE): linear in the formula."""
+    if sp.count_ops(expr) <= FACTOR_MAX_OPS and ew_mod.degree_bound(expr) <= FACTOR_MAX_DEGREE:
+        return optimize(expr, [expm1_opt])  # SymPy's own: as written and factored, the cheaper
+    return expm1_opt.cheapest(expr, ReplaceOptim.__call__(expm1_opt, expr))
+
+
+@functools.lru_cache(maxsize=4096)
 def c99_form(expr: sp.Expr) -> sp.Expr:
     """Rewrite for C: log(1+x) -> log1p, exp(x)-1 -> expm1 (small integer powers become products
     in CPrinter). Conditions (which CSE may pull out of a Piecewise) are printed as they are."""
     if not isinstance(expr, sp.Expr) or expr.is_Relational:
         return expr
-    return _log1p(optimize(expr, [expm1_opt]))
+    return _log1p(_expm1(expr))
 
 
 def print_formulas(outputs: list[sp.Expr], printer: CPrinter,
@@ -547,6 +566,7 @@ class ModuleRenderer:
         self.options = options
         self.kernel_texts: list[str] = []
         self.kernel_by_text: dict[str, str] = {}
+        self._node_ids: dict[Node, int] | None = None
 
     def name(self, node: Node) -> str:
         if node in self.node_names:
@@ -556,8 +576,10 @@ class ModuleRenderer:
         return "?"
 
     def context(self) -> Context:
-        ids = {n: int(v[1:]) for n, v in self.node_names.items() if v.startswith("t") and v[1:].isdigit()}
-        return Context(self.dtype, self.dim_index, self.dim_c, node_ids=ids)
+        if self._node_ids is None:  # once per module: once per kernel made compiling quadratic
+            self._node_ids = {n: int(v[1:]) for n, v in self.node_names.items()
+                              if v.startswith("t") and v[1:].isdigit()}
+        return Context(self.dtype, self.dim_index, self.dim_c, node_ids=self._node_ids)
 
     def kernel(self, k: Kernel, sched: Schedule) -> tuple[str, list[str]]:
         """Render a kernel function (or reuse an identical one); returns its name and comment lines."""
@@ -664,9 +686,11 @@ class ModuleRenderer:
 def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -> str:
     """The C signature of a kernel function (named KERNEL_NAME until it is added): it takes the
     runtime dims, then (part, parts) when it is the body a thread-pool piece runs, then its arrays;
-    it returns int (non-zero: bad data) when `failing`."""
+    it returns int (non-zero: bad data) when `failing`. Kept out of line: gcc inlining every small
+    kernel into its entry function made the register allocation of a 1,000-kernel entry take minutes."""
     args = ["const int64_t *dims", *(["int64_t part", "int64_t parts"] if split else []), *(p["decl"] for p in params)]
-    return f"static {'int' if failing else 'void'} KERNEL_NAME{'_part' if split else ''}({', '.join(args)})"
+    return (f"__attribute__((noinline)) static {'int' if failing else 'void'} "
+            f"KERNEL_NAME{'_part' if split else ''}({', '.join(args)})")
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"

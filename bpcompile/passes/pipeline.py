@@ -8,13 +8,18 @@ Common subexpressions need no pass: nodes are interned.
 
 from __future__ import annotations
 
+import functools
+import heapq
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy as sp
+
 from ..ir.graph import FLOAT, Node, size_factors, topo_order
 from ..ops import core as ops
+from ..symbolic.functions import ARGS, Fn, dag_postorder
 
 # --- simplify: rewrite rules and one driver -----------------------------------------------
 
@@ -132,12 +137,64 @@ class Schedule:
 # --- fusion -----------------------------------------------------------------------------------
 
 def _consumers(order: list[Node]) -> dict[Node, list[Node]]:
-    users: dict[Node, list[Node]] = defaultdict(list)
+    users: dict[Node, dict[Node, None]] = defaultdict(dict)  # an ordered set: users in graph order
     for node in order:
         for x in node.inputs:
-            if node not in users[x]:
-                users[x].append(node)
-    return users
+            users[x][node] = None
+    return defaultdict(list, {x: list(us) for x, us in users.items()})
+
+
+# A fused cluster is printed as one SymPy expression per output, which CSE, the C99 rewrites and
+# the printer walk as a tree (every use of a member repeated in full) and recursively (a few
+# frames per level): its tree size and depth are capped, and so is its number of nodes, so that
+# a long chain or a value reused at every step (x + f(x) repeated: 2**n terms) makes several
+# kernels instead of one formula that never finishes printing or overflows Python's stack.
+FUSE_MAX_NODES = 128
+FUSE_MAX_TREE = 2000
+FUSE_MAX_DEPTH = 60
+
+
+@dataclass(frozen=True)
+class _FnShape:
+    """Of a function's expression as a tree: its size, its depth, and for each argument how
+    often it occurs and how deep (0 where it does not)."""
+
+    size: int
+    depth: int
+    uses: tuple[int, ...]
+    arg_depth: tuple[int, ...]
+
+
+@functools.cache
+def _fn_shape(fn: Fn) -> _FnShape:
+    memo: dict[sp.Basic, _FnShape] = {}
+    args = {a: i for i, a in enumerate(ARGS[:fn.nargs])}
+    none = (0,) * fn.nargs
+    for e in dag_postorder(fn.expr):  # each distinct subexpression once
+        if e in args:
+            one = tuple(int(i == args[e]) for i in range(fn.nargs))
+            memo[e] = _FnShape(0, 0, one, none)
+            continue
+        parts = [memo[a] for a in e.args]
+        memo[e] = _FnShape(
+            min(1 + sum(p.size for p in parts), FUSE_MAX_TREE + 1),
+            1 + max((p.depth for p in parts), default=0),
+            tuple(map(sum, zip(none, *(p.uses for p in parts)))),
+            tuple(max((p.arg_depth[i] + 1 for p in parts if p.uses[i]), default=0) for i in range(fn.nargs)))
+    return memo[fn.expr]
+
+
+def _fused_shape(members: list[Node], outputs: list[Node], member_set: set[Node]) -> tuple[int, int]:
+    """The summed tree size of the outputs' fused expressions, and their largest depth (members
+    in graph order)."""
+    size: dict[Node, int] = {}
+    depth: dict[Node, int] = {}
+    for m in members:
+        shape = _fn_shape(m.attrs["fn"])
+        inner = [(x, n, d) for x, n, d in zip(m.inputs, shape.uses, shape.arg_depth) if x in member_set]
+        size[m] = shape.size + sum(n * (size[x] - 1) for x, n, _ in inner) + sum(shape.uses)
+        depth[m] = max([shape.depth] + [d + depth[x] for x, _, d in inner])
+    return sum(size[o] for o in outputs), max(depth[o] for o in outputs)
 
 
 def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
@@ -160,9 +217,10 @@ def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
         if root.op != "ew" or root in clustered:
             continue
         members, mask = [root], 1 << index[root]
+        outputs = [root]  # members whose value leaves the cluster (a member's users never join)
         leaves_reach = _outside_reach(root, users, index, reach, mask)
         frontier = list(root.inputs)
-        while frontier:
+        while frontier and len(members) < FUSE_MAX_NODES:
             p = frontier.pop()
             if p.op != "ew" or p in clustered or p.shape != root.shape or (mask >> index[p]) & 1:
                 continue
@@ -171,7 +229,12 @@ def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
             outside = [u for u in users[p] if not (mask >> index[u]) & 1]
             if any(reach[index[u]] & mask for u in outside):
                 continue  # p's value would leave the cluster and come back into it
-            members.append(p)
+            grown = sorted(members + [p], key=index.__getitem__)
+            grown_outputs = outputs + [p] if outside or p in results else outputs
+            size, depth = _fused_shape(grown, grown_outputs, set(grown))
+            if size > FUSE_MAX_TREE or depth > FUSE_MAX_DEPTH:
+                continue  # p stays an input: its own kernel computes it
+            members, outputs = grown, grown_outputs
             mask |= 1 << index[p]
             for u in outside:
                 leaves_reach |= reach[index[u]]
@@ -181,12 +244,15 @@ def fuse_elementwise(order: list[Node], results: set[Node]) -> list[list[Node]]:
         clusters.append(members)
         # contract the cluster in `reach`: whatever reaches one member reaches all any member
         # reaches, so a later cluster cannot form a cycle with this one in the kernel graph
-        closure = 0
-        for m in members:
-            closure |= reach[index[m]]
-        for i in range(len(order)):
-            if reach[i] & mask:
-                reach[i] |= closure
+        # (nothing to do for one node: what reaches it reaches all it reaches; only nodes before
+        # the root can reach a member)
+        if len(members) > 1:
+            closure = 0
+            for m in members:
+                closure |= reach[index[m]]
+            for i in range(index[root]):
+                if reach[i] & mask:
+                    reach[i] |= closure
     return clusters
 
 
@@ -248,11 +314,7 @@ def schedule(results: list[tuple[Storage, Node]], leaf_storage: Callable[[Node],
 
 
 def _unique(items) -> list:
-    out: list = []
-    for x in items:
-        if x not in out:
-            out.append(x)
-    return out
+    return list(dict.fromkeys(items))
 
 
 def _view_root(node: Node) -> Node:
@@ -267,14 +329,24 @@ def _order_kernels(kernels: list[Kernel], order: list[Node]) -> list[Kernel]:
     producer = {out: k for k, kern in enumerate(kernels) for out in kern.nodes}
     deps = [{producer[_view_root(x)] for x in kern.inputs if _view_root(x) in producer} - {k}
             for k, kern in enumerate(kernels)]
-    done: list[int] = []
-    remaining = set(range(len(kernels)))
+    dependents: list[list[int]] = [[] for _ in kernels]
+    for k, ds in enumerate(deps):
+        for d in ds:
+            dependents[d].append(k)
+    waiting = [len(ds) for ds in deps]
     rank = [max(index[n] for n in kern.nodes if n in index) for kern in kernels]
-    while remaining:
-        ready = [k for k in remaining if not (deps[k] - set(done))]
-        k = min(ready, key=rank.__getitem__)
+    ready = [(rank[k], k) for k in range(len(kernels)) if not waiting[k]]
+    heapq.heapify(ready)
+    done: list[int] = []
+    while ready:
+        _, k = heapq.heappop(ready)
         done.append(k)
-        remaining.remove(k)
+        for u in dependents[k]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, (rank[u], u))
+    if len(done) != len(kernels):
+        raise AssertionError("the kernel graph has a cycle")
     return [kernels[k] for k in done]
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import mpmath
 import sympy as sp
 
+from ..errors import CompileError
+
 ARGS = tuple(sp.Symbol(f"a{i}", real=True) for i in range(16))
 OUT = sp.Symbol("y", real=True)  # the function's own output, for derivatives rewritten in it
 
@@ -43,6 +45,60 @@ class Partial:
     uses_output: bool
 
 
+# --- size limits ------------------------------------------------------------------------------
+
+# SymPy walks an expression as a tree: a value used twice is walked twice, so `e = e + sin(e)`
+# repeated 40 times (80 distinct nodes) is a tree of 2**40 nodes that no SymPy call finishes.
+# Every function's expression (a user's, or a derivative) is measured as a DAG first and refused
+# above this many tree nodes with a CompileError that names the function. Deriving, folding,
+# fusing and printing cost a few milliseconds per node: a function at the limit takes ~20 s.
+MAX_EXPR_NODES = 5_000
+MAX_EXPR_DEPTH = 120  # SymPy recurses a few frames per level: 200 levels exceed Python's limit
+
+
+def dag_postorder(expr: sp.Basic) -> list[sp.Basic]:
+    """Each distinct subexpression of `expr` once, arguments before the expressions using them
+    (sympy.postorder_traversal walks the tree, each shared subexpression as often as it is used)."""
+    order: list[sp.Basic] = []
+    seen: set[sp.Basic] = set()
+    stack: list[tuple[sp.Basic, bool]] = [(expr, False)]
+    while stack:
+        e, expanded = stack.pop()
+        if expanded:
+            order.append(e)
+            continue
+        if e in seen:
+            continue
+        seen.add(e)
+        stack.append((e, True))
+        stack.extend((a, False) for a in reversed(e.args) if a not in seen)
+    return order
+
+
+def tree_size(expr: sp.Basic, cap: int = MAX_EXPR_NODES) -> tuple[int, int]:
+    """How many nodes SymPy walks in `expr` as a tree (at most `cap` + 1), and how deeply they
+    nest, counted on the DAG."""
+    size: dict[sp.Basic, tuple[int, int]] = {}
+    for e in dag_postorder(expr):
+        parts = [size[a] for a in e.args]
+        size[e] = (min(1 + sum(n for n, _ in parts), cap + 1), 1 + max((d for _, d in parts), default=0))
+    return size[expr]
+
+
+def check_size(name: str, expr: sp.Basic, what: str = "expression") -> None:
+    """Refuse an expression too large for SymPy to derive, simplify and print in bounded time, or
+    nested too deeply for its recursive algorithms."""
+    nodes, depth = tree_size(expr)
+    if nodes > MAX_EXPR_NODES:
+        raise CompileError(f"elementwise function {name!r}: its {what} has more than {MAX_EXPR_NODES:,} "
+                           "operations written out as a tree (each use of a subexpression counts in full); "
+                           "split it into several elementwise ops")
+    if depth > MAX_EXPR_DEPTH:
+        raise CompileError(f"elementwise function {name!r}: its {what} nests {depth} levels deep, more than "
+                           f"the {MAX_EXPR_DEPTH} SymPy's recursive algorithms allow; split it into several "
+                           "elementwise ops")
+
+
 class Fn:
     """A scalar function of `nargs` arguments given by a SymPy expression of `ARGS[:nargs]`.
 
@@ -54,6 +110,7 @@ class Fn:
 
     def __new__(cls, name: str, expr: sp.Expr, nargs: int, display: tuple[str, ...] | None = None) -> Fn:
         expr = sp.sympify(expr)
+        check_size(name, expr)
         key = (name, sp.srepr(expr), nargs)
         fn = _FNS.get(key)
         if fn is not None:
@@ -95,6 +152,7 @@ def make_fn(name: str, expr: sp.Expr, symbols: tuple[sp.Symbol, ...]) -> Fn:
     expr = sp.sympify(expr)
     if not isinstance(expr, sp.Expr):
         raise ValueError(f"elementwise function {name!r}: {expr!r} is not a scalar SymPy expression")
+    check_size(name, expr)
     extra = expr.free_symbols - set(symbols)
     if extra:
         raise ValueError(f"elementwise function {name!r}: free symbols {sorted(map(str, extra))} "
@@ -118,9 +176,51 @@ def cost(expr: sp.Expr) -> int:
     return int(sp.count_ops(expr)) + 8 * calls + 4 * piecewise
 
 
+def degree_bound(expr: sp.Expr) -> int:
+    """An upper bound of the degree of the polynomials `sympy.simplify`, `factor` or `cancel` make
+    of `expr` over a common denominator (each symbol, function call or non-integer power one
+    generator), found without expanding anything: their cost grows with it without bound
+    ((1 + x)**50 nested twice is a polynomial of degree 2,500)."""
+    cap = 10**6
+    degree: dict[sp.Basic, tuple[int, int]] = {}  # (numerator, denominator) degrees
+    for e in dag_postorder(expr):
+        if e.is_number:
+            d = (0, 0)
+        elif e.is_Add:
+            parts = [degree[a] for a in e.args]
+            den = sum(q for _, q in parts)
+            d = (max(p - q for p, q in parts) + den, den)
+        elif e.is_Mul:
+            parts = [degree[a] for a in e.args]
+            d = (sum(p for p, _ in parts), sum(q for _, q in parts))
+        elif e.is_Pow and e.exp.is_Integer:
+            p, q = degree[e.base]
+            n = int(e.exp)
+            d = (n * p, n * q) if n >= 0 else (-n * q, -n * p)
+        else:
+            d = (1, 0)
+        degree[e] = (min(d[0], cap), min(d[1], cap))
+    return max(degree[expr])
+
+
+# sympy.simplify is tried only on derivatives within these sizes: its cost grows without bound
+# with each (48 operations with 25 calls take 3 s, trigsimp of exp(exp(exp(exp(x)))) tanh(..)**9
+# 6 s, 16 fractions 3 s, a power of degree 2,500 never finishes). The derivatives of the built-in
+# functions and the tests' own have at most 24 operations, 10 calls and degree 6.
+SIMPLIFY_MAX_OPS = 60
+SIMPLIFY_MAX_CALLS = 16
+SIMPLIFY_MAX_DEGREE = 16
+
+
+def _simplifiable(expr: sp.Expr) -> bool:
+    if sp.count_ops(expr) > SIMPLIFY_MAX_OPS or degree_bound(expr) > SIMPLIFY_MAX_DEGREE:
+        return False
+    return sum(1 for e in sp.preorder_traversal(expr) if isinstance(e, sp.Function)) <= SIMPLIFY_MAX_CALLS
+
+
 def _simplified(expr: sp.Expr) -> sp.Expr:
-    """The cheaper of `expr` and `sympy.simplify(expr)`."""
-    if sp.count_ops(expr) > 300:
+    """The cheaper of `expr` and `sympy.simplify(expr)` (only tried within SIMPLIFY_MAX_*)."""
+    if not _simplifiable(expr):
         return expr
     try:
         simple = sp.simplify(expr)
@@ -128,6 +228,8 @@ def _simplified(expr: sp.Expr) -> sp.Expr:
         return expr
     return simple if cost(simple) < cost(expr) else expr
 
+
+FIT_MAX_OPS = 100  # derivatives longer than this are not fitted in the output (built-ins: at most 24)
 
 # at least 7 positive points, so functions defined for x > 0 only (sqrt, log) can be fitted too
 _SAMPLE_POINTS = ("-2.31", "-1.13", "-0.37", "0.29", "0.83", "1.71", "2.93", "0.061", "-0.59", "0.47", "1.29",
@@ -143,10 +245,17 @@ def _fit_in_output(fn: Fn, deriv: sp.Expr) -> sp.Expr | None:
     x = ARGS[0]
     if deriv.has(sp.Piecewise, sp.Heaviside, sp.sign, sp.Max, sp.Min, sp.Abs) or not deriv.has(x):
         return None
+    if sp.count_ops(deriv) > FIT_MAX_OPS:  # 24 evaluations in 30 digits: seconds for a long formula
+        return None
     basis = (sp.Integer(1), OUT, OUT**2, 1 / OUT)
     rows, rhs = [], []
+    in_float = _float_function(fn.expr, deriv)
+    if in_float is None:
+        return None
     with mpmath.workdps(30):
         for point in _SAMPLE_POINTS:
+            if not in_float(float(point)):
+                continue  # overflows on the way: 30 digits of exp(exp(exp(20))) would never finish
             try:
                 y = sp.N(fn.expr.subs(x, sp.Float(point, 30)), 30)
                 d = sp.N(deriv.subs(x, sp.Float(point, 30)), 30)
@@ -171,6 +280,22 @@ def _fit_in_output(fn: Fn, deriv: sp.Expr) -> sp.Expr | None:
     return sp.expand(fitted) if fitted != 0 else None
 
 
+def _float_function(*exprs: sp.Expr):
+    """A test of a point: do `exprs` of ARGS[0] evaluate there in double precision with every
+    intermediate finite (Python's math raises OverflowError)? None if they cannot be evaluated so."""
+    try:
+        f = sp.lambdify(ARGS[0], list(exprs), modules="math")
+    except Exception:  # a function Python's math lacks
+        return None
+
+    def finite(point: float) -> bool:
+        try:
+            return all(isinstance(v, float | int) and abs(v) < 1e300 for v in f(point))
+        except (ArithmeticError, ValueError, TypeError, NameError):
+            return False
+    return finite
+
+
 def without_dirac(expr: sp.Expr) -> sp.Expr:
     """`expr` with every DiracDelta (and its derivatives) taken as 0, as PyTorch and JAX do.
 
@@ -186,7 +311,12 @@ def without_dirac(expr: sp.Expr) -> sp.Expr:
 @functools.cache
 def _derive_cached(key: tuple, i: int) -> Partial:
     fn = _FNS[key]
-    raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
+    try:
+        raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
+    except RecursionError:  # SymPy recurses once per nesting level
+        raise CompileError(f"elementwise function {fn.name!r}: its expression is nested too deeply for SymPy "
+                           "to differentiate; split it into several elementwise ops") from None
+    check_size(fn.name, raw, f"derivative in {fn.display[i] if i < len(fn.display) else ARGS[i]}")
     best = _simplified(raw)
     uses_output = False
     if fn.nargs == 1:
