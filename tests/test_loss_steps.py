@@ -27,13 +27,10 @@ def train(model, x):
         model.train_step(loss=loss, x=x)
 
 
-def test_two_losses_match_two_torch_adams(build_dir):
-    torch = pytest.importorskip("torch", reason="needs the [torch] extra (pip install torch==2.13.0)")
-    model = bp.compile(gan_graph(), "float64", optimizer=bp.optim.Adam(lr=0.1, betas=(0.5, 0.999)), seed=1)
-    x = np.random.default_rng(0).normal(size=(5, 3))
-    a = torch.tensor(model.params["a"].copy(), requires_grad=True)
-    b = torch.tensor(model.params["b"].copy(), requires_grad=True)
-    opt = {name: torch.optim.Adam([p], lr=0.1, betas=(0.5, 0.999)) for name, p in (("d", a), ("g", b))}
+def train_alongside_torch(model, x: np.ndarray, a, b, opt: dict) -> None:
+    """SCHEDULE's steps on the model and on torch tensors a, b with one torch optimizer per loss:
+    the same losses and parameters at every step."""
+    import torch
     xt = torch.from_numpy(x)
     for loss in SCHEDULE:
         out = xt @ a + b
@@ -44,6 +41,16 @@ def test_two_losses_match_two_torch_adams(build_dir):
         assert model.train_step(loss=loss, x=x) == pytest.approx(value.item(), rel=1e-12)
         np.testing.assert_allclose(model.params["a"], a.detach().numpy(), rtol=1e-12)
         np.testing.assert_allclose(model.params["b"], b.detach().numpy(), rtol=1e-12)
+
+
+def test_two_losses_match_two_torch_adams(build_dir):
+    torch = pytest.importorskip("torch", reason="needs the [torch] extra (pip install torch==2.13.0)")
+    model = bp.compile(gan_graph(), "float64", optimizer=bp.optim.Adam(lr=0.1, betas=(0.5, 0.999)), seed=1)
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    a = torch.tensor(model.params["a"].copy(), requires_grad=True)
+    b = torch.tensor(model.params["b"].copy(), requires_grad=True)
+    opt = {name: torch.optim.Adam([p], lr=0.1, betas=(0.5, 0.999)) for name, p in (("d", a), ("g", b))}
+    train_alongside_torch(model, x, a, b, opt)
     assert model.loss_steps == {"d": 4, "g": 3} and model.step == 7
 
 
@@ -81,16 +88,7 @@ def test_an_optimizer_per_loss_matches_two_torch_optimizers(build_dir, tmp_path)
     a = torch.tensor(model.params["a"].copy(), requires_grad=True)
     b = torch.tensor(model.params["b"].copy(), requires_grad=True)
     opt = {"d": torch.optim.Adam([a], lr=4e-2, betas=(0.5, 0.999)), "g": torch.optim.SGD([b], lr=0.1, momentum=0.9)}
-    xt = torch.from_numpy(x)
-    for loss in SCHEDULE:
-        out = xt @ a + b
-        value = (out ** 2).mean() if loss == "d" else torch.tanh(out).mean()
-        opt[loss].zero_grad()
-        value.backward()
-        opt[loss].step()
-        assert model.train_step(loss=loss, x=x) == pytest.approx(value.item(), rel=1e-12)
-        np.testing.assert_allclose(model.params["a"], a.detach().numpy(), rtol=1e-12)
-        np.testing.assert_allclose(model.params["b"], b.detach().numpy(), rtol=1e-12)
+    train_alongside_torch(model, x, a, b, opt)
     # the per-loss optimizers travel with the build and the checkpoint
     reloaded = bp.load(model.build_path)
     assert reloaded.optimizer.config() == model.optimizer.config()
