@@ -250,6 +250,18 @@ class Context:
     dim_c: dict[str, str]
     used_dims: set[str] = field(default_factory=set)
     node_ids: dict[Node, int] = field(default_factory=dict)
+    printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = field(default_factory=dict)
+
+    def formulas(self, outputs: list[sp.Expr], leaves: list[sp.Symbol]) -> tuple[list[tuple[str, str]], list[str]]:
+        """print_formulas of `outputs` over the leaf symbols `leaves`, printed once per module: a
+        model's repeated layers (and a loss over 1,000 parameters) repeat the same few formulas."""
+        key = (tuple(outputs), tuple(leaves))
+        if key not in self.printed:
+            printer = self.printer()
+            for s in leaves:
+                printer.names[s] = s.name
+            self.printed[key] = print_formulas(outputs, printer)
+        return self.printed[key]
 
     def rng_decls(self) -> dict[str, int]:
         return {"seed_index": len(self.dim_index), "counter_index": len(self.dim_index) + 1}
@@ -345,13 +357,10 @@ def _elementwise(k: Kernel, ctx: Context) -> dict[str, Any]:
     for m in k.nodes:
         fn = m.attrs["fn"]
         exprs[m] = fn.expr.xreplace({ARGS[j]: exprs.get(x, leaf_sym.get(x)) for j, x in enumerate(m.inputs)})
-    printer = ctx.printer()
-    for s in leaf_sym.values():
-        printer.names[s] = s.name
     for o in k.outputs:  # runtime sizes used inside formulas (a mean's 1/n) must be declared too
         ctx.used_dims.update(ew_mod.dim_name(s) for s in exprs[o].free_symbols if ew_mod.is_dim_symbol(s))
     try:
-        temps, values = print_formulas([exprs[o] for o in k.outputs], printer)
+        temps, values = ctx.formulas([exprs[o] for o in k.outputs], list(leaf_sym.values()))
     except Exception as e:  # SymPy's printer cannot print some function: name it, its op and node
         raise _unprintable(k, ctx, e) from None
     sizes = [Mono.of((d,)) for d in shape]
@@ -566,7 +575,10 @@ class ModuleRenderer:
         self.options = options
         self.kernel_texts: list[str] = []
         self.kernel_by_text: dict[str, str] = {}
+        self.kernel_uses: dict[str, int] = {}
+        self.kernel_by_nodes: dict[tuple, tuple[str, list[str]]] = {}
         self._node_ids: dict[Node, int] | None = None
+        self._printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = {}
 
     def name(self, node: Node) -> str:
         if node in self.node_names:
@@ -579,10 +591,18 @@ class ModuleRenderer:
         if self._node_ids is None:  # once per module: once per kernel made compiling quadratic
             self._node_ids = {n: int(v[1:]) for n, v in self.node_names.items()
                               if v.startswith("t") and v[1:].isdigit()}
-        return Context(self.dtype, self.dim_index, self.dim_c, node_ids=self._node_ids)
+        return Context(self.dtype, self.dim_index, self.dim_c, node_ids=self._node_ids, printed=self._printed)
 
     def kernel(self, k: Kernel, sched: Schedule) -> tuple[str, list[str]]:
-        """Render a kernel function (or reuse an identical one); returns its name and comment lines."""
+        """Render a kernel function (or reuse an identical one); returns its name and comment lines.
+        The entries of a model (loss, gradient, train step, ...) share most kernels: each is built once."""
+        key = (k.kind, tuple(k.nodes), tuple(k.inputs), tuple(k.outputs))
+        if key not in self.kernel_by_nodes:
+            self.kernel_by_nodes[key] = self._new_kernel(k)
+            self.kernel_uses[self.kernel_by_nodes[key][0]] += 1
+        return self.kernel_by_nodes[key]
+
+    def _new_kernel(self, k: Kernel) -> tuple[str, list[str]]:
         ctx = self.context()
         body = BUILDERS[k.kind](k, ctx)
         lines = [f"{self.name(n)} = {describe(n, self.name)}  {_shape(n.shape)}" for n in k.nodes]
@@ -598,19 +618,24 @@ class ModuleRenderer:
         common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
                   "whole_signature": kernel_signature(params, failing, split=False)}
         text = self.env.get_template(f"{k.kind}.c.j2").render(
-            comment=[comment_text(s) for s in lines], dims=ctx.dim_decls(), failing=failing, split=split,
+            comment=[COMMENT_SLOT], dims=ctx.dim_decls(), failing=failing, split=split,
             signature=kernel_signature(params, failing, split=bool(split)), **common, **body)
         if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool
             text += self.env.get_template("parallel.c.j2").render(dims=ctx.dim_decls(), **common, **split)
-        return self._function(text, k.kind), lines
+        return self._function(text, k.kind, [comment_text(s) for s in lines]), lines
 
-    def _function(self, text: str, kind: str) -> str:
-        """The name of a rendered function (text naming itself KERNEL_NAME), added once."""
+    def _function(self, text: str, kind: str, comment: list[str] | None = None) -> str:
+        """The name of a rendered function (text naming itself KERNEL_NAME and holding COMMENT_SLOT
+        where its comment goes), added once. Kernels equal but for the nodes their comment names (a
+        loss summing 1,000 squared parameters has 1,000 of them) share one function: each call site
+        is commented with its own nodes, and the function's comment names the first."""
         fname = self.kernel_by_text.get(text)
         if fname is None:
             fname = f"k{len(self.kernel_texts)}_{kind}"
             self.kernel_by_text[text] = fname
-            self.kernel_texts.append(text.replace("KERNEL_NAME", fname))
+            self.kernel_uses[fname] = 0
+            lines = "\n *   ".join(comment or [])
+            self.kernel_texts.append(text.replace("KERNEL_NAME", fname).replace(COMMENT_SLOT, lines))
         return fname
 
     def update(self, context: dict[str, Any]) -> str:
@@ -675,8 +700,17 @@ class ModuleRenderer:
     def module(self, entries: list[EntryCode]) -> str:
         entry_texts = [self.entry(e) for e in entries]
         return self.env.get_template("module.c.j2").render(
-            model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self.kernel_texts,
+            model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self._shared_noted(),
             entries=entry_texts, options=self.options)
+
+    def _shared_noted(self) -> list[str]:
+        """The kernel texts, each shared one saying how many node groups call it."""
+        texts = []
+        for text, (fname, uses) in zip(self.kernel_texts, self.kernel_uses.items()):
+            if uses > 1:
+                text = f"/* {fname}: called for {uses} node groups, each call commented with its own */\n{text}"
+            texts.append(text)
+        return texts
 
     def header(self, entries: list[EntryCode]) -> str:
         return self.env.get_template("model.h.j2").render(
@@ -694,6 +728,7 @@ def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
+COMMENT_SLOT = "@KERNEL_COMMENT@"  # where a kernel's comment lines go once its text is known to be new
 
 
 def entry_prototype(name: str, dtype: str) -> str:
