@@ -189,3 +189,28 @@ def test_missing_blas_library_of_a_build_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(bp.blas, "_LIBS", {})  # as in a fresh process
     with pytest.raises(FileNotFoundError, match=r"built against .*libmkl_rt\.so\.9, which is missing: reinstall mkl"):
         bp.blas.load({"name": "mkl", "libdir": str(tmp_path), "file": "libmkl_rt.so.9"})
+
+
+def test_products_larger_than_blas_int_run_in_blocks(build_dir, monkeypatch):
+    """CBLAS takes int sizes: a product with a dimension past that range runs as blocks that fit,
+    and one whose leading dimension does not fit runs as loops. The module is built with the int
+    range shrunk to 4 so that batches of 23 rows (and a layer of 6) cross it."""
+    from bpcompile.build import cffi_build as build
+    flags = build.model_flags
+    monkeypatch.setattr(build, "model_flags", lambda: [*flags(), "-DBP_BLAS_INT_MAX=4"])
+    g = bp.Graph("gemm_int_blocks")
+    x = g.input("x", ("batch", 3))
+    t = g.input("t", ("batch", 2))
+    W = g.param("W", (3, 4), init="normal")
+    V = g.param("V", (2, 4), init="normal")  # (out, in): h @ V.T reads it transposed
+    U = g.param("U", (2, 6), init="normal")  # leading dimension 6: past the range, loops
+    Z = g.param("Z", (6, 2), init="normal")
+    h = bp.tanh(x @ W)
+    out = bp.sigmoid(h @ V.T) @ U @ Z
+    g.output("out", out)
+    g.loss(bp.mse(out, t))
+    model = bp.compile(g, dtype="float64", seed=2, blas_min_flops=ALL_BLAS)
+    commands = " ".join(" ".join(c) for c in json.loads((model.build_path / "build.json").read_text())["commands"])
+    assert "-DBP_BLAS_INT_MAX=4" in commands and "#ifndef BP_BLAS_INT_MAX" in model.c_source
+    for batch, seed in ((23, 0), (4, 1), (1, 2)):
+        _check_against_reference(g, model, batch, seed)
