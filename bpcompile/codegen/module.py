@@ -25,8 +25,9 @@ from sympy.printing.c import C99CodePrinter
 from sympy.printing.precedence import PRECEDENCE
 
 from ..errors import CompileError
-from ..ir.graph import INT, Node, Shape, size_factors
-from ..passes.pipeline import Kernel, Schedule, Storage, _view_root
+from ..ir.graph import INT, Node, Shape
+from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides, packed_strides  # noqa: F401
+from ..passes.pipeline import Schedule, Storage, _view_root
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS
 
@@ -220,23 +221,7 @@ def print_formulas(outputs: list[sp.Expr], printer: CPrinter,
     return lines, [printer.doprint(c99_form(e)) for e in reduced]
 
 
-# --- symbolic sizes (products of fixed ints and named dims) -----------------------------------
-
-@dataclass(frozen=True)
-class Mono:
-    """coef * product(dims): a size or stride that may involve runtime dims."""
-
-    coef: int
-    dims: tuple[str, ...] = ()
-
-    def __mul__(self, other: Mono) -> Mono:
-        return Mono(self.coef * other.coef, tuple(sorted(self.dims + other.dims)))
-
-    @staticmethod
-    def of(shape: Shape) -> Mono:
-        coef, dims = size_factors(shape)
-        return Mono(coef, dims)
-
+# --- what kernel builders get: the model's dims, dtype and printer (sizes: ir.kernel.Mono) -------
 
 @dataclass
 class Context:
@@ -283,45 +268,6 @@ class Context:
 
     def dim_decls(self) -> list[dict[str, Any]]:
         return [{"c": self.dim_c[d], "index": self.dim_index[d]} for d in sorted(self.used_dims)]
-
-
-def packed_strides(sizes: list[Mono]) -> list[Mono]:
-    """Row-major strides of a contiguous array with these dim sizes."""
-    strides, acc = [], Mono(1)
-    for size in reversed(sizes):
-        strides.append(acc)
-        acc = acc * size
-    return list(reversed(strides))
-
-
-def contiguous_strides(shape: Shape) -> list[Mono]:
-    return packed_strides([Mono.of((d,)) for d in shape])
-
-
-def broadcast_strides(shape: Shape, out_shape: Shape) -> list[Mono]:
-    """Strides of `shape` read as if broadcast to `out_shape` (0 where it is broadcast)."""
-    lead = len(out_shape) - len(shape)
-    own = contiguous_strides(shape)
-    out = []
-    for i, d in enumerate(out_shape):
-        j = i - lead
-        out.append(Mono(0) if j < 0 or (shape[j] == 1 and d != 1) else own[j])
-    return out
-
-
-def coalesce(sizes: list[Mono], strides: list[list[Mono]]) -> tuple[list[Mono], list[list[Mono]]]:
-    """Merge adjacent loop dims that every operand walks contiguously; drop size-1 dims."""
-    keep = [i for i, s in enumerate(sizes) if s != Mono(1)]
-    sizes = [sizes[i] for i in keep]
-    strides = [[st[i] for i in keep] for st in strides]
-    d = len(sizes) - 2
-    while d >= 0:
-        if all(st[d] == st[d + 1] * sizes[d + 1] or (st[d].coef == 0 and st[d + 1].coef == 0) for st in strides):
-            sizes[d:d + 2] = [sizes[d] * sizes[d + 1]]
-            for st in strides:
-                st[d:d + 2] = [st[d + 1]]
-        d -= 1
-    return sizes, strides
 
 
 def index_expr(ctx: Context, loop_vars: list[str], strides: list[Mono]) -> str:

@@ -12,12 +12,12 @@ import functools
 import heapq
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import sympy as sp
 
 from ..ir.graph import FLOAT, Node, size_factors, topo_order
+from ..ir.kernel import Kernel
 from ..ops import core as ops
 from ..symbolic.functions import ARGS, Fn, dag_postorder
 
@@ -102,17 +102,6 @@ class Storage:
     kind: str  # "input", "param", "grad", "output", "ws", "state"
     index: int  # slot number, element offset, or workspace buffer number
     name: str = ""
-
-
-@dataclass
-class Kernel:
-    """One generated C function call: the nodes it computes, what it reads and writes."""
-
-    kind: str
-    nodes: list[Node]
-    inputs: list[Node]
-    outputs: list[Node]
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
