@@ -27,6 +27,7 @@ from sympy.printing.precedence import PRECEDENCE
 from ..errors import CompileError
 from ..ir.graph import INT, Node, Shape
 from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides, packed_strides  # noqa: F401
+from ..ops.core import BUILDERS, FAILING_KINDS, register_kernel
 from ..passes.pipeline import Schedule, Storage, _view_root
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS
@@ -237,15 +238,17 @@ class Context:
     node_ids: dict[Node, int] = field(default_factory=dict)
     printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = field(default_factory=dict)
 
-    def formulas(self, outputs: list[sp.Expr], leaves: list[sp.Symbol]) -> tuple[list[tuple[str, str]], list[str]]:
-        """print_formulas of `outputs` over the leaf symbols `leaves`, printed once per module: a
-        model's repeated layers (and a loss over 1,000 parameters) repeat the same few formulas."""
-        key = (tuple(outputs), tuple(leaves))
+    def formulas(self, outputs: list[sp.Expr], leaves: list[sp.Symbol],
+                 prefix: str = "x") -> tuple[list[tuple[str, str]], list[str]]:
+        """print_formulas of `outputs` over the leaf symbols `leaves` (printed as their names),
+        once per module: a model's repeated layers (and a loss over 1,000 parameters) repeat the
+        same few formulas."""
+        key = (tuple(outputs), tuple(leaves), prefix)
         if key not in self.printed:
             printer = self.printer()
             for s in leaves:
                 printer.names[s] = s.name
-            self.printed[key] = print_formulas(outputs, printer)
+            self.printed[key] = print_formulas(outputs, printer, prefix)
         return self.printed[key]
 
     def rng_decls(self) -> dict[str, int]:
@@ -424,30 +427,10 @@ def _random(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 Builder = Callable[[Kernel, Context], dict[str, Any]]
-BUILDERS: dict[str, Builder] = {
-    "elementwise": _elementwise,
-    "gemm": _gemm,
-    "reduce": _reduce,
-    "softmax": _softmax,
-    "softmax_ce": _softmax_ce,
-    "transpose": _transpose,
-    "copy": _copy,
-    "random": _random,
-}
-
-FAILING_KINDS = {"softmax_ce"}  # kernels that validate data and may return an error code
-
-
-def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
-    """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
-    takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`.
-    Templates open their function with `{{ signature }}` (kernel_signature). A context with
-    `split` = {"what": ..., "work": C expression} runs on the thread pool: the signature is then
-    `<name>_part(dims, part, parts, ...)`, the template renders the function over that piece's
-    share of the work, and templates/parallel.c.j2 wraps it under the kernel's name."""
-    BUILDERS[kind] = builder
-    if failing:
-        FAILING_KINDS.add(kind)
+for _kind, _builder in {"elementwise": _elementwise, "gemm": _gemm, "reduce": _reduce, "softmax": _softmax,
+                        "transpose": _transpose, "copy": _copy, "random": _random}.items():
+    register_kernel(_kind, _builder)
+register_kernel("softmax_ce", _softmax_ce, failing=True)  # validates the labels: may return an error code
 
 
 # --- describing nodes (kernel comments, `bpcompile show`) -------------------------------------

@@ -11,17 +11,17 @@ simplify rule folds `transpose(x, (..., -1, -2))` operands into them: no transpo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..codegen import module as codegen
-from ..codegen.module import Context, Mono, broadcast_strides, coalesce, contiguous_strides
 from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, broadcast_shapes, shape_str
-from ..passes import pipeline as passes
-from ..passes.pipeline import Kernel
-from .core import concrete, register, reshape, unbroadcast
+from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides
+from .core import concrete, register, register_kernel, register_rewrite, reshape, unbroadcast
+
+if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
+    from ..codegen.module import Context
 
 __all__ = ["bmatmul"]
 
@@ -98,7 +98,7 @@ def _fold_transpose_into_bmatmul(node: Node) -> Node | None:
     return None
 
 
-passes.RULES.append(_fold_transpose_into_bmatmul)
+register_rewrite(_fold_transpose_into_bmatmul)
 
 
 def _bmatmul_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -122,4 +122,4 @@ def _bmatmul_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "split": {"what": "its batch of products", "work": f"({count})*{M}*{N}*{K}/16"}}
 
 
-codegen.register_kernel("bmatmul", _bmatmul_builder)
+register_kernel("bmatmul", _bmatmul_builder)

@@ -19,6 +19,7 @@ import sympy as sp
 
 from ..errors import CompileError, ShapeError
 from ..ir.graph import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
+from ..ir.kernel import Kernel
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
 
@@ -43,6 +44,36 @@ OPS: dict[str, OpDef] = {}
 def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
              aux: Callable[[Node], list[Node]] | None = None) -> None:
     OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux)
+
+
+# Lowering: each kernel kind's builder, which returns the context of templates/<kind>.c.j2. The op
+# families register theirs next to their ops; codegen reads this table and never the other way
+# round, so building graphs loads neither codegen nor Jinja2.
+Builder = Callable[[Kernel, Any], dict[str, Any]]  # (kernel, codegen.Context) -> template context
+BUILDERS: dict[str, Builder] = {}
+FAILING_KINDS: set[str] = set()  # kinds whose C function validates data and may return an error code
+
+
+def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
+    """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
+    takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`.
+    Templates open their function with `{{ signature }}` (kernel_signature). A context with
+    `split` = {"what": ..., "work": C expression} runs on the thread pool: the signature is then
+    `<name>_part(dims, part, parts, ...)`, the template renders the function over that piece's
+    share of the work, and templates/parallel.c.j2 wraps it under the kernel's name. The builder
+    gets a `codegen.Context` (the model's dims, dtype and formula printer) as its second argument."""
+    BUILDERS[kind] = builder
+    if failing:
+        FAILING_KINDS.add(kind)
+
+
+Rule = Callable[[Node], "Node | None"]
+REWRITES: list[Rule] = []  # peephole rules of op families, applied by passes.simplify with its own
+
+
+def register_rewrite(rule: Rule) -> None:
+    """Add a rewrite rule (a node -> its replacement, or None) for the simplify pass."""
+    REWRITES.append(rule)
 
 
 def _no_grad(op: str) -> VJP:

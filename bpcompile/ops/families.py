@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sympy as sp
 
-from ..codegen import module as codegen
-from ..codegen.module import Context, Mono
 from ..errors import ShapeError
 from ..ir import graph as ir
 from ..ir.graph import FLOAT, INT, Node, Shape, shape_str
-from ..passes.pipeline import Kernel
+from ..ir.kernel import Kernel, Mono
 from ..symbolic import functions as sym
 from ..symbolic.functions import ARGS, OUT, Fn
 from .core import (
@@ -51,10 +49,14 @@ from .core import (
     reduce_,
     reduced_count,
     register,
+    register_kernel,
     reshape,
     square,
     transpose,
 )
+
+if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
+    from ..codegen.module import Context
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm", "dropout", "embedding",
            "concat", "slice", "im2col", "col2im"]
@@ -197,7 +199,7 @@ def _slice_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "length": length, "begin": begin, "from_end": begin < 0, "checked": isinstance(n, str)}
 
 
-codegen.register_kernel("slice", _slice_builder, failing=True)
+register_kernel("slice", _slice_builder, failing=True)
 
 
 def concat(tensors: Sequence[Node], axis: int = 0) -> Node:
@@ -254,7 +256,7 @@ def _concat_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     return {"outer": _c(ctx, *node.shape[:axis]), "row": ctx.c(Mono(node.shape[axis]) * inner), "parts": parts}
 
 
-codegen.register_kernel("concat", _concat_builder)
+register_kernel("concat", _concat_builder)
 
 
 # --- convolution ------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ def _im2col_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "split": {"what": "its images", "work": f"({batch})*{oh * ow * ckk}"}}
 
 
-codegen.register_kernel("im2col", _im2col_builder)
+register_kernel("im2col", _im2col_builder)
 
 
 def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: Any = 0) -> Node:
@@ -467,8 +469,8 @@ def _pool_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "split": {"what": "its planes", "work": f"({planes})*{big[2] * big[3]}"}}
 
 
-codegen.register_kernel("pool", _pool_builder)
-codegen.register_kernel("pool_grad", _pool_builder)
+register_kernel("pool", _pool_builder)
+register_kernel("pool_grad", _pool_builder)
 
 
 # --- embedding -------------------------------------------------------------------------------
@@ -517,7 +519,7 @@ def _embedding_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 register("embedding", vjp=_embedding_vjp, ref=_embedding_ref, kernel="embedding")
 register("embedding_grad", vjp=_no_grad("embedding_grad"), ref=_embedding_grad_ref, kernel="embedding")
-codegen.register_kernel("embedding", _embedding_builder, failing=True)
+register_kernel("embedding", _embedding_builder, failing=True)
 
 
 # --- dropout ---------------------------------------------------------------------------------
@@ -707,10 +709,7 @@ def _rnn_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
 
 def _formulas(ctx: Context, loads: list[tuple[sp.Symbol, str]], outputs: list[sp.Expr],
               stores: list[str]) -> dict[str, Any]:
-    printer = ctx.printer()
-    for s, _ in loads:
-        printer.names[s] = s.name
-    temps, values = codegen.print_formulas(outputs, printer, prefix="e")
+    temps, values = ctx.formulas(outputs, [s for s, _ in loads], prefix="e")
     return {"loads": [{"name": s.name, "value": v} for s, v in loads], "temps": temps,
             "stores": [{"target": t, "value": v} for t, v in zip(stores, values)]}
 
@@ -789,7 +788,7 @@ def _time_shift_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     return {"unshift": node.op == "time_unshift", "B": _c(ctx, b), "T": _c(ctx, t), "H": h}
 
 
-codegen.register_kernel("time_shift", _time_shift_builder)
+register_kernel("time_shift", _time_shift_builder)
 
 
 def _input_projection(x: Node, w_ih: Node, b_ih: Node | None, b_hh: Node | None) -> Node:
@@ -1100,7 +1099,7 @@ def _rnn_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 for _kind, _builder in (("lstm", _lstm_builder), ("gru", _gru_builder), ("rnn", _rnn_builder)):
-    codegen.register_kernel(_kind, _builder)
+    register_kernel(_kind, _builder)
 for _kind, _builder in (("lstm_grad", _lstm_grad_builder), ("gru_grad", _gru_grad_builder),
                         ("rnn_grad", _rnn_grad_builder)):
-    codegen.register_kernel(_kind, _builder)
+    register_kernel(_kind, _builder)

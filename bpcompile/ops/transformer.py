@@ -22,16 +22,14 @@ Each follows ops/core.py's pattern (shape rule, VJP in graph ops, NumPy referenc
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sympy as sp
 
-from ..codegen import module as codegen
-from ..codegen.module import Context, Mono
 from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, Shape, broadcast_shapes, shape_str
-from ..passes.pipeline import Kernel
+from ..ir.kernel import Kernel, Mono
 from ..symbolic.functions import ARGS, Fn
 from .batched import bmatmul
 from .core import (
@@ -42,9 +40,13 @@ from .core import (
     ew,
     mul,
     register,
+    register_kernel,
     reshape,
     sum,
 )
+
+if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
+    from ..codegen.module import Context
 
 __all__ = ["constant", "where", "masked_fill", "max", "min", "layer_norm", "attention", "masked_softmax"]
 
@@ -74,7 +76,7 @@ def _constant_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 register("constant", vjp=lambda node, g: [], kernel="constant",
          ref=lambda node, args, dims: node.attrs["values"].copy())
-codegen.register_kernel("constant", _constant_builder)
+register_kernel("constant", _constant_builder)
 
 
 # --- selection and masking ------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def _layer_norm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "split": {"what": "its rows", "work": f"({rows})*{cols}"}}
 
 
-codegen.register_kernel("layer_norm", _layer_norm_builder)
+register_kernel("layer_norm", _layer_norm_builder)
 
 
 # --- attention ------------------------------------------------------------------------------------

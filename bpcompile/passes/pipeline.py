@@ -23,7 +23,7 @@ from ..symbolic.functions import ARGS, Fn, dag_postorder
 
 # --- simplify: rewrite rules and one driver -----------------------------------------------
 
-Rule = Callable[[Node], "Node | None"]
+Rule = ops.Rule
 
 
 def _fold_transpose_into_matmul(node: Node) -> Node | None:
@@ -49,8 +49,10 @@ def _drop_trivial_reduce(node: Node) -> Node | None:
 RULES: list[Rule] = [_fold_transpose_into_matmul, _drop_trivial_reduce]
 
 
-def simplify(roots: list[Node], rules: list[Rule] = RULES) -> list[Node]:
-    """Apply `rules` bottom-up until none fires; returns the rewritten roots."""
+def simplify(roots: list[Node], rules: list[Rule] | None = None) -> list[Node]:
+    """Apply `rules` (by default RULES and the op families' ops.REWRITES) bottom-up until none
+    fires; returns the rewritten roots."""
+    rules = [*RULES, *ops.REWRITES] if rules is None else rules
     memo: dict[Node, Node] = {}
 
     def rebuild(node: Node) -> Node:
