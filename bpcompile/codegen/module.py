@@ -26,7 +26,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from ..errors import CompileError
 from ..ir.graph import INT, Node, Shape
-from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides, packed_strides  # noqa: F401
+from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides, packed_strides
 from ..ops.core import BUILDERS, FAILING_KINDS, register_kernel
 from ..passes.pipeline import Schedule, Storage, _view_root
 from ..symbolic import functions as ew_mod
