@@ -18,17 +18,20 @@ The files are written into a temporary folder next to `out_dir`, fsynced, and mo
 failed export (a full disk, an error) leaves `out_dir` as it was. A folder that exists and holds
 anything is refused unless `force=True`, which replaces only the files the export writes.
 
-The parameter file ("BPPARAM1", version 1; all integers little-endian)::
+The parameter file ("BPPARAM1", version 1, or 2 with per-loss step counts; all integers
+little-endian)::
 
     offset 0   8 bytes  magic b"BPPARAM1"
-           8   u32      format version, 1
+           8   u32      format version: 1, or 2 when the file holds loss step records (kind 2)
           12   u32      bytes per value: 4 (float32) or 8 (float64), little-endian IEEE 754
           16   u32      number of records
           20   u32      reserved, 0
-          24   u64      optimizer step count
+          24   u64      optimizer step count (of a model with several losses: all of their updates)
           32   records: u32 kind (0 parameter, 1 optimizer state), u32 name length, the UTF-8
                name (a state record is named "<slot>/<parameter>", e.g. "m/W1"), u32 rank,
-               rank x u64 dimensions, then the values, row-major.
+               rank x u64 dimensions, then the values, row-major;
+               or u32 kind 2 (a named loss's own step count), u32 name length, the loss's
+               name, u64 its step count (Adam's bias correction, the schedule of that loss).
 
 `read_param_file` / `write_param_file` read and write it; `CompiledModel.load(path)` accepts it
 as well as its own .npz checkpoints (`load_into_model`). This module imports no SymPy, Jinja2 or
@@ -54,9 +57,9 @@ from ..errors import BPError, CheckpointError
 from ..runtime.model import _process_alive, write_atomic
 
 MAGIC = b"BPPARAM1"
-VERSION = 1
+VERSION, VERSION_LOSS_STEPS = 1, 2  # version 2: a file with loss step records
 HEADER = struct.Struct("<8sIIIIQ")
-KIND_PARAM, KIND_STATE = 0, 1
+KIND_PARAM, KIND_STATE, KIND_LOSS_STEP = 0, 1, 2
 GOLDEN = 0x9E3779B97F4A7C15
 INIT_KINDS = {"zeros": 0, "ones": 1, "uniform": 2, "glorot_uniform": 2, "normal": 3, "he_normal": 3}
 
@@ -69,12 +72,13 @@ class ExportError(BPError, ValueError):
 
 @dataclass
 class ParamFile:
-    """The contents of a parameter file: parameters, optimizer state per slot, step count."""
+    """The contents of a parameter file: parameters, optimizer state per slot, step counts."""
 
     params: dict[str, np.ndarray]
     state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # slot -> parameter -> values
     step: int = 0
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    loss_steps: dict[str, int] = field(default_factory=dict)  # loss name -> its own step count
 
 
 def is_param_file(path: str | os.PathLike) -> bool:
@@ -87,16 +91,18 @@ def is_param_file(path: str | os.PathLike) -> bool:
 
 
 def write_param_file(path: str | os.PathLike, params: Mapping[str, Any], *, dtype: Any = None,
-                     state: Mapping[str, Mapping[str, Any]] | None = None, step: int = 0) -> None:
-    """Write parameters (and optionally optimizer state, {slot: {param: array}}) atomically.
+                     state: Mapping[str, Mapping[str, Any]] | None = None, step: int = 0,
+                     loss_steps: Mapping[str, int] | None = None) -> None:
+    """Write parameters (and optionally optimizer state, {slot: {param: array}}, and each named
+    loss's step count, {loss: count}: a version 2 file) atomically.
 
     `dtype` (float32 or float64) defaults to the first parameter's float type."""
-    write_atomic(Path(path), _param_file_writer(params, dtype=dtype, state=state, step=step))
+    write_atomic(Path(path), _param_file_writer(params, dtype=dtype, state=state, step=step, loss_steps=loss_steps))
 
 
 def _param_file_writer(params: Mapping[str, Any], *, dtype: Any = None,
                        state: Mapping[str, Mapping[str, Any]] | None = None,
-                       step: int = 0) -> Callable[[BinaryIO], None]:
+                       step: int = 0, loss_steps: Mapping[str, int] | None = None) -> Callable[[BinaryIO], None]:
     """A function writing the parameter file of `params` to an open binary file (checked first)."""
     arrays = {str(k): np.asarray(v) for k, v in params.items()}
     if dtype is None:
@@ -110,8 +116,11 @@ def _param_file_writer(params: Mapping[str, Any], *, dtype: Any = None,
         if "/" in slot:
             raise ValueError(f"optimizer slot name {slot!r} must not contain '/'")
         records += [(KIND_STATE, f"{slot}/{k}", np.asarray(v)) for k, v in values.items()]
+    counts = {str(k): _step_count(v, f"loss {k!r}'s step count") for k, v in (loss_steps or {}).items()}
+    version = VERSION_LOSS_STEPS if counts else VERSION
+
     def write(f) -> None:
-        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, len(records), 0, int(step)))
+        f.write(HEADER.pack(MAGIC, version, dtype.itemsize, len(records) + len(counts), 0, int(step)))
         for kind, name, value in records:
             if value.dtype.kind not in "fiub":
                 raise ValueError(f"{name}: values must be numbers, got {value.dtype}")
@@ -119,8 +128,17 @@ def _param_file_writer(params: Mapping[str, Any], *, dtype: Any = None,
             f.write(struct.pack("<II", kind, len(raw)) + raw + struct.pack("<I", value.ndim))
             f.write(struct.pack(f"<{value.ndim}Q", *value.shape))
             f.write(np.ascontiguousarray(value, dtype=dtype.newbyteorder("<")).tobytes())
+        for name, count in counts.items():
+            raw = name.encode("utf-8")
+            f.write(struct.pack("<II", KIND_LOSS_STEP, len(raw)) + raw + struct.pack("<Q", count))
 
     return write
+
+
+def _step_count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= value < 2**63:
+        raise ValueError(f"{what} must be a whole number >= 0, got {value!r}")
+    return int(value)
 
 
 def read_param_file_full(path: str | os.PathLike) -> ParamFile:
@@ -132,8 +150,9 @@ def read_param_file_full(path: str | os.PathLike) -> ParamFile:
     if len(data) < HEADER.size or data[:8] != MAGIC:
         raise CheckpointError(f"{path}: not a bpcompile parameter file (no {MAGIC.decode()} header)")
     _, version, itemsize, count, _, step = HEADER.unpack_from(data)
-    if version != VERSION:
-        raise CheckpointError(f"{path}: parameter file version {version}; this bpcompile reads version {VERSION}")
+    if version not in (VERSION, VERSION_LOSS_STEPS):
+        raise CheckpointError(f"{path}: parameter file version {version}; this bpcompile reads versions "
+                              f"{VERSION} and {VERSION_LOSS_STEPS}")
     if itemsize not in (4, 8):
         raise CheckpointError(f"{path}: {itemsize} bytes per value; expected 4 (float32) or 8 (float64)")
     dtype = np.dtype("<f4" if itemsize == 4 else "<f8")
@@ -147,6 +166,10 @@ def read_param_file_full(path: str | os.PathLike) -> ParamFile:
             if len(name.encode("utf-8")) != length:
                 raise struct.error("truncated name")
             pos += length
+            if kind == KIND_LOSS_STEP and version == VERSION_LOSS_STEPS:
+                (out.loss_steps[name],) = struct.unpack_from("<Q", data, pos)
+                pos += 8
+                continue
             (ndim,) = struct.unpack_from("<I", data, pos)
             pos += 4
             shape = struct.unpack_from(f"<{ndim}Q", data, pos)
@@ -178,14 +201,18 @@ def read_param_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_model_params(model: Any, path: str | os.PathLike, with_state: bool = True) -> None:
-    """Write a CompiledModel's parameters (and optimizer state and step) as a parameter file."""
+    """Write a CompiledModel's parameters (and optimizer state and step counts: each loss's own
+    when it has several) as a parameter file."""
     state = {}
     if with_state and model.meta["state_size"] and model.optimizer is not None:
         size = model.meta["param_size"]
         for k, slot in enumerate(model.optimizer.slots):
             flat = model._state_flat[k * size:(k + 1) * size]
             state[slot] = {p["name"]: model._view(flat, p) for p in model.meta["params"]}
-    write_param_file(path, model.params, dtype=model.dtype, state=state, step=model.step if state else 0)
+    several = with_state and model.optimizer is not None and len(model.loss_steps) > 1
+    loss_steps = dict(model.loss_steps) if several else {}
+    write_param_file(path, model.params, dtype=model.dtype, state=state,
+                     step=model.step if state or loss_steps else 0, loss_steps=loss_steps)
 
 
 def load_into_model(model: Any, path: str | os.PathLike) -> None:
@@ -213,6 +240,9 @@ def load_into_model(model: Any, path: str | os.PathLike) -> None:
                 if value.shape != mine[name]:
                     raise CheckpointError(f"{path}: state {slot}/{name} has shape {value.shape}, expected "
                                           f"{mine[name]}")
+    if pf.loss_steps and set(pf.loss_steps) != set(model.loss_steps):
+        raise CheckpointError(f"{path}: step counts of losses {sorted(pf.loss_steps)}; model {model.name!r} has "
+                              f"losses {sorted(model.loss_steps)}")
     for name, view in model.params.items():
         view[...] = pf.params[name]
     model._state_flat[...] = 0
@@ -222,7 +252,10 @@ def load_into_model(model: Any, path: str | os.PathLike) -> None:
             flat = model._state_flat[k * size:(k + 1) * size]
             for p in model.meta["params"]:
                 model._view(flat, p)[...] = pf.state[slot][p["name"]]
-    model.set_steps(pf.step if pf.state else 0)  # the file has one count: every loss's
+    if pf.loss_steps:
+        model.set_steps(pf.step, [pf.loss_steps[n] for n in model.loss_steps])
+    else:  # one count (a file of one loss, or of before per-loss counts): every loss's
+        model.set_steps(pf.step if pf.state else 0)
 
 
 # --- synthetic data (main.c's, reproduced) ------------------------------------------------------
