@@ -114,6 +114,3 @@ def test_per_loss_optimizers_are_checked(build_dir):
         bp.compile(g, optimizer={"a": adam, "b": bp.optim.Adam(lr=1e-3)})
     with pytest.raises(TypeError, match="dict of them per loss"):
         bp.compile(gan_graph(), optimizer="adam")
-    from bpcompile.tools import export
-    with pytest.raises(export.ExportError, match="one optimizer"):
-        export.export_model(gan_graph(), build_dir / "c", optimizer={"d": adam, "g": adam})

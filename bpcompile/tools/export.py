@@ -7,11 +7,15 @@
   `bp_model_train_*`, `bp_model_load` / `bp_model_save`, ...): it owns the flat parameter,
   gradient and optimizer-state buffers, plans the workspace in C for the runtime sizes it is
   given (the same greedy plan as `runtime.plan_offsets`, so any batch size works), and computes
-  the optimizer's per-step hyperparameters and learning-rate schedule (`bp_model_hyper`,
-  `bp_model_lr`, generated from the optimizer's config by `templates/export_optim.c.j2`);
+  the optimizer's per-step hyperparameters and learning-rate schedule (`bp_model_loss_hyper`,
+  `bp_model_loss_lr`; `bp_model_hyper`, `bp_model_lr` when one optimizer trains every loss;
+  generated from the optimizers' configs by `templates/export_optim.c.j2`). A model with several
+  named losses keeps each loss's step count (`m->loss_steps`), and each loss's train step runs
+  its own optimizer (`bp.optim.PerLoss`, a dict of optimizers by loss) or the shared one;
 * `Makefile`: `make` builds `libmodel.a` and `./main`; GEMM is a portable loop unless
   `BLAS_LIBS` names a CBLAS;
-* `main.c`: an example that trains for a few steps on synthetic data and prints the loss;
+* `main.c`: an example that trains for a few steps on synthetic data (the losses in turn) and
+  prints the loss;
 * `params.bin`: the initial parameters the Python model gets with the same seed.
 
 The files are written into a temporary folder next to `out_dir`, fsynced, and moved in: a
@@ -315,6 +319,48 @@ def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
     return INIT_KINDS[init], scale, init
 
 
+def _optimizer_contexts(optimizer: Any, losses: list[dict], optim_macros: Any,
+                        notes: list[str]) -> tuple[list[dict], list[dict]]:
+    """The template contexts of the distinct optimizers (the C of their per-step hyperparameters
+    and learning-rate schedule) and of the named losses (index, C name, optimizer index).
+
+    Losses sharing one optimizer object share its C functions, never its step count. A model
+    without an optimizer gets one placeholder (rate 0, no hyperparameters)."""
+    if optimizer is None:
+        return [{"kind": "no", "doc": "no optimizer", "hyper": [], "cfg": {},
+                 "schedule": {"kind": "Constant", "lr": 0.0}, "schedule_doc": "no optimizer"}], []
+    chosen = [optimizer.for_loss(spec["name"]) for spec in losses] or [optimizer]
+    distinct = list({id(o): o for o in chosen}.values())
+    contexts = [_optimizer_context(o, optim_macros, notes) for o in distinct]
+    losses_ctx = [{"name": spec["name"], "c": spec["entries"]["loss"][len("loss_"):], "index": k,
+                   "optimizer": next(i for i, o in enumerate(distinct) if o is chosen[k])}
+                  for k, spec in enumerate(losses)]
+    return contexts, losses_ctx
+
+
+def _optimizer_context(optimizer: Any, optim_macros: Any, notes: list[str]) -> dict[str, Any]:
+    """One optimizer's settings for the templates; refuses what export_optim.c.j2 cannot print."""
+    name = type(optimizer).__name__
+    if optimizer.param_groups:
+        raise ExportError(f"optimizer {name}: param_groups are not supported by the standalone export; "
+                          "export without them")
+    cfg = optimizer.config()
+    hyper = list(optimizer.hyper_names())
+    for h in hyper:
+        if not str(optim_macros.hyper_formula(h, cfg)).strip():
+            raise ExportError(f"optimizer {name}: hyperparameter {h!r} has no C formula in "
+                              "templates/export_optim.c.j2")
+    if not str(optim_macros.lr_expr(cfg["lr"])).strip():
+        raise ExportError(f"learning-rate schedule {cfg['lr'].get('kind')!r} has no C formula in "
+                          "templates/export_optim.c.j2; use a constant rate or Constant, StepDecay, Cosine, "
+                          "LinearWarmup")
+    if type(optimizer.lr).__name__ == "FromFunction":
+        notes.append(f"the learning rate of {name} is a Python function: the library uses its first value, "
+                     f"{cfg['lr']['lr']!r}, for every step (set m.lr to change it)")
+    return {"kind": name, "doc": optimizer.describe(), "hyper": hyper, "cfg": cfg, "schedule": cfg["lr"],
+            "schedule_doc": str(cfg["lr"])}
+
+
 def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32", optimizer: Any = None,
                  seed: int = 0, dims: Mapping[str, int] | None = None, batch: int = 32, steps: int = 10,
                  blas_min_flops: int | None = None, force: bool = False) -> ExportResult:
@@ -331,15 +377,11 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     from .. import compiler
     from ..codegen import module as codegen
     from ..train.init import initial_value
-    from ..train.optim import SGD, Optimizer, PerLoss
+    from ..train.optim import SGD, as_optimizer
 
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
-    if isinstance(optimizer, dict | PerLoss):
-        raise ExportError("the standalone C export takes one optimizer for every loss; per-loss optimizers "
-                          "train in Python (bp.compile) only for now")
-    if optimizer is not None and not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a bp.optim optimizer, got {type(optimizer).__name__}")
+    optimizer = as_optimizer(optimizer)
     kwargs = {} if blas_min_flops is None else {"blas_min_flops": int(blas_min_flops)}
     lowered = compiler.lower(graph, dtype, optimizer, **kwargs)
     meta = lowered.sources.meta
@@ -389,7 +431,11 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     max_ndim = max([len(s["shape"]) for s in meta["inputs"]] + [len(p["shape"]) for p in meta["params"]] + [1])
 
     input_index = {spec["name"]: i for i, spec in enumerate(meta["inputs"])}
-    train_entries = {spec["entries"]["train"] for spec in meta["losses"] if "train" in spec["entries"]}
+    # entries that update the parameters (train_*, update_*) -> the index of their loss; they and
+    # backward_* (a train step's first half) draw random streams (dropout) of the coming step
+    stepping = {spec["entries"][kind]: k for k, spec in enumerate(meta["losses"])
+                for kind in ("train", "update") if kind in spec["entries"]}
+    upcoming = set(stepping) | {spec["entries"]["backward"] for spec in meta["losses"] if "backward" in spec["entries"]}
     buffers, entries_ctx = [], []
     docs = {e.name: e.doc for e in lowered.entries}
     for name, spec in meta["entries"].items():
@@ -399,37 +445,16 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
                             "entry": name, "index": k})
         entries_ctx.append({"name": name, "doc": docs.get(name, name),
                             "inputs": [input_index[i] for i in spec["inputs"]], "first": first,
-                            "count": len(spec["buffers"]), "train": name in train_entries})
+                            "count": len(spec["buffers"]), "train": name in stepping, "loss": stepping.get(name),
+                            "next_step": name in upcoming})
     default_train = default_loss = None
     if meta["losses"] and meta["losses"][0]["entries"].get("train"):
         default_train = meta["losses"][0]["entries"]["train"]
         default_loss = meta["losses"][0]["entries"]["loss"]
         if len(meta["losses"]) > 1:
-            notes.append(f"main.c trains loss {meta['losses'][0]['name']!r}; the other losses have their own "
-                         "bp_model_train_* functions")
-
-    # the optimizer's per-step values, as C
-    hyper: list[str] = []
-    opt_cfg: dict[str, Any] = {}
-    schedule = {"kind": "Constant", "lr": 0.0}
-    if optimizer is not None:
-        if optimizer.param_groups:
-            raise ExportError(f"optimizer {type(optimizer).__name__}: param_groups are not supported by the "
-                              "standalone export; export without them")
-        hyper = list(optimizer.hyper_names())
-        opt_cfg = optimizer.config()
-        schedule = opt_cfg["lr"]
-        for h in hyper:
-            if not str(optim_macros.hyper_formula(h, opt_cfg)).strip():
-                raise ExportError(f"optimizer {type(optimizer).__name__}: hyperparameter {h!r} has no C formula in "
-                                  "templates/export_optim.c.j2")
-        if not str(optim_macros.lr_expr(schedule)).strip():
-            raise ExportError(f"learning-rate schedule {schedule.get('kind')!r} has no C formula in "
-                              "templates/export_optim.c.j2; use a constant rate or Constant, StepDecay, Cosine, "
-                              "LinearWarmup")
-        if type(optimizer.lr).__name__ == "FromFunction":
-            notes.append("the learning rate is a Python function: the library uses its first value, "
-                         f"{schedule['lr']!r}, for every step (set m.lr to change it)")
+            notes.append("main.c trains the losses in turn, " + ", ".join(repr(s["name"]) for s in meta["losses"])
+                         + " (-loss NAME for one); each has its own bp_model_train_* function and step count")
+    optimizers_ctx, losses_ctx = _optimizer_contexts(optimizer, meta["losses"], optim_macros, notes)
 
     forward_results = []
     if "forward" in meta["entries"]:
@@ -444,10 +469,9 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         "param_size": meta["param_size"], "state_size": meta["state_size"],
         "param_count": sum(p["size"] for p in params_ctx),
         "slots": list(optimizer.slots) if optimizer is not None else [],
-        "hyper": hyper, "optimizer": opt_cfg,
-        "optimizer_kind": type(optimizer).__name__ if optimizer is not None else "no",
-        "optimizer_doc": optimizer.describe() if optimizer is not None else "no optimizer",
-        "schedule": schedule, "schedule_doc": str(schedule),
+        "optimizers": optimizers_ctx, "losses": losses_ctx, "several_losses": len(losses_ctx) > 1,
+        "num_hyper": max(len(o["hyper"]) for o in optimizers_ctx),
+        "optimizer_kind": optimizers_ctx[0]["kind"] if len(optimizers_ctx) == 1 else "its own optimizer's",
         "entries": entries_ctx, "buffers": buffers, "total_buffers": len(buffers),
         "max_buffer_dims": max([len(b["dims"]) for b in buffers] + [1]),
         "default_train": default_train, "default_loss": default_loss,
