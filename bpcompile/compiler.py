@@ -155,12 +155,26 @@ def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _classifier(graph: Graph, loss: Node) -> dict[str, str] | None:
-    """{output, labels} when a loss is softmax cross-entropy of a named output and an input."""
+    """{output, labels} when a loss is softmax cross-entropy (or nll_loss) of a named output and
+    an input: the output's argmax is the predicted class, so fit and evaluate report accuracy."""
     for node in topo_order([loss]):
-        if node.op == "softmax_ce" and node.inputs[1].op == "input":
+        scores_labels = _scores_and_labels(node)
+        if scores_labels is not None and scores_labels[1].op == "input":
             for name, out in graph.outputs.items():
-                if out is node.inputs[0]:
-                    return {"output": name, "labels": node.inputs[1].attrs["name"]}
+                if out is scores_labels[0]:
+                    return {"output": name, "labels": scores_labels[1].attrs["name"]}
+    return None
+
+
+def _scores_and_labels(node: Node) -> tuple[Node, Node] | None:
+    """(class scores, labels) of a softmax_ce node, or of the pick of bp.nll_loss (the labels
+    reach it through an embedding lookup of the class index)."""
+    if node.op == "softmax_ce":
+        return node.inputs[0], node.inputs[1]
+    if node.op == "ew" and node.attrs["fn"].name == "nll_pick" and len(node.inputs) == 3 \
+            and node.inputs[0].op == "embedding":
+        lookup = node.inputs[0]
+        return node.inputs[1], lookup.inputs[lookup.attrs["label_arg"]]
     return None
 
 

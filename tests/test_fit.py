@@ -333,6 +333,30 @@ def test_history_is_a_dict_of_lists_in_keras_order():
     assert list(compiled(reg_graph).fit(reg_data(9, 0), verbose=0)) == ["loss", "seconds", "samples_per_second"]
 
 
+def nll_graph(name: str = "fit_nll", output: bool = True) -> bp.Graph:
+    g = bp.Graph(name)
+    x = g.input("x", ("batch", 4))
+    y = g.input("y", ("batch",), dtype="int32")
+    W = g.param("W", (4, 3), init="glorot_uniform")
+    log_probs = bp.log_softmax(x @ W)
+    g.output("log_probs" if output else "scores", log_probs if output else x @ W)
+    g.loss(bp.nll_loss(log_probs, y))
+    return g
+
+
+def test_an_nll_loss_classifier_logs_val_accuracy_as_cross_entropy_does():
+    model = compiled(nll_graph)
+    val = cls_data(20, 1)
+    history = model.fit(cls_data(40, 0), epochs=2, batch_size=8, validation=val, verbose=0)
+    assert list(history) == ["loss", "val_loss", "val_accuracy", "seconds", "samples_per_second"]
+    predicted = np.argmax(model.predict(val)["log_probs"], axis=-1)
+    assert history["val_accuracy"][-1] == np.mean(predicted == val["y"]) > 0.5
+    assert model.evaluate(val)["accuracy"] == history["val_accuracy"][-1]
+    # the log-probabilities are no output: there is nothing to take the argmax of
+    assert "val_accuracy" not in compiled(nll_graph, name="fit_nll_hidden", output=False).fit(
+        cls_data(8, 0), validation=val, verbose=0)
+
+
 def test_initial_epoch_counts_on_as_keras():
     model = compiled()
     rec, out = Recorder(), io.StringIO()
