@@ -314,6 +314,30 @@ def test_check_passes(capsys, specs, which, params):
     assert all(r[-1] == "ok" for r in rows)
 
 
+@pytest.mark.parametrize("kind", ["nll", "cross_entropy"])
+def test_onnx_class_losses_build_the_loss_they_name(capsys, tmp_path, build_dir, kind):
+    """--loss nll:LABELS is torch's nll_loss of the output (-mean of the score at the label),
+    cross_entropy:LABELS its softmax cross-entropy: on raw scores the two differ."""
+    pytest.importorskip("onnx", reason="needs the [onnx] extra")
+    from bpcompile.tools.spec import load_spec
+    g = bp.Graph("scores")
+    g.output("scores", g.input("x", ("batch", 4)) @ g.param("W", (4, 3), init="normal"))
+    path = tmp_path / "scores.onnx"
+    bp.to_onnx(bp.compile(g, "float64", seed=1), path)
+    code, out, err = run(capsys, "show", path, "--loss", f"{kind}:labels", "--grad")
+    assert code == 0, err
+    assert ("nll_pick" in out) == (kind == "nll")
+    code, out, err = run(capsys, "check", path, "--loss", f"{kind}:labels", "--batch", "3")
+    assert code == 0 and "all gradients match" in out, out + err
+    model = bp.compile(load_spec(path, loss=f"{kind}:labels").graph, "float64", seed=2)
+    rng = np.random.default_rng(0)
+    x, labels = rng.normal(size=(5, 4)), rng.integers(0, 3, 5).astype(np.int32)
+    scores = model.forward(x=x)["scores"]
+    log_probs = scores if kind == "nll" else scores - np.log(np.exp(scores).sum(-1, keepdims=True))
+    assert model.loss(x=x, labels=labels) == pytest.approx(-np.mean(log_probs[np.arange(5), labels]), rel=1e-12)
+    assert model._loss_spec(None)["classifier"] == {"output": "scores", "labels": "labels"}
+
+
 def test_check_reports_a_wrong_gradient(capsys, specs, monkeypatch):
     original = bp.CompiledModel.loss_and_grad
 

@@ -127,8 +127,9 @@ def onnx_loss(graph: Any, text: str, path: Path) -> None:
     try:
         if kind == "mse":
             graph.loss(bp.mse(out, graph.input(name, out.shape)))
-        else:  # log_softmax of log-probabilities is themselves: cross-entropy on them is nll_loss
-            graph.loss(bp.softmax_cross_entropy(out, graph.input(name, out.shape[:-1], dtype="int32")))
+        else:
+            labels = graph.input(name, out.shape[:-1], dtype="int32")
+            graph.loss((bp.nll_loss if kind == "nll" else bp.softmax_cross_entropy)(out, labels))
     except (ValueError, BPError) as e:
         raise SpecError(path, "--loss", str(e)) from None
 
