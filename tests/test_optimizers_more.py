@@ -4,6 +4,8 @@ torch.optim itself where torch is installed (nanoGPT's configure_optimizers amon
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -197,3 +199,19 @@ def test_param_group_errors_at_compile_name_the_parameter(build_dir):
         bp.compile(g, optimizer=optim.Adam(param_groups=[{"params": [g.params["W"]]}, {"params": ["b", "W"]}]))
     with pytest.raises(ValueError, match="neither a parameter name nor a parameter node"):
         optim.Adam(param_groups=[{"params": [g.inputs["x"]]}])
+
+
+def test_param_groups_share_the_one_fused_update_kernel(build_dir, monkeypatch):
+    """Groups change the update's constants per parameter range, not the number of passes: one
+    update kernel, called once per train step, each parameter's range written once."""
+    plain = compile_model(optim.AdamW(lr=0.01), monkeypatch).c_source
+    grouped = compile_model(optim.AdamW(lr=0.01, param_groups=[{"params": ["b"], "weight_decay": 0.0,
+                                                                 "lr_scale": 0.5}]), monkeypatch).c_source
+    writes = []
+    for source in (plain, grouped):
+        assert len(re.findall(r"static void k\d+_update_part\(", source)) == 1
+        train = source[source.index('Entry point "train_loss"'):source.index('Entry point "backward_loss"')]
+        assert len(re.findall(r"k\d+_update\(dims", train)) == 1
+        kernel = source[re.search(r"static void k\d+_update_part\(", source).start():]
+        writes.append(re.findall(r"params\[i\] = (\w+)\*p", kernel[:kernel.index("\n}\n")]))
+    assert writes == [["decay"], ["decay", "decay_g1"]]  # W and b (one range) / W, then b with group 1's
