@@ -197,7 +197,26 @@ RESUME = [
     pytest.param(optim.RMSprop(lr=0.01, momentum=0.5, weight_decay=0.01), id="rmsprop-momentum"),
     pytest.param(optim.Adam(lr=schedules.Cosine(0.02, 10), weight_decay=0.01), id="adam"),
     pytest.param(optim.AdamW(lr=0.01, clip_norm=0.1), id="adamw"),
+    pytest.param(optim.Adagrad(lr=0.1, lr_decay=0.05), id="adagrad"),
+    pytest.param(optim.Adadelta(lr=1.0, rho=0.8), id="adadelta"),
+    pytest.param(optim.Adamax(lr=0.01), id="adamax"),
+    pytest.param(optim.NAdam(lr=0.01, momentum_decay=0.01), id="nadam"),
+    pytest.param(optim.Adam(lr=0.01, amsgrad=True), id="adam-amsgrad"),
+    pytest.param(optim.RMSprop(lr=0.01, centered=True, momentum=0.5), id="rmsprop-centered"),
+    pytest.param(optim.AdamW(lr=0.01, weight_decay=0.1, param_groups=[{"params": ["b"], "weight_decay": 0.0,
+                                                                       "lr_scale": 0.3}]), id="adamw-groups"),
 ]
+
+
+@pytest.mark.parametrize("opt", RESUME)
+def test_bp_load_restores_every_setting_and_trains_the_same(build_dir, monkeypatch, opt):
+    model = compile_model(opt, monkeypatch)
+    loaded = bp.load(model.build_path)
+    assert type(loaded.optimizer) is type(opt) and loaded.optimizer.config() == opt.config()
+    for X, T in batches(3, seed=9):
+        assert loaded.train_step(x=X, t=T) == model.train_step(x=X, t=T)
+    for k in model.params:
+        np.testing.assert_array_equal(loaded.params[k], model.params[k])
 
 
 @pytest.mark.parametrize("opt", RESUME)
