@@ -249,6 +249,22 @@ def test_checkpoint_best_saves_only_improvements_across_fits(tmp_path):
     assert len(ck.saved) == 4 and [p.name for p in tmp_path.iterdir()] == ["best.npz"]
 
 
+def test_a_checkpoint_interrupted_while_saving_leaves_the_last_one_whole(tmp_path, monkeypatch):
+    model = compiled()
+    path = tmp_path / "ck.npz"
+    model.fit(cls_data(16, 0), epochs=1, batch_size=8, verbose=0, checkpoint=path)
+    good = path.read_bytes()
+
+    def crash_midway(file, *args, **kwargs):
+        file.write(b"PK\x03\x04 partial")  # some bytes reach the file, then the process is interrupted
+        raise KeyboardInterrupt("interrupted while saving")
+
+    monkeypatch.setattr(np, "savez", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(cls_data(16, 0), epochs=1, batch_size=8, verbose=0, callbacks=[bp.callbacks.Checkpoint(path)])
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["ck.npz"]
+
+
 # --- metrics --------------------------------------------------------------------------------------
 
 def test_validation_metrics_are_computed_once_on_the_whole_set():
