@@ -18,7 +18,7 @@ import sympy as sp
 from .autodiff import reverse as autodiff
 from .build import cffi_build as build
 from .codegen import module as codegen
-from .ir.graph import Graph, Node, topo_order
+from .ir.graph import Graph, Node, named_dims, topo_order
 from .passes import pipeline as passes
 from .passes.pipeline import Storage
 from .runtime.model import CompiledModel
@@ -182,8 +182,11 @@ def _label_classes(roots: list[Node]) -> dict[str, int]:
     """For integer inputs used as class labels, the number of classes (for error messages)."""
     classes = {}
     for node in topo_order(roots):
-        if node.op in ("softmax_ce", "softmax_ce_grad") and node.inputs[1].op == "input":
-            classes[node.inputs[1].attrs["name"]] = node.inputs[0].shape[-1]
+        labels = node.inputs[1] if node.op in ("softmax_ce", "softmax_ce_grad") else None
+        while labels is not None and labels.op == "reshape":  # labels (batch, T) flattened to (T*batch,)
+            labels = labels.inputs[0]
+        if labels is not None and labels.op == "input":
+            classes[labels.attrs["name"]] = node.inputs[0].shape[-1]
         elif "label_arg" in node.attrs and node.inputs[node.attrs["label_arg"]].op == "input":  # embedding ids
             classes[node.inputs[node.attrs["label_arg"]].attrs["name"]] = node.attrs["classes"]
     return classes
@@ -230,7 +233,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
         reached = set(topo_order(roots))
         needed = [n for n, node in graph.inputs.items() if node in reached]
         known = {d for n in needed for d in graph.inputs[n].shape if isinstance(d, str)}
-        for d in sorted({d for node in reached for d in node.shape if isinstance(d, str)} - known):
+        for d in sorted({d for node in reached for d in named_dims(node.shape)} - known):
             source = next((n for n, node in graph.inputs.items() if d in node.shape), None)
             if source is not None and source not in needed:
                 needed.append(source)  # read only for its size (e.g. the loss of x - x)
@@ -290,8 +293,8 @@ def _check_dims_known(graph: Graph, roots: list[Node], inputs: list[str]) -> Non
     """Every named dim of a computed value must come from an input the entry is given."""
     known = {d for n in inputs for d in graph.inputs[n].shape if isinstance(d, str)}
     for node in topo_order(roots):
-        for d in node.shape:
-            if isinstance(d, str) and d not in known:
+        for d in sorted(named_dims(node.shape)):
+            if d not in known:
                 raise ValueError(f"graph {graph.name!r}: dimension {d!r} of {node} is not the size of any input "
                                  "this computation reads")
 

@@ -13,8 +13,13 @@ from .graph import (
     Shape,
     Tensor,
     broadcast_shapes,
+    canonical_dim,
     check_shape,
+    dim_factors,
+    dim_size,
     graph_of,
+    named_dims,
+    product_dim,
     shape_str,
     size_factors,
     structural_hash,
@@ -22,4 +27,5 @@ from .graph import (
 )
 
 __all__ = ["FLOAT", "INT", "RESERVED_INPUT_NAMES", "Dim", "Graph", "LossSpec", "Node", "Shape", "Tensor",
-           "broadcast_shapes", "check_shape", "graph_of", "shape_str", "size_factors", "structural_hash", "topo_order"]
+           "broadcast_shapes", "canonical_dim", "check_shape", "dim_factors", "dim_size", "graph_of", "named_dims",
+           "product_dim", "shape_str", "size_factors", "structural_hash", "topo_order"]

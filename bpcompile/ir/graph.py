@@ -3,14 +3,17 @@
 A node is `(op, inputs, attrs, shape, dtype)`. Building the same node twice returns the same
 object, so common subexpressions merge as the graph is written and every traversal is
 deterministic. Shapes hold ints (fixed at compile time) and strs (named runtime sizes such as
-"batch"); they are checked when a node is made.
+"batch"); they are checked when a node is made. A reshape may merge named dims with others into
+a product dim, a str in one canonical form: the fixed factor first, then the names sorted, joined
+by "*" ("8*batch", "T*batch"); `dim_factors` reads it back. Inputs declare plain names only.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -153,6 +156,9 @@ def check_shape(shape: Any, what: str, allow_named: bool = True) -> Shape:
                 raise ShapeError(f"{what}: dimension {d!r} must be a fixed int here, got shape {tuple(shape)!r}")
             if not d or "\0" in d:
                 raise ShapeError(f"{what}: a named dimension must be a non-empty string, got {d!r}")
+            if PRODUCT in d or _DIGITS.fullmatch(d):
+                raise ShapeError(f"{what}: dimension {d!r} in {tuple(shape)!r} must be a plain name (no {PRODUCT!r}, "
+                                 "not only digits): a product of dims such as 'batch*T' only comes from bp.reshape")
             out.append(d)
         else:
             if int(d) < 1:
@@ -180,15 +186,59 @@ def broadcast_shapes(shapes: Sequence[Shape], names: Sequence[str]) -> Shape:
     return tuple(out)
 
 
+PRODUCT = "*"  # joins the factors of a product dim
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def dim_factors(d: Dim) -> tuple[int, tuple[str, ...]]:
+    """One dim as (fixed factor, sorted named factors): "8*T*batch" -> (8, ("T", "batch"))."""
+    if isinstance(d, int):
+        return d, ()
+    coef, names = 1, []
+    for part in d.split(PRODUCT):
+        if _DIGITS.fullmatch(part):
+            coef *= int(part)
+        else:
+            names.append(part)
+    return coef, tuple(sorted(names))
+
+
 def size_factors(shape: Iterable[Dim]) -> tuple[int, tuple[str, ...]]:
     """The element count of a shape as (fixed factor, sorted named factors)."""
     coef, names = 1, []
     for d in shape:
-        if isinstance(d, int):
-            coef *= d
-        else:
-            names.append(d)
+        c, n = dim_factors(d)
+        coef *= c
+        names.extend(n)
     return coef, tuple(sorted(names))
+
+
+def product_dim(coef: int, names: Iterable[str]) -> Dim:
+    """The canonical dim of coef * product(names): an int, a plain name, or e.g. "8*T*batch"."""
+    names = sorted(names)
+    if not names:
+        return coef
+    if coef == 1 and len(names) == 1:
+        return names[0]
+    return PRODUCT.join(([str(coef)] if coef != 1 else []) + names)
+
+
+def canonical_dim(d: Dim) -> Dim:
+    """A dim in canonical form ("batch*T" -> "T*batch", "1*batch" -> "batch", "2*3" -> 6)."""
+    return d if isinstance(d, int) else product_dim(*dim_factors(d))
+
+
+def named_dims(shape: Iterable[Dim]) -> set[str]:
+    """The runtime names a shape's size depends on (the factors of its product dims too)."""
+    return set(size_factors(shape)[1])
+
+
+def dim_size(d: Dim, dims: Mapping[str, int]) -> int:
+    """A dim's size given the runtime sizes of the named dims."""
+    coef, names = dim_factors(d)
+    for n in names:
+        coef *= dims[n]
+    return coef
 
 
 # --- the user's graph ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,19 @@ import numpy as np
 import sympy as sp
 
 from ..errors import CompileError, ShapeError
-from ..ir.graph import FLOAT, INT, Node, Shape, broadcast_shapes, shape_str, size_factors
+from ..ir.graph import (
+    FLOAT,
+    INT,
+    Dim,
+    Node,
+    Shape,
+    broadcast_shapes,
+    canonical_dim,
+    dim_size,
+    product_dim,
+    shape_str,
+    size_factors,
+)
 from ..ir.kernel import Kernel
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
@@ -215,8 +228,8 @@ register("ew", vjp=_ew_vjp, ref=_ew_ref, kernel="elementwise")
 
 
 def concrete(shape: Shape, dims: dict[str, int]) -> tuple[int, ...]:
-    """A shape with its named dims replaced by their runtime sizes."""
-    return tuple(d if isinstance(d, int) else dims[d] for d in shape)
+    """A shape with its named (and product) dims replaced by their runtime sizes."""
+    return tuple(dim_size(d, dims) for d in shape)
 
 
 def unbroadcast(g: Node, shape: Shape) -> Node:
@@ -343,28 +356,12 @@ register("reduce", vjp=_reduce_vjp, ref=_reduce_ref, kernel="reduce")
 # --- views and layout -----------------------------------------------------------------------
 
 def reshape(x: Node, shape: Any) -> Node:
-    """Same elements, new shape (a view: no copy). One dim may be -1."""
+    """Same elements, new shape (a view: no copy). One dim may be -1. Named dims merge into
+    product dims and split back, as in NumPy: ("batch", 8, 16) -> (-1, 16) gives ("8*batch", 16),
+    which reshapes back to ("batch", 8, 16) (or to (-1, 8, 16), inferring "batch")."""
     _check_tensor(x, "reshape")
-    shape = tuple(shape) if isinstance(shape, tuple | list) else (shape,)
-    coef, names = size_factors(x.shape)
-    if sum_bool(d == -1 for d in shape) > 1:
-        raise ShapeError(f"reshape: at most one -1 in {shape!r}")
-    known = [d for d in shape if d != -1]
-    kcoef, knames = size_factors(known)
-    if -1 in shape:
-        rest = list(names)
-        for n in knames:
-            if n in rest:
-                rest.remove(n)
-        if rest or coef % kcoef:
-            raise ShapeError(f"reshape: cannot infer -1 reshaping {shape_str(x.shape)} to {shape!r}")
-        shape = tuple(coef // kcoef if d == -1 else d for d in shape)
-    for d in shape:
-        if isinstance(d, bool) or not isinstance(d, int | str) or (isinstance(d, int) and d < 1):
-            raise ShapeError(f"reshape: invalid dimension {d!r} in {shape!r}")
-    if size_factors(shape) != (coef, names):
-        raise ShapeError(f"reshape: cannot reshape {shape_str(x.shape)} to {shape_str(shape)}: "
-                         "element counts differ")
+    target = tuple(shape) if isinstance(shape, tuple | list) else (shape,)
+    shape = _reshape_target(x.shape, target)
     if shape == x.shape:
         return x
     if x.op == "reshape":
@@ -372,8 +369,35 @@ def reshape(x: Node, shape: Any) -> Node:
     return Node("reshape", (x,), {"shape": shape}, shape, x.dtype)
 
 
-def sum_bool(values) -> int:
-    return int(np.sum([bool(v) for v in values]))
+def _reshape_target(source: Shape, target: tuple) -> Shape:
+    """The checked target shape of a reshape, its dims canonical and its -1 inferred."""
+    what = f"reshape: cannot reshape {shape_str(source)} to {shape_str(target)}"
+    dims = []
+    for d in target:
+        if isinstance(d, bool) or not isinstance(d, int | str | np.integer) or \
+                (not isinstance(d, str) and int(d) < 1 and int(d) != -1) or d == "":
+            raise ShapeError(f"{what}: invalid dimension {d!r} (a size >= 1, a dim name, or -1)")
+        dims.append(canonical_dim(d) if isinstance(d, str) else int(d))
+    if dims.count(-1) > 1:
+        raise ShapeError(f"{what}: only one dimension can be -1 (inferred), the target has {dims.count(-1)}")
+    coef, names = size_factors(source)
+    if -1 in dims:
+        dims[dims.index(-1)] = _inferred_dim(coef, names, [d for d in dims if d != -1], what)
+    new_coef, new_names = size_factors(dims)
+    if (new_coef, new_names) != (coef, names):
+        raise ShapeError(f"{what}: element counts differ ({product_dim(coef, names)} vs "
+                         f"{product_dim(new_coef, new_names)})")
+    return tuple(dims)
+
+
+def _inferred_dim(coef: int, names: tuple[str, ...], known: list, what: str) -> Dim:
+    """The dim a -1 stands for: the element count left once the known dims are taken out."""
+    kcoef, knames = size_factors(known)
+    missing = Counter(knames) - Counter(names)
+    if missing or coef % kcoef:
+        raise ShapeError(f"{what}: cannot infer -1, the other dims ({product_dim(kcoef, knames)}) do not divide "
+                         f"the element count {product_dim(coef, names)}")
+    return product_dim(coef // kcoef, (Counter(names) - Counter(knames)).elements())
 
 
 register("reshape", vjp=lambda node, g: [reshape(g, node.inputs[0].shape)],
@@ -381,14 +405,12 @@ register("reshape", vjp=lambda node, g: [reshape(g, node.inputs[0].shape)],
 
 
 def flatten(x: Node) -> Node:
-    """Keep the batch (first) dim, flatten the rest: (N, ...) -> (N, prod(...))."""
+    """Keep the batch (first) dim, flatten the rest: (N, ...) -> (N, prod(...)); runtime dims
+    among the rest make a product dim (("batch", "T", 8) -> ("batch", "8*T"))."""
     _check_tensor(x, "flatten")
     if x.ndim < 2:
         return x
-    rest = x.shape[1:]
-    if any(isinstance(d, str) for d in rest):
-        raise ShapeError(f"flatten: dims after the first must be fixed ints, got {shape_str(x.shape)}")
-    return reshape(x, (x.shape[0], int(np.prod(rest))))
+    return reshape(x, (x.shape[0], product_dim(*size_factors(x.shape[1:]))))
 
 
 def transpose(x: Node, axes: Any = None) -> Node:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..ir.graph import _GRAPHS, FLOAT, Graph, Node, topo_order
+from ..ir.graph import _GRAPHS, FLOAT, Graph, Node, named_dims, topo_order
 from . import core as ops
 
 
@@ -41,7 +41,7 @@ def infer_dims(roots: Sequence[Node], inputs: Mapping[str, np.ndarray]) -> dict[
     for node in nodes:
         if node.op == "input":
             _read_dims(node, inputs[node.attrs["name"]], dims)
-    wanted = {d for node in nodes for d in node.shape if isinstance(d, str)} - set(dims)
+    wanted = {d for node in nodes for d in named_dims(node.shape)} - set(dims)
     if wanted:
         for graph in reversed(list(_GRAPHS.values())):  # the newest graph declaring these inputs
             declared = [graph.inputs.get(name) for name in inputs]

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import CheckpointError, CompileError, InputError
+from ..ir.graph import dim_size
 from ..train.init import initial_value
 from . import threads
 
@@ -591,7 +592,7 @@ class CompiledModel:
             inputs = self._named("forward", "forward", arrays, inputs)
         entry = self._entries["forward"]
         named = dict(zip(self._dims, self._frame("forward", inputs)[0].dims))  # validated once per signature
-        outputs = [np.empty([named[d] if isinstance(d, str) else d for d in r["shape"]], dtype=self.dtype)
+        outputs = [np.empty([dim_size(d, named) for d in r["shape"]], dtype=self.dtype)
                    for r in entry.results]
         self._run("forward", inputs, outputs)
         return {r["name"]: o for r, o in zip(entry.results, outputs)}
