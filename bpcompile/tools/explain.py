@@ -35,7 +35,7 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from ..autodiff import reverse as autodiff
-from ..ir.graph import INT, Graph, Node, topo_order
+from ..ir.graph import INT, Graph, Node, size_factors, topo_order
 from ..ops import core as ops
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
@@ -420,7 +420,8 @@ class Explanation:
 
     @staticmethod
     def _rows(labels: Node, tex: bool) -> str:
-        dims = [str(d) for d in labels.shape] or ["1"]
+        coef, names = size_factors(labels.shape)  # a product dim (T*batch) by its factors
+        dims = ([str(coef)] if coef != 1 or not names else []) + list(names)
         if tex:
             return r" \cdot ".join(rf"N_{{\mathrm{{{_tex_escape(d)}}}}}" if not d.isdigit() else d for d in dims)
         return "·".join(dims)

@@ -58,6 +58,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import BPError, CheckpointError
+from ..ir.graph import size_factors
 from ..runtime.model import _process_alive, write_atomic
 
 MAGIC = b"BPPARAM1"
@@ -459,7 +460,8 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     forward_results = []
     if "forward" in meta["entries"]:
         for r in meta["entries"]["forward"]["results"]:
-            factors = [str(d) if isinstance(d, int) else f"m.dims[{names.index(d)}]" for d in r["shape"]] or ["1"]
+            coef, named = size_factors(r["shape"])  # product dims ("8*batch") by their factors
+            factors = ([str(coef)] if coef != 1 or not named else []) + [f"m.dims[{names.index(d)}]" for d in named]
             forward_results.append({"name": r["name"], "size": "*".join(factors)})
 
     context = {
