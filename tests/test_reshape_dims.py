@@ -223,6 +223,70 @@ def test_labels_out_of_range_after_a_flatten_name_the_input_and_its_classes(buil
         model.loss(logits=np.zeros((2, 3, V)), y=labels)
 
 
+# --- every kernel kind that loops over a product dim ------------------------------------------
+
+PRODUCT_OPS = {  # f(flat) with flat of shape (T*batch, C)
+    "log_softmax": lambda f: bp.log_softmax(f),
+    "softmax-mean-all": lambda f: bp.mean(bp.softmax(f)) * bp.sum(f),
+    "layer_norm": lambda f: bp.layer_norm(f),
+    "sum-keepdims-broadcast": lambda f: f - bp.sum(f, axis=0, keepdims=True) / 3.0,
+    "mean-rows": lambda f: bp.mean(f, axis=1),
+    "max-over-product": lambda f: bp.max(f, axis=0),
+    "contract-over-product": lambda f: bp.transpose(f) @ f,  # (C, T*batch) @ (T*batch, C)
+    "transpose": lambda f: bp.sigmoid(bp.transpose(f)),
+    "concat": lambda f: bp.concat([f, bp.square(f)], axis=1),
+    "reshape-4d": lambda f: bp.sum(bp.reshape(f, ("batch", -1, 2, C // 2)), axis=(0, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRODUCT_OPS))
+def test_ops_on_a_product_dim_match_references(name, build_dir):
+    g = bp.Graph(f"product_{name}")
+    x = g.input("x", ("batch", "T", C))
+    w = g.param("w", (C,), init="normal")
+    out = PRODUCT_OPS[name](bp.reshape(bp.tanh(x * w), (-1, C)))
+    g.loss(bp.mean(bp.square(out)) if out.shape else out)
+    model = bp.compile(g, "float64", optimizer=None, seed=3)
+    rng = np.random.default_rng(0)
+    for batch, steps in [(2, 3), (3, 1)]:
+        check_model_gradients(model, g, {"x": rng.normal(size=(batch, steps, C))})
+
+
+def conv_frames(g: bp.Graph) -> tuple[bp.Tensor, dict]:
+    """Each of T frames of a batch through one conv and pool: (batch, T, 1, 5, 5) -> (T*batch, 1, 5, 5)."""
+    x = g.input("x", ("batch", "T", 1, 5, 5))
+    y = bp.max_pool2d(bp.relu(bp.conv2d(bp.reshape(x, (-1, 1, 5, 5)), g.param("w", (2, 1, 3, 3), init="normal"))), 2)
+    return bp.reshape(y, ("batch", "T", -1)), {"x": (2, 3, 1, 5, 5)}
+
+
+def lstm_rows(g: bp.Graph) -> tuple[bp.Tensor, dict]:
+    """T sequences of length 4 per batch row through one LSTM: (batch, T, 4, 3) -> (T*batch, 4, 3)."""
+    x = g.input("x", ("batch", "T", 4, 3))
+    weights = [g.param(n, s, init="normal") for n, s in (("W_ih", (8, 3)), ("W_hh", (8, 2)), ("b_ih", (8,)),
+                                                        ("b_hh", (8,)))]
+    _, (h, _) = bp.lstm(bp.reshape(x, (-1, 4, 3)), *weights)
+    return bp.reshape(h, ("batch", "T", 2)), {"x": (2, 3, 4, 3)}
+
+
+def embedding_batch_norm(g: bp.Graph) -> tuple[bp.Tensor, dict]:
+    """Flattened ids (T*batch,) into an embedding, batch statistics over the T*batch rows."""
+    ids = g.input("ids", ("batch", "T"), dtype="int32")
+    e = bp.embedding(bp.reshape(ids, (-1,)), g.param("table", (7, 4), init="normal"))
+    return bp.batch_norm(e * 1.5, g.param("gamma", (4,), init="ones"), g.param("beta", (4,))), {"ids": (2, 3)}
+
+
+@pytest.mark.parametrize("family", [conv_frames, lstm_rows, embedding_batch_norm], ids=lambda f: f.__name__)
+def test_layer_families_take_a_product_batch_dim(family, build_dir):
+    g = bp.Graph(family.__name__)
+    out, shapes = family(g)
+    g.loss(bp.mean(bp.square(out)))
+    model = bp.compile(g, "float64", optimizer=None, seed=4)
+    rng = np.random.default_rng(1)
+    data = {k: rng.integers(0, 7, size=s).astype(np.int32) if g.inputs[k].dtype == "int32" else rng.normal(size=s)
+            for k, s in shapes.items()}
+    check_model_gradients(model, g, data)
+
+
 # --- bpcompile show and the exported C ------------------------------------------------------
 
 def test_show_writes_the_product_dims(tmp_path, capsys, build_dir):
