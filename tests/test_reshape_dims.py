@@ -14,6 +14,7 @@ import pytest
 from gradcheck import check_model_gradients
 
 import bpcompile as bp
+from bpcompile.ir import shape_str
 
 T, C, V = 4, 6, 5
 
@@ -31,6 +32,7 @@ def test_fixed_dims_merge_into_a_named_dim_and_split_back():
     assert bp.reshape(flat, (-1, 4, 4)).shape == ("8*batch", 4, 4)
     assert bp.reshape(x, ("batch", -1)).shape == ("batch", 128)
     assert bp.flatten(x).shape == ("batch", 128)
+    assert bp.reshape(x, (np.int64(-1), np.int64(16))) is flat  # NumPy's integers, as NumPy takes them
 
 
 def test_named_dims_merge_into_one_canonical_product():
@@ -64,6 +66,8 @@ def test_an_input_dim_must_be_a_plain_name(dim):
     ((-1, "T"), r"cannot infer -1, the other dims \(T\) do not divide the element count 128\*batch"),
     ((0, 16), r"invalid dimension 0"),
     ((-1, 16.0), r"invalid dimension 16\.0"),
+    ((-1, True), r"invalid dimension True"),
+    (("", 128), r"invalid dimension ''"),
 ])
 def test_reshape_errors_name_both_shapes(target, message):
     g = bp.Graph("bad")
@@ -71,8 +75,8 @@ def test_reshape_errors_name_both_shapes(target, message):
     with pytest.raises(bp.ShapeError) as e:
         bp.reshape(x, target)
     text = str(e.value)
-    assert text.startswith("reshape: cannot reshape (batch, 8, 16) to (") and re.search(message, text), text
-    assert repr(target[0]).strip("'") in text.split(" to ")[1]
+    assert text.startswith(f"reshape: cannot reshape (batch, 8, 16) to {shape_str(target)}: "), text
+    assert re.search(message, text), text
 
 
 def test_a_product_dim_does_not_broadcast_with_its_factors():

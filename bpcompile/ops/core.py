@@ -372,12 +372,7 @@ def reshape(x: Node, shape: Any) -> Node:
 def _reshape_target(source: Shape, target: tuple) -> Shape:
     """The checked target shape of a reshape, its dims canonical and its -1 inferred."""
     what = f"reshape: cannot reshape {shape_str(source)} to {shape_str(target)}"
-    dims = []
-    for d in target:
-        if isinstance(d, bool) or not isinstance(d, int | str | np.integer) or \
-                (not isinstance(d, str) and int(d) < 1 and int(d) != -1) or d == "":
-            raise ShapeError(f"{what}: invalid dimension {d!r} (a size >= 1, a dim name, or -1)")
-        dims.append(canonical_dim(d) if isinstance(d, str) else int(d))
+    dims = [_target_dim(d, what) for d in target]
     if dims.count(-1) > 1:
         raise ShapeError(f"{what}: only one dimension can be -1 (inferred), the target has {dims.count(-1)}")
     coef, names = size_factors(source)
@@ -390,11 +385,19 @@ def _reshape_target(source: Shape, target: tuple) -> Shape:
     return tuple(dims)
 
 
+def _target_dim(d: Any, what: str) -> Dim:
+    """One dim of a reshape target: a size >= 1, -1, or a name or product of names (made canonical)."""
+    if isinstance(d, str) and d:
+        return canonical_dim(d)
+    if isinstance(d, int | np.integer) and not isinstance(d, bool) and (d >= 1 or d == -1):
+        return int(d)
+    raise ShapeError(f"{what}: invalid dimension {d!r} (a size >= 1, a dim name, or -1)")
+
+
 def _inferred_dim(coef: int, names: tuple[str, ...], known: list, what: str) -> Dim:
     """The dim a -1 stands for: the element count left once the known dims are taken out."""
     kcoef, knames = size_factors(known)
-    missing = Counter(knames) - Counter(names)
-    if missing or coef % kcoef:
+    if Counter(knames) - Counter(names) or coef % kcoef:
         raise ShapeError(f"{what}: cannot infer -1, the other dims ({product_dim(kcoef, knames)}) do not divide "
                          f"the element count {product_dim(coef, names)}")
     return product_dim(coef // kcoef, (Counter(names) - Counter(knames)).elements())
