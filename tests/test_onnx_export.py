@@ -1,5 +1,6 @@
 """bp.to_onnx: the exported graph passes onnx.checker's full check and ONNX Runtime computes
-model.forward (float32, 1e-5), at two batch sizes (named dims stay dynamic)."""
+model.forward (float32, 1e-5), at two batch sizes (named dims stay dynamic); recurrent layers as
+ONNX LSTM / GRU / RNN nodes."""
 
 from __future__ import annotations
 
@@ -87,6 +88,22 @@ def attention() -> bp.Graph:
     return g
 
 
+def recurrent() -> bp.Graph:
+    """An LSTM from given initial states, a GRU without biases and a tanh RNN starting from the
+    GRU's last state, over a runtime length; the LSTM's last cell state is an output."""
+    g = bp.Graph("onnx_recurrent")
+    x = g.input("x", ("batch", "time", 3))
+    h0, c0 = g.input("h0", ("batch", 5)), g.input("c0", ("batch", 5))
+    out, (h, c) = bp.nn.LSTM(g, 3, 5, name="lstm")(x, h0, c0)
+    seq, last = bp.nn.GRU(g, 5, 4, bias=False, name="gru")(out)
+    y, _ = bp.nn.RNN(g, 4, 4, name="rnn")(seq, last)
+    g.output("y", y)
+    g.output("h", h)
+    g.output("c", c)
+    g.output("last", bp.tanh(last))
+    return g
+
+
 def inputs_for(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     if name == "mlp":
         return {"x": rng.normal(size=(n, 6)).astype(np.float32)}
@@ -94,6 +111,9 @@ def inputs_for(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndar
         return {"x": rng.normal(size=(n, 2, 10, 10)).astype(np.float32)}
     if name == "gpt":
         return {"idx": rng.integers(0, 65, (n, 16)).astype(np.int32)}
+    if name == "recurrent":
+        return {"x": rng.normal(size=(n, n + 1, 3)).astype(np.float32),
+                **{s: rng.normal(size=(n, 5)).astype(np.float32) for s in ("h0", "c0")}}
     if name == "attention":
         keep = rng.integers(0, 2, (n, 1, 6)).astype(np.int32)
         keep[0] = 0  # no key at all
@@ -103,7 +123,7 @@ def inputs_for(name: str, rng: np.random.Generator, n: int) -> dict[str, np.ndar
             "feats": rng.normal(size=(n, 5, 3)).astype(np.float32)}
 
 
-GRAPHS = {"mlp": mlp, "cnn": cnn, "tokens": tokens, "gpt": gpt, "attention": attention}
+GRAPHS = {"mlp": mlp, "cnn": cnn, "tokens": tokens, "gpt": gpt, "attention": attention, "recurrent": recurrent}
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
@@ -156,11 +176,10 @@ def test_exported_parameters_are_the_current_ones(build_dir, tmp_path):
 
 
 def test_unsupported_nodes_are_named(build_dir):
-    g = bp.Graph("onnx_lstm")
-    x = g.input("x", ("batch", 4, 3))
-    _, (h, _) = bp.nn.LSTM(g, 3, 5)(x)
-    g.output("h", h)
-    with pytest.raises(bp.CompileError, match="op 'lstm_core'.*no ONNX export"):
+    g = bp.Graph("onnx_loss_output")
+    x, labels = g.input("x", ("batch", 3)), g.input("labels", ("batch",), dtype="int32")
+    g.output("loss", bp.softmax_cross_entropy(bp.nn.Linear(g, 3, 4)(x), labels))
+    with pytest.raises(bp.CompileError, match="op 'softmax_ce'.*no ONNX export"):
         bp.to_onnx(bp.compile(g, "float32"))
 
 

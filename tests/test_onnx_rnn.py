@@ -320,3 +320,34 @@ def test_gelu_tanh_imports_with_torch_forward_and_gradients(build_dir):
     assert set(grads) == set(torch_grads)  # Gemm reads the Linear weights in torch's layout
     for key, value in torch_grads.items():
         np.testing.assert_allclose(grads[key], value, **TOL64, err_msg=key)
+
+
+# --- export: bpcompile's recurrent layers as ONNX LSTM / GRU / RNN ---------------------------------
+
+def test_recurrent_layers_export_as_onnx_recurrent_operators(build_dir, tmp_path):
+    """Not unrolled: one ONNX node per layer, its weights read from the layer's parameters
+    (every one random here, biases too), the batch and the length dynamic."""
+    import test_onnx_export as exported
+
+    model = bp.compile(exported.recurrent(), "float32", seed=2)
+    rng = np.random.default_rng(8)
+    for value in model.params.values():
+        value[...] = 0.5 * rng.normal(size=value.shape)
+    path = tmp_path / "recurrent.onnx"
+    proto = bp.to_onnx(model, path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    kinds = [n.op_type for n in proto.graph.node]
+    assert sorted(k for k in kinds if k in ONNX_GATES) == ["GRU", "LSTM", "RNN"]
+    assert not {"MatMul", "Gemm", "Sigmoid", "Tanh"} & set(kinds[:kinds.index("RNN")])
+    x = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in x] == ["batch", "time", 3]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    again = bp.compile(bp.from_onnx(proto, name="recurrent_again"), "float32")
+    for n, steps in ((3, 6), (6, 1)):
+        feed = {"x": rng.normal(size=(n, steps, 3)).astype(np.float32),
+                **{s: rng.normal(size=(n, 5)).astype(np.float32) for s in ("h0", "c0")}}
+        expected = model.forward(**feed)
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        for key, value in expected.items():
+            np.testing.assert_allclose(got[key], value, **TOL, err_msg=f"{key}, batch {n}, length {steps}")
+            np.testing.assert_allclose(again.forward(**feed)[key], value, **TOL, err_msg=f"round trip {key}")

@@ -12,8 +12,13 @@ layer_norm with the weight and bias after it -> one LayerNormalization (from ops
 decomposition before), amax / amin -> ReduceMax / ReduceMin (axes an input from opset 18),
 bmatmul's transposed operands -> Transpose + MatMul, attention_softmax -> Mul by the scale, the
 causal mask as Where (a constant, or Trilu of the runtime length), Softmax, and zeros for rows
-with no allowed key when a mask may leave one. Named runtime dims stay dynamic (ONNX
-dim_params). A node without an ONNX form raises CompileError naming it.
+with no allowed key when a mask may leave one. Recurrent layers (bp.lstm / bp.gru / bp.rnn) ->
+one ONNX LSTM / GRU / RNN node each, not unrolled: X is the layer's input (time first), W, R and
+B its weights and biases with the gate blocks moved to ONNX's order by Slice + Concat (so the
+parameters stay the initializers), initial states left out when zeros; the hidden states, the
+last hidden and cell states are what bpcompile's layers return. Named runtime dims (the batch, a
+sequence length) stay dynamic (ONNX dim_params). A node without an ONNX form raises
+CompileError naming it.
 
 The onnx package is the optional extra `bpcompile[onnx]`.
 """
@@ -68,6 +73,33 @@ def _onnx() -> Any:
     return onnx
 
 
+# a recurrent core's ONNX operator, and where bpcompile's (PyTorch's) gate blocks go in ONNX's
+# order: LSTM (i, o, f, c) from (i, f, g, o), GRU (z, r, h) from (r, z, n)
+RECURRENT = {"lstm_core": ("LSTM", (0, 3, 1, 2)), "gru_core": ("GRU", (1, 0, 2)), "rnn_core": ("RNN", (0,))}
+
+
+def _projection(core: Node) -> tuple[Node, Node, Node | None, Node | None]:
+    """(x, W_ih, b_ih, b_hh) of a recurrent core's input projection x W_ih^T + bias, as
+    bp.lstm / bp.gru / bp.rnn build it (GRU's b_hh is an input of its core)."""
+    xp, bias = core.inputs[0], None
+    if _is_builtin(xp, "add"):
+        xp, bias = xp.inputs
+    if xp.op != "matmul" or xp.attrs["ta"] or not xp.attrs["tb"]:
+        raise CompileError(f"to_onnx: node {core!r}: its input is not the projection x @ W_ih.T (+ bias) that "
+                           "bp.lstm / bp.gru / bp.rnn build")
+    x, w_ih = xp.inputs
+    if core.op == "gru_core":
+        return x, w_ih, bias, core.inputs[2]
+    if bias is not None and _is_builtin(bias, "add") and all(b.shape == bias.shape for b in bias.inputs):
+        return (x, w_ih, *bias.inputs)  # b_ih + b_hh
+    return x, w_ih, bias, None
+
+
+def _states(core: Node) -> list[Node]:
+    """A recurrent core's initial states: h0 (and c0 for an LSTM)."""
+    return list(core.inputs[2:4]) if core.op == "lstm_core" else [core.inputs[-1]]
+
+
 class _Exporter:
     """Builds the ONNX graph of the nodes that the outputs need, each once."""
 
@@ -80,6 +112,7 @@ class _Exporter:
         self.initializers: list[Any] = []
         self.inputs: list[Any] = []
         self.names: dict[Node, str] = {}
+        self.recurrent: dict[Node, dict[str, str]] = {}  # a recurrent core's ONNX outputs
         self.count = 0
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -370,13 +403,96 @@ class _Exporter:
         return self.emit("Concat", [self.value(i) for i in node.inputs], "concat", axis=node.attrs["axis"])
 
     def op_slice(self, node: Node) -> str:
+        recurrent = self._recurrent_slice(node)
+        if recurrent is not None:
+            return recurrent
         axis, begin = node.attrs["axis"], node.attrs["begin"]
         length = node.shape[axis]
         if not isinstance(length, int):
             raise CompileError(f"to_onnx: slice {node!r} has a runtime length")
-        return self.emit("Slice", [self.value(node.inputs[0]), self.constant([begin], np.int64),
-                                   self.constant([begin + length], np.int64), self.constant([axis], np.int64)],
-                         "slice")
+        end = 2**63 - 1 if begin < 0 and begin + length == 0 else begin + length  # a window up to the end
+        return self._slice(self.value(node.inputs[0]), begin, end, axis)
+
+    def _slice(self, name: str, begin: int, end: int, axis: int) -> str:
+        return self.emit("Slice", [name, self.constant([begin], np.int64), self.constant([end], np.int64),
+                                   self.constant([axis], np.int64)], "slice")
+
+    # --- recurrent layers ----------------------------------------------------------------------
+    def op_lstm_core(self, node: Node) -> str:
+        raise CompileError(f"to_onnx: node {node!r}: only the hidden states of an LSTM and its last cell state have "
+                           "an ONNX form, not the cell states of every step")
+
+    def op_gru_core(self, node: Node) -> str:
+        return self._recurrent(node)["seq"]
+
+    op_rnn_core = op_gru_core
+
+    def _recurrent_slice(self, node: Node) -> str | None:
+        """An LSTM's hidden states (B, T, H) sliced out of its core's (B, T, 2H), and the last
+        step of its cell states (B, 1, H): the ONNX LSTM's Y and Y_c."""
+        x = node.inputs[0]
+        axis, begin = node.attrs["axis"], node.attrs["begin"]
+        if x.op == "lstm_core" and axis == 2 and begin == 0 and node.shape[2] * 2 == x.shape[2]:
+            return self._recurrent(x)["seq"]
+        cells = x.op == "slice" and x.inputs[0].op == "lstm_core" and x.attrs["begin"] > 0
+        steps = x.shape[1]
+        last = begin == (steps - 1 if isinstance(steps, int) else -1) and node.shape[1] == 1
+        if not (cells and axis == 1 and last):
+            return None
+        shape = self.constant([-1, 1, x.shape[2]], np.int64)
+        return self.emit("Reshape", [self._recurrent(x.inputs[0])["c"], shape], "last_cell")
+
+    def _recurrent(self, core: Node) -> dict[str, str]:
+        """The ONNX LSTM / GRU / RNN (forward, layout 0) computing a recurrent core, emitted once:
+        {"seq": hidden states (B, T, H), "c": the last cell state (1, B, H)}. Its X is the input
+        of the core's projection, W and B that projection's weight and bias (gates in ONNX's
+        order), R the recurrent weight."""
+        names = self.recurrent.get(core)
+        if names is not None:
+            return names
+        op, order = RECURRENT[core.op]
+        x, w_ih, b_ih, b_hh = _projection(core)
+        w_hh = core.inputs[1]
+        hidden = w_hh.shape[1]
+        stem = core.op[:-5]
+        weights = [self._stacked(self._gates(self.value(t), order, hidden), t.shape) for t in (w_ih, w_hh)]
+        biases = [b_ih, b_hh]
+        if any(b is not None for b in biases):
+            parts = [self._gates(self.value(b), order, hidden) if b is not None
+                     else self.constant(np.zeros(len(order) * hidden)) for b in biases]
+            bias = self.emit("Concat", parts, f"{stem}_bias", axis=0)
+            weights.append(self._stacked(bias, (2 * len(order) * hidden,)))
+        else:
+            weights.append("")
+        inputs = [self.emit("Transpose", [self.value(x)], f"{stem}_x", perm=[1, 0, 2]), *weights, ""]
+        inputs += [self._initial(s, hidden) for s in _states(core)]
+        while not inputs[-1]:  # optional inputs left out at the end
+            inputs.pop()
+        outputs = [self.fresh(f"{stem}_{part}") for part in ("y", "h", "c")[:3 if op == "LSTM" else 2]]
+        attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, outputs, name=self.fresh(stem), hidden_size=hidden,
+                                                     **attrs))
+        y = self.emit("Reshape", [outputs[0], self.constant([0, -1, hidden], np.int64)], f"{stem}_seq")  # (T, B, H)
+        names = {"seq": self.emit("Transpose", [y], f"{stem}_seq", perm=[1, 0, 2]), "c": outputs[-1]}
+        self.recurrent[core] = names
+        return names
+
+    def _gates(self, name: str, order: tuple[int, ...], hidden: int) -> str:
+        """The gate blocks (rows) of a weight or bias in ONNX's order."""
+        if len(order) == 1:
+            return name
+        blocks = [self._slice(name, k * hidden, (k + 1) * hidden, 0) for k in order]
+        return self.emit("Concat", blocks, "gates", axis=0)
+
+    def _stacked(self, name: str, shape: tuple) -> str:
+        """A tensor with a leading axis of one direction."""
+        return self.emit("Reshape", [name, self.constant([1, *shape], np.int64)], "direction")
+
+    def _initial(self, state: Node, hidden: int) -> str:
+        """initial_h / initial_c (1, B, H), or "" for zeros (ONNX's default)."""
+        if state.op == "ew" and not state.inputs and state.attrs["fn"].expr == 0:
+            return ""
+        return self.emit("Reshape", [self.value(state), self.constant([1, -1, hidden], np.int64)], "initial")
 
     # --- the model ---------------------------------------------------------------------------
     def model_proto(self, opset: int) -> Any:

@@ -28,6 +28,13 @@ conditions of graph tensors (Equal/Less/.../Not/And/Or/Xor, bpcompile having no 
 tensors); Gather of a table by int inputs -> embedding, by constant indices -> a slice or a
 product with their one-hot matrix; Identity of an initializer -> a parameter of its own (torch's
 exporter writes one initializer for parameters with equal values).
+
+Recurrent layers: each direction of an LSTM / GRU / RNN node -> bp.lstm / bp.gru / bp.rnn over
+(batch, time, features), the gate blocks of W, R and B sliced into bpcompile's (PyTorch's)
+order; the reverse direction runs over the time-reversed sequence (a product with the reversing
+permutation: fixed lengths only); a relu RNN is unrolled (fixed lengths only). Both layouts;
+GRU only with linear_before_reset=1 (PyTorch's); clip, other activations, sequence_lens and
+peepholes are refused. Gelu(approximate="tanh") -> its tanh formula.
 """
 
 from __future__ import annotations
