@@ -351,3 +351,22 @@ def test_recurrent_layers_export_as_onnx_recurrent_operators(build_dir, tmp_path
         for key, value in expected.items():
             np.testing.assert_allclose(got[key], value, **TOL, err_msg=f"{key}, batch {n}, length {steps}")
             np.testing.assert_allclose(again.forward(**feed)[key], value, **TOL, err_msg=f"round trip {key}")
+
+
+@pytest.mark.parametrize("case", ["lstm_2_layers_bidirectional", "gru_time_first_bidirectional",
+                                  "rnn_relu_time_first_2_layers_bidirectional"])
+def test_imported_torch_layers_export_again_with_torch_outputs(case, build_dir):
+    """torch -> ONNX -> bpcompile -> ONNX: the reverse directions (a product with the reversing
+    permutation) and the unrolled relu RNN export as MatMul / Relu, the rest as ONNX recurrent
+    nodes, and ONNX Runtime computes torch's outputs."""
+    kind, nonlinearity, batch_first, layers, bidirectional, _ = CASES[case]
+    torch.manual_seed(9)
+    net = Recurrent(kind, nonlinearity, batch_first, layers, bidirectional)
+    rng = np.random.default_rng(9)
+    model = bp.compile(bp.from_onnx(export(net, net.example(rng, 2, True)), name=f"again_{case}"), "float32")
+    session = ort.InferenceSession(bp.to_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = net.example(rng, 5, True)
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    with torch.no_grad():
+        for name, expected in zip(net.output_names(), torch_outputs(net, feed)):
+            np.testing.assert_allclose(got[name], expected.numpy(), **TOL, err_msg=name)

@@ -434,11 +434,11 @@ class _Exporter:
         axis, begin = node.attrs["axis"], node.attrs["begin"]
         if x.op == "lstm_core" and axis == 2 and begin == 0 and node.shape[2] * 2 == x.shape[2]:
             return self._recurrent(x)["seq"]
-        cells = x.op == "slice" and x.inputs[0].op == "lstm_core" and x.attrs["begin"] > 0
-        steps = x.shape[1]
-        last = begin == (steps - 1 if isinstance(steps, int) else -1) and node.shape[1] == 1
-        if not (cells and axis == 1 and last):
+        if not (x.op == "slice" and x.inputs[0].op == "lstm_core" and x.attrs["begin"] > 0 and axis == 1):
             return None
+        steps = x.shape[1]
+        if begin != (steps - 1 if isinstance(steps, int) else -1) or node.shape[1] != 1:
+            return None  # other steps of the cell states: op_lstm_core refuses them
         shape = self.constant([-1, 1, x.shape[2]], np.int64)
         return self.emit("Reshape", [self._recurrent(x.inputs[0])["c"], shape], "last_cell")
 
