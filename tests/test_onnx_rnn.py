@@ -33,9 +33,9 @@ class Recurrent(nn.Module):
     """A torch recurrent layer returning (out, h_n[, c_n]), its initial states given or not."""
 
     def __init__(self, kind: str, nonlinearity: str = "tanh", batch_first: bool = True, layers: int = 1,
-                 bidirectional: bool = False, hidden: int = HIDDEN):
+                 bidirectional: bool = False, bias: bool = True, hidden: int = HIDDEN):
         super().__init__()
-        options = dict(num_layers=layers, batch_first=batch_first, bidirectional=bidirectional)
+        options = dict(num_layers=layers, batch_first=batch_first, bidirectional=bidirectional, bias=bias)
         if kind == "RNN":
             options["nonlinearity"] = nonlinearity
         self.kind, self.batch_first = kind, batch_first
@@ -102,6 +102,8 @@ def in_onnx_layout(proto: onnx.ModelProto, tensors: dict[str, np.ndarray]) -> di
         kind = node.op_type
         suffixes = [s for s in ("", "_reverse") if f"rnn.weight_ih_l{k}{s}" in tensors]
         for slot, (ih, hh) in ((1, ("weight_ih", None)), (2, ("weight_hh", None)), (3, ("bias_ih", "bias_hh"))):
+            if f"rnn.{ih}_l{k}" not in tensors:  # a layer without biases: no B
+                continue
             parts = [[gates(kind, tensors[f"rnn.{p}_l{k}{s}"]) for p in (ih, hh) if p] for s in suffixes]
             out[node.input[slot]] = np.stack([np.concatenate(p) for p in parts])
     return out
@@ -111,24 +113,27 @@ def named(net: nn.Module, grads: bool = False) -> dict[str, np.ndarray]:
     return {n: (p.grad if grads else p).detach().numpy() for n, p in net.named_parameters()}
 
 
-# (kind, nonlinearity, batch_first, layers, bidirectional, initial states given)
+# the torch layer (Recurrent's arguments), and whether its initial states are given
 CASES = {
-    "lstm_2_layers_bidirectional": ("LSTM", "tanh", True, 2, True, False),
-    "lstm_time_first_states": ("LSTM", "tanh", False, 1, False, True),
-    "lstm_bidirectional_states": ("LSTM", "tanh", True, 1, True, True),
-    "gru_2_layers_states": ("GRU", "tanh", True, 2, False, True),
-    "gru_time_first_bidirectional": ("GRU", "tanh", False, 1, True, False),
-    "rnn_tanh_bidirectional_states": ("RNN", "tanh", True, 1, True, True),
-    "rnn_relu_time_first_2_layers_bidirectional": ("RNN", "relu", False, 2, True, False),
-    "rnn_relu_states": ("RNN", "relu", True, 1, False, True),
+    "lstm_2_layers_bidirectional": (dict(kind="LSTM", layers=2, bidirectional=True), False),
+    "lstm_time_first_states": (dict(kind="LSTM", batch_first=False), True),
+    "lstm_bidirectional_states": (dict(kind="LSTM", bidirectional=True), True),
+    "lstm_without_biases": (dict(kind="LSTM", bias=False), False),
+    "gru_2_layers_states": (dict(kind="GRU", layers=2), True),
+    "gru_time_first_bidirectional": (dict(kind="GRU", batch_first=False, bidirectional=True), False),
+    "gru_without_biases_states": (dict(kind="GRU", bias=False), True),
+    "rnn_tanh_bidirectional_states": (dict(kind="RNN", bidirectional=True), True),
+    "rnn_relu_time_first_2_layers_bidirectional": (dict(kind="RNN", nonlinearity="relu", batch_first=False, layers=2,
+                                                        bidirectional=True), False),
+    "rnn_relu_states": (dict(kind="RNN", nonlinearity="relu"), True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_recurrent_layers_import_with_torch_forward_and_gradients(case, build_dir):
-    kind, nonlinearity, batch_first, layers, bidirectional, states = CASES[case]
+    layer, states = CASES[case]
     torch.manual_seed(0)
-    net = Recurrent(kind, nonlinearity, batch_first, layers, bidirectional)
+    net = Recurrent(**layer)
     rng = np.random.default_rng(1)
     model = bp.compile(bp.from_onnx(export(net, net.example(rng, 2, states)), name=f"rnn_{case}"), "float32")
     for n in (3, 6):
@@ -353,15 +358,14 @@ def test_recurrent_layers_export_as_onnx_recurrent_operators(build_dir, tmp_path
             np.testing.assert_allclose(again.forward(**feed)[key], value, **TOL, err_msg=f"round trip {key}")
 
 
-@pytest.mark.parametrize("case", ["lstm_2_layers_bidirectional", "gru_time_first_bidirectional",
+@pytest.mark.parametrize("case", ["lstm_2_layers_bidirectional", "lstm_without_biases", "gru_time_first_bidirectional",
                                   "rnn_relu_time_first_2_layers_bidirectional"])
 def test_imported_torch_layers_export_again_with_torch_outputs(case, build_dir):
     """torch -> ONNX -> bpcompile -> ONNX: the reverse directions (a product with the reversing
     permutation) and the unrolled relu RNN export as MatMul / Relu, the rest as ONNX recurrent
     nodes, and ONNX Runtime computes torch's outputs."""
-    kind, nonlinearity, batch_first, layers, bidirectional, _ = CASES[case]
     torch.manual_seed(9)
-    net = Recurrent(kind, nonlinearity, batch_first, layers, bidirectional)
+    net = Recurrent(**CASES[case][0])
     rng = np.random.default_rng(9)
     model = bp.compile(bp.from_onnx(export(net, net.example(rng, 2, True)), name=f"again_{case}"), "float32")
     session = ort.InferenceSession(bp.to_onnx(model).SerializeToString(), providers=["CPUExecutionProvider"])
