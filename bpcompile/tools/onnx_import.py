@@ -1216,18 +1216,16 @@ def _relu_rnn(im: _Importer, seq: Node, w_ih: Node, w_hh: Node, b_ih: Node | Non
 def _onnx_outputs(runs: list[tuple[Node, list[Node]]], layout: int) -> tuple:
     """Y (time, directions, batch, hidden) and Y_h, Y_c (directions, batch, hidden), or with the
     batch first when layout=1, from each direction's (outputs, last states)."""
-    def stack(parts: list[Node], axis: int) -> Node:
-        return families.concat(parts, axis=axis) if len(parts) > 1 else parts[0]
-
     def with_axis(t: Node, axis: int) -> Node:
         return ops.reshape(t, t.shape[:axis] + (1,) + t.shape[axis:])
 
     if layout == 0:
-        y = stack([with_axis(ops.transpose(out, (1, 0, 2)), 1) for out, _ in runs], axis=1)
+        y = families.concat([with_axis(ops.transpose(out, (1, 0, 2)), 1) for out, _ in runs], axis=1)
     else:
-        y = stack([with_axis(out, 2) for out, _ in runs], axis=2)
+        y = families.concat([with_axis(out, 2) for out, _ in runs], axis=2)
     axis = 0 if layout == 0 else 1
-    last = [stack([with_axis(states[k], axis) for _, states in runs], axis=axis) for k in range(len(runs[0][1]))]
+    last = [families.concat([with_axis(states[k], axis) for _, states in runs], axis=axis)
+            for k in range(len(runs[0][1]))]
     return (y, *last)
 
 
