@@ -164,3 +164,24 @@ def test_cli_builds_and_checks_an_onnx_file_with_a_loss(build_dir, tmp_path, cap
     capsys.readouterr()
     assert main(["build", str(path), "--loss", "hinge:labels"]) != 0
     assert "expected KIND:INPUT" in capsys.readouterr().err
+
+
+def test_slices_with_steps_import(build_dir):
+    """Slice with a step other than 1 (x[:, 1::2], torch.flip) over a fixed dim picks the entries
+    (as a Gather of constant indices does); over a runtime one it is refused by name."""
+    torch = _torch()
+
+    class Strided(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.flip(x, [1]), x[:, 1::2], x[:, 1:6:3]], dim=1) * 2.0
+
+    class FlipBatch(torch.nn.Module):
+        def forward(self, x):
+            return torch.flip(x, [0])
+
+    x = np.random.default_rng(6).normal(size=(3, 7)).astype(np.float32)
+    model = bp.compile(bp.from_onnx(export(torch, Strided(), (torch.randn(2, 7),))), "float32")
+    with torch.no_grad():
+        np.testing.assert_allclose(model.forward(x=x)["out"], Strided()(torch.from_numpy(x)).numpy(), **TOL)
+    with pytest.raises(bp.CompileError, match=r"\(Slice\): steps other than 1 along the runtime size 'batch'"):
+        bp.from_onnx(export(torch, FlipBatch(), (torch.randn(2, 7),)))

@@ -374,3 +374,46 @@ def test_imported_torch_layers_export_again_with_torch_outputs(case, build_dir):
     with torch.no_grad():
         for name, expected in zip(net.output_names(), torch_outputs(net, feed)):
             np.testing.assert_allclose(got[name], expected.numpy(), **TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["lstm_2_layers_bidirectional", "gru_time_first_bidirectional",
+                                  "rnn_tanh_bidirectional_states"])
+def test_the_dynamo_exporter_s_recurrent_layers_import(case, build_dir):
+    """torch.onnx.export(dynamo=True) writes LSTM / GRU nodes with other initializer names and
+    shape arithmetic, and an RNN op by op (torch.flip as a Slice of step -1): the loss and every
+    gradient (float64) as torch's."""
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
+    layer, states = CASES[case]
+    torch.manual_seed(10)
+    net = Recurrent(**layer).double()
+    rng = np.random.default_rng(10)
+
+    def dynamo(feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+        batch = torch.export.Dim("batch")
+        dims = ({net.batch_axis("x"): batch},) + ((tuple({1: batch} for _ in list(feed)[1:]),) if states else ())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(net, tuple(torch.from_numpy(v) for v in feed.values()), dynamo=True,
+                                     opset_version=18, input_names=list(feed), output_names=net.output_names(),
+                                     dynamic_shapes=dims, verbose=False).model_proto
+
+    proto = dynamo(net.example(rng, 2, states, np.float64))
+    g = bp.from_onnx(proto, name=f"dynamo_{case}")
+    g.loss(sum(bp.mean(bp.square(g.outputs[name] - 0.5)) for name in net.output_names()))
+    model = bp.compile(g, "float64")
+    feed = net.example(rng, 3, states, np.float64)
+    loss, grads = model.loss_and_grad(**feed)
+    expected = sum(((o - 0.5) ** 2).mean() for o in torch_outputs(net, feed))
+    expected.backward()
+    np.testing.assert_allclose(loss, expected.item(), **TOL64)
+    torch_grads = in_onnx_layout(proto, named(net, grads=True))
+    for key in set(grads) - set(torch_grads):  # a layer written out op by op: weights as they are, or transposed
+        value = model.params[key]
+        match = [(n, turn) for n, w in named(net).items() for turn in (False, True)[:w.ndim]
+                 if np.array_equal(w.T if turn else w, value)]
+        assert len(match) == 1, f"parameter {key} is none of torch's"
+        name, turn = match[0]
+        torch_grads[key] = named(net, grads=True)[name].T if turn else named(net, grads=True)[name]
+    assert set(grads) == set(torch_grads)
+    for key, value in torch_grads.items():
+        np.testing.assert_allclose(grads[key], value, **TOL64, err_msg=key)

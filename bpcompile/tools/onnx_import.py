@@ -887,19 +887,22 @@ def _slice(im: _Importer, args: list) -> Value:
     ndim = len(x.shape)
     axes = im.ints(im.node.input[3], "Slice's axes") if len(args) > 3 and args[3] is not None \
         else list(range(len(starts)))
-    if len(args) > 4 and args[4] is not None and any(s != 1 for s in im.ints(im.node.input[4], "Slice's steps")):
-        raise im.fail("steps other than 1 are not supported")
+    steps = im.ints(im.node.input[4], "Slice's steps") if len(args) > 4 and args[4] is not None else [1] * len(starts)
     x = x if isinstance(x, np.ndarray) else im.tensor(x)
-    for start, end, axis in zip(starts, ends, axes):
+    for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = axis % ndim
-        stop = None if end >= 2**62 else end
-        start = None if start <= -2**62 else start
+        stop = None if end >= 2**62 or (step < 0 and end <= -2**62) else end
+        start = None if start <= -2**62 or (step < 0 and start >= 2**62) else start
         if isinstance(x, np.ndarray):
             index = [slice(None)] * ndim
-            index[axis] = slice(start, stop)
+            index[axis] = slice(start, stop, step)
             x = x[tuple(index)]
-        else:
+        elif step == 1:
             x = families.slice(x, axis, start, stop)
+        elif isinstance(x.shape[axis], int):  # every step-th entry, or reversed (torch.flip): picked
+            x = _take(im, x, axis, np.arange(x.shape[axis])[start:stop:step])
+        else:
+            raise im.fail(f"steps other than 1 along the runtime size {x.shape[axis]!r} are not supported")
     return x
 
 
@@ -941,27 +944,33 @@ def _gather(im: _Importer, args: list) -> Value:
     x = im.tensor(data)
     axis %= x.ndim
     if isinstance(indices, np.ndarray):
-        n = x.shape[axis]
-        if not isinstance(n, int):
-            raise im.fail(f"indexing the runtime size {n!r} is not supported")
-        picked = indices.astype(np.int64) % n
-        if picked.ndim == 0:  # x[..., i, ...]: a slice without the axis
-            part = families.slice(x, axis, int(picked), int(picked) + 1)
-            return ops.reshape(part, tuple(d for k, d in enumerate(part.shape) if k != axis))
-        if picked.ndim == 1 and picked.size and np.array_equal(picked, np.arange(picked[0], picked[0] + picked.size)):
-            return families.slice(x, axis, int(picked[0]), int(picked[0]) + picked.size)
-        if not picked.size:
-            raise im.fail("an empty list of indices is not supported")
-        others = [k for k in range(x.ndim) if k != axis]
-        moved = x if axis == x.ndim - 1 else ops.transpose(x, (*others, axis))
-        columns = ops.matmul(moved, transformer.constant(np.eye(n)[:, picked.reshape(-1)]))  # (..., picked)
-        out = ops.reshape(columns, tuple(x.shape[k] for k in others) + picked.shape)
-        r, k = len(others), picked.ndim
-        perm = (*range(axis), *range(r, r + k), *range(axis, r))  # the picked dims where the axis was
-        return out if perm == tuple(range(out.ndim)) else ops.transpose(out, perm)
+        return _take(im, x, axis, indices)
     if axis == 0 and isinstance(indices, Node) and indices.dtype == "int32" and x.ndim == 2:
         return families.embedding(indices, x)
     raise im.fail("only a row lookup of integer inputs in a 2-D table (axis 0) or constant indices are supported")
+
+
+def _take(im: _Importer, x: Node, axis: int, indices: np.ndarray) -> Node:
+    """x's entries at constant indices along a fixed axis: a slice for a range of them, else the
+    product with their one-hot matrix."""
+    n = x.shape[axis]
+    if not isinstance(n, int):
+        raise im.fail(f"indexing the runtime size {n!r} is not supported")
+    picked = indices.astype(np.int64) % n
+    if picked.ndim == 0:  # x[..., i, ...]: a slice without the axis
+        part = families.slice(x, axis, int(picked), int(picked) + 1)
+        return ops.reshape(part, tuple(d for k, d in enumerate(part.shape) if k != axis))
+    if picked.ndim == 1 and picked.size and np.array_equal(picked, np.arange(picked[0], picked[0] + picked.size)):
+        return families.slice(x, axis, int(picked[0]), int(picked[0]) + picked.size)
+    if not picked.size:
+        raise im.fail("an empty list of indices is not supported")
+    others = [k for k in range(x.ndim) if k != axis]
+    moved = x if axis == x.ndim - 1 else ops.transpose(x, (*others, axis))
+    columns = ops.matmul(moved, transformer.constant(np.eye(n)[:, picked.reshape(-1)]))  # (..., picked)
+    out = ops.reshape(columns, tuple(x.shape[k] for k in others) + picked.shape)
+    r, k = len(others), picked.ndim
+    perm = (*range(axis), *range(r, r + k), *range(axis, r))  # the picked dims where the axis was
+    return out if perm == tuple(range(out.ndim)) else ops.transpose(out, perm)
 
 
 @_op("Shape")
