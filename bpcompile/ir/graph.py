@@ -11,17 +11,25 @@ by "*" ("8*batch", "T*batch"); `dim_factors` reads it back. Inputs declare plain
 from __future__ import annotations
 
 import itertools
-import re
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import ShapeError
-
-Dim = Union[int, str]
-Shape = tuple[Dim, ...]
+from .dims import (  # noqa: F401  (re-exported: the IR's shape vocabulary)
+    _DIGITS,
+    PRODUCT,
+    Dim,
+    Shape,
+    canonical_dim,
+    dim_factors,
+    dim_size,
+    named_dims,
+    product_dim,
+    size_factors,
+)
 
 # keyword arguments of the model's methods (train_step(loss=..., lr=...), fit(data, batch_size=...))
 RESERVED_INPUT_NAMES = frozenset({"loss", "lr", "data", "batch_size", "self", "training"})
@@ -184,61 +192,6 @@ def broadcast_shapes(shapes: Sequence[Shape], names: Sequence[str]) -> Shape:
             raise ShapeError(f"cannot broadcast {operands}: dimension {dim!r} does not match {d!r}")
         out.append(dim)
     return tuple(out)
-
-
-PRODUCT = "*"  # joins the factors of a product dim
-_DIGITS = re.compile(r"[0-9]+")
-
-
-def dim_factors(d: Dim) -> tuple[int, tuple[str, ...]]:
-    """One dim as (fixed factor, sorted named factors): "8*T*batch" -> (8, ("T", "batch"))."""
-    if isinstance(d, int):
-        return d, ()
-    coef, names = 1, []
-    for part in d.split(PRODUCT):
-        if _DIGITS.fullmatch(part):
-            coef *= int(part)
-        else:
-            names.append(part)
-    return coef, tuple(sorted(names))
-
-
-def size_factors(shape: Iterable[Dim]) -> tuple[int, tuple[str, ...]]:
-    """The element count of a shape as (fixed factor, sorted named factors)."""
-    coef, names = 1, []
-    for d in shape:
-        c, n = dim_factors(d)
-        coef *= c
-        names.extend(n)
-    return coef, tuple(sorted(names))
-
-
-def product_dim(coef: int, names: Iterable[str]) -> Dim:
-    """The canonical dim of coef * product(names): an int, a plain name, or e.g. "8*T*batch"."""
-    names = sorted(names)
-    if not names:
-        return coef
-    if coef == 1 and len(names) == 1:
-        return names[0]
-    return PRODUCT.join(([str(coef)] if coef != 1 else []) + names)
-
-
-def canonical_dim(d: Dim) -> Dim:
-    """A dim in canonical form ("batch*T" -> "T*batch", "1*batch" -> "batch", "2*3" -> 6)."""
-    return d if isinstance(d, int) else product_dim(*dim_factors(d))
-
-
-def named_dims(shape: Iterable[Dim]) -> set[str]:
-    """The runtime names a shape's size depends on (the factors of its product dims too)."""
-    return set(size_factors(shape)[1])
-
-
-def dim_size(d: Dim, dims: Mapping[str, int]) -> int:
-    """A dim's size given the runtime sizes of the named dims."""
-    coef, names = dim_factors(d)
-    for n in names:
-        coef *= dims[n]
-    return coef
 
 
 # --- the user's graph ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import CheckpointError, CompileError, InputError
-from ..ir.graph import dim_size
+from ..ir.dims import dim_size
 from ..train.init import initial_value
 from . import threads
 
