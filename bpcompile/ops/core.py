@@ -646,8 +646,19 @@ def _softmax_ce_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int
     return (p / flat.shape[0]).reshape(logits.shape)
 
 
+def _softmax_ce_grad_vjp(node: Node, g: Node) -> list[Node | None]:
+    """softmax_ce_grad = (softmax(x) - onehot(labels)) / rows: its VJP is softmax's,
+    p * (g - sum(g * p)) / rows, the labels' part being constant (a gradient penalty on a
+    cross-entropy loss differentiates through it)."""
+    logits, labels = node.inputs
+    p = softmax(logits)
+    rows = reduced_count(labels.shape, tuple(range(labels.ndim)))
+    centred = g - sum(g * p, axis=-1, keepdims=True)
+    return [ew(Fn("softmax_ce_hvp", ARGS[0] * ARGS[1] / rows, 2), p, centred), None]
+
+
 register("softmax_ce", vjp=_softmax_ce_vjp, ref=_softmax_ce_ref, kernel="softmax_ce")
-register("softmax_ce_grad", vjp=_no_grad("softmax_ce_grad"), ref=_softmax_ce_grad_ref, kernel="softmax_ce")
+register("softmax_ce_grad", vjp=_softmax_ce_grad_vjp, ref=_softmax_ce_grad_ref, kernel="softmax_ce")
 
 
 # --- training / evaluation mode ----------------------------------------------------------
