@@ -9,9 +9,11 @@
   given (the same greedy plan as `runtime.plan_offsets`, so any batch size works), and computes
   the optimizer's per-step hyperparameters and learning-rate schedule (`bp_model_loss_hyper`,
   `bp_model_loss_lr`; `bp_model_hyper`, `bp_model_lr` when one optimizer trains every loss;
-  generated from the optimizers' configs by `templates/export_optim.c.j2`). A model with several
-  named losses keeps each loss's step count (`m->loss_steps`), and each loss's train step runs
-  its own optimizer (`bp.optim.PerLoss`, a dict of optimizers by loss) or the shared one;
+  generated from the optimizers' configs by `templates/export_optim.c.j2`: every parameter
+  group's in the order of `Optimizer.step_hyper`, and NAdam's momentum product, carried from
+  step to step in `m->mu_product` and rebuilt from the step count after a load). A model with
+  several named losses keeps each loss's step count (`m->loss_steps`), and each loss's train
+  step runs its own optimizer (`bp.optim.PerLoss`, a dict of optimizers by loss) or the shared one;
 * `Makefile`: `make` builds `libmodel.a` and `./main`; GEMM is a portable loop unless
   `BLAS_LIBS` names a CBLAS;
 * `main.c`: an example that trains for a few steps on synthetic data (the losses in turn) and
@@ -328,8 +330,9 @@ def _optimizer_contexts(optimizer: Any, losses: list[dict], optim_macros: Any,
     Losses sharing one optimizer object share its C functions, never its step count. A model
     without an optimizer gets one placeholder (rate 0, no hyperparameters)."""
     if optimizer is None:
-        return [{"kind": "no", "doc": "no optimizer", "hyper": [], "cfg": {},
-                 "schedule": {"kind": "Constant", "lr": 0.0}, "schedule_doc": "no optimizer"}], []
+        return [{"kind": "no", "doc": "no optimizer", "hyper": [], "formulas": [], "groups": [],
+                 "cfg": {"kind": "none"}, "schedule": {"kind": "Constant", "lr": 0.0},
+                 "schedule_doc": "no optimizer"}], []
     chosen = [optimizer.for_loss(spec["name"]) for spec in losses] or [optimizer]
     distinct = list({id(o): o for o in chosen}.values())
     contexts = [_optimizer_context(o, optim_macros, notes) for o in distinct]
@@ -342,14 +345,11 @@ def _optimizer_contexts(optimizer: Any, losses: list[dict], optim_macros: Any,
 def _optimizer_context(optimizer: Any, optim_macros: Any, notes: list[str]) -> dict[str, Any]:
     """One optimizer's settings for the templates; refuses what export_optim.c.j2 cannot print."""
     name = type(optimizer).__name__
-    if optimizer.param_groups:
-        raise ExportError(f"optimizer {name}: param_groups are not supported by the standalone export; "
-                          "export without them")
     cfg = optimizer.config()
-    hyper = list(optimizer.hyper_names())
+    hyper, groups = _hyper_context(optimizer)
     for h in hyper:
-        if not str(optim_macros.hyper_formula(h, cfg)).strip():
-            raise ExportError(f"optimizer {name}: hyperparameter {h!r} has no C formula in "
+        if not str(optim_macros.hyper_formula(h["formula"], h["cfg"], h["lr"])).strip():
+            raise ExportError(f"optimizer {name}: hyperparameter {h['name']!r} has no C formula in "
                               "templates/export_optim.c.j2")
     if not str(optim_macros.lr_expr(cfg["lr"])).strip():
         raise ExportError(f"learning-rate schedule {cfg['lr'].get('kind')!r} has no C formula in "
@@ -358,8 +358,30 @@ def _optimizer_context(optimizer: Any, optim_macros: Any, notes: list[str]) -> d
     if type(optimizer.lr).__name__ == "FromFunction":
         notes.append(f"the learning rate of {name} is a Python function: the library uses its first value, "
                      f"{cfg['lr']['lr']!r}, for every step (set m.lr to change it)")
-    return {"kind": name, "doc": optimizer.describe(), "hyper": hyper, "cfg": cfg, "schedule": cfg["lr"],
-            "schedule_doc": str(cfg["lr"])}
+    return {"kind": name, "doc": optimizer.describe(), "hyper": [h["name"] for h in hyper], "formulas": hyper,
+            "groups": groups, "cfg": cfg, "schedule": cfg["lr"], "schedule_doc": str(cfg["lr"])}
+
+
+def _hyper_context(optimizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The optimizer's per-step hyperparameters in the order of the C hyper array (as
+    Optimizer.step_hyper: its own, then each parameter group's, named `<name>_g<k>`), each with
+    the formula to print, the settings of its group and the C variable of that group's learning
+    rate; and the parameter groups (the lr_scale of each learning-rate variable)."""
+    hyper, groups = [], []
+    for k in range(len(optimizer.param_groups) + 1):
+        member = optimizer.group(k)
+        suffix = f"_g{k}" if k else ""
+        cfg = member.config()
+        hyper += [{"name": h + suffix, "formula": h, "cfg": cfg, "lr": "lr" + suffix} for h in member.hyper(1, 1.0)]
+        if k:
+            group = optimizer.param_groups[k - 1]
+            groups.append({"lr": "lr" + suffix, "lr_scale": group["lr_scale"], "index": k - 1,
+                           "doc": f"{group['params']}, weight_decay {group['weight_decay']!r}"})
+    names = list(optimizer.hyper_names())
+    if [h["name"] for h in hyper] != names:
+        raise ExportError(f"optimizer {type(optimizer).__name__}: hyperparameters {names} are not its groups' "
+                          f"in order ({[h['name'] for h in hyper]}); the export cannot lay out the hyper array")
+    return hyper, groups
 
 
 def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32", optimizer: Any = None,
@@ -472,6 +494,7 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         "param_count": sum(p["size"] for p in params_ctx),
         "slots": list(optimizer.slots) if optimizer is not None else [],
         "optimizers": optimizers_ctx, "losses": losses_ctx, "several_losses": len(losses_ctx) > 1,
+        "running_product": any(o["cfg"].get("kind") == "nadam" for o in optimizers_ctx),
         "num_hyper": max(len(o["hyper"]) for o in optimizers_ctx),
         "optimizer_kind": optimizers_ctx[0]["kind"] if len(optimizers_ctx) == 1 else "its own optimizer's",
         "entries": entries_ctx, "buffers": buffers, "total_buffers": len(buffers),
