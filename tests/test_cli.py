@@ -417,8 +417,6 @@ def test_export_yaml_float32_with_a_cblas(capsys, specs, tmp_path):
     np.testing.assert_allclose(c_losses, py_losses, rtol=2e-5)
 
 
-NOT_EXPORTED = pytest.mark.xfail(raises=export.ExportError, strict=True,
-                                 reason="the standalone export has no C for this optimizer setting yet")
 EXPORTED_OPTIMIZERS = {
     "sgd-nesterov-stepdecay": bp.optim.SGD(lr=bp.schedules.StepDecay(0.1, step_size=2, gamma=0.5), momentum=0.9,
                                            nesterov=True),
@@ -430,8 +428,6 @@ EXPORTED_OPTIMIZERS = {
     "adamax-clip": bp.optim.Adamax(lr=0.01, clip_norm=0.5),
     "adam-amsgrad": bp.optim.Adam(lr=0.01, amsgrad=True),
     "rmsprop-centered": bp.optim.RMSprop(lr=0.01, centered=True, momentum=0.5),
-}
-NOT_YET_EXPORTED = {
     "nadam": bp.optim.NAdam(lr=0.01, weight_decay=0.01),
     "adamw-param-groups": bp.optim.AdamW(lr=0.01, weight_decay=0.1, param_groups=[
         {"params": ["b1", "b2"], "weight_decay": 0.0}, {"params": ["W2"], "lr_scale": 0.5}]),
@@ -451,8 +447,7 @@ def _state_by_param(model: bp.CompiledModel) -> dict[str, np.ndarray]:
 
 
 @needs_toolchain
-@pytest.mark.parametrize("optimizer", [pytest.param(o, id=k) for k, o in EXPORTED_OPTIMIZERS.items()]
-                         + [pytest.param(o, id=k, marks=NOT_EXPORTED) for k, o in NOT_YET_EXPORTED.items()])
+@pytest.mark.parametrize("optimizer", [pytest.param(o, id=k) for k, o in EXPORTED_OPTIMIZERS.items()])
 def test_export_optimizers_and_schedules_match_python(tmp_path, optimizer):
     """The exported C library trains as the module: the same losses, parameters and optimizer state."""
     graph = tiny_graph()
