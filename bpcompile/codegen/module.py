@@ -481,6 +481,12 @@ def template_dir() -> Path:
     raise FileNotFoundError(f"bpcompile's C templates are missing (looked in {here / 'templates'})")
 
 
+@functools.cache
+def runtime_c() -> str:
+    """templates/bp_runtime.h, the runtime support every module starts with (real C, not a template)."""
+    return (template_dir() / "bp_runtime.h").read_text()
+
+
 def environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir()), undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
@@ -630,6 +636,7 @@ class ModuleRenderer:
         entry_texts = [self.entry(e) for e in entries]
         return self.env.get_template("module.c.j2").render(
             model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self._shared_noted(),
+            runtime_c=runtime_c(),
             entries=entry_texts, options=self.options)
 
     def _shared_noted(self) -> list[str]:
