@@ -320,6 +320,25 @@ def test_load_gives_back_the_compiled_settings(build_dir):
         bp.load(first.build_path)
 
 
+def test_a_build_records_the_python_abi_and_cpu_features_it_needs(build_dir):
+    """bp.load compares them with the machine it runs on (a copied -march=native build may die
+    of SIGILL elsewhere): the cases are in tests/test_robustness.py's DAMAGE table."""
+    import platform
+    import sysconfig
+    model = bp.compile(mlp_graph("targeted"), dtype="float64")
+    target = json.loads((model.build_path / "meta.json").read_text())["target"]
+    assert target["python"] == sys.implementation.cache_tag
+    assert target["ext_suffix"] == sysconfig.get_config_var("EXT_SUFFIX") and model.meta["module_file"].endswith(
+        target["ext_suffix"])
+    assert (target["system"], target["machine"]) == (platform.system(), platform.machine())
+    flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].strip(": \t").split())
+    assert set(target["cpu_features"]) <= flags
+    if platform.machine() == "x86_64":  # what -march=native turns on for any x86-64 CPU, and more
+        assert {"sse2", "fxsr"} <= set(target["cpu_features"])
+        plain = bpbuild.targeted_cpu_features(bpbuild.compiler()[0], ("-march=x86-64",))  # the baseline ISA
+        assert "sse2" in plain and "avx" not in plain and set(plain) <= set(target["cpu_features"])
+
+
 REPAIR = textwrap.dedent("""
     import json, sys
     from pathlib import Path
@@ -361,3 +380,4 @@ def test_processes_rebuilding_one_damaged_build_at_once(tmp_path):
     model = bp.load(folder)
     X, _ = data()
     np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(results[0]["out"]))
+

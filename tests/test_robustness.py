@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import platform
 import re
 import shutil
 import signal
@@ -949,6 +950,16 @@ DAMAGE = {
     "ill-typed key": (_edit_meta(lambda m: m.update(state_size=str(m["state_size"]))),
                       ["field 'state_size' is", "not an integer"]),
     "meta.json deleted": (lambda f: (f / "meta.json").unlink(), ["no meta.json"]),
+    # a build copied from elsewhere: meta.json and the module's record agree, the machine does not
+    # (load refuses from meta.json alone, before the module runs, so the edit stands for both)
+    "built for a CPU feature this one lacks": (_edit_meta(lambda m: m["target"]["cpu_features"].append("bp_avx9")),
+                                              ["-march=native", "bp_avx9", "lacks it", "illegal instruction"]),
+    "built for another Python": (_edit_meta(lambda m: m["target"].update(python="cpython-27")),
+                                 ["Python implementation 'cpython-27'", f"'{sys.implementation.cache_tag}'"]),
+    "built for another architecture": (_edit_meta(lambda m: m["target"].update(machine="riscv64")),
+                                       ["machine architecture 'riscv64'", f"'{platform.machine()}'"]),
+    "ill-typed target": (_edit_meta(lambda m: m["target"].update(cpu_features="avx2")),
+                         ["'target.cpu_features' is \"avx2\"", "not a list"]),
 }
 
 DAMAGED_SCRIPT = textwrap.dedent("""

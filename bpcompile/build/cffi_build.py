@@ -93,6 +93,53 @@ def cpu_signature() -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
+# The compiler's ISA macros (__AVX2__) whose /proc/cpuinfo flag is not the macro's name in lower case
+CPUINFO_NAMES = {"SSE3": "pni", "LZCNT": "abm", "PCLMUL": "pclmulqdq", "RDRND": "rdrand", "SHA": "sha_ni",
+                 "BMI": "bmi1", "LAHF_SAHF": "lahf_lm", "PRFCHW": "3dnowprefetch", "AVXVNNI": "avx_vnni",
+                 **{f"AVX512{x}": f"avx512_{x.lower()}" for x in ("VNNI", "BF16", "VBMI2", "BITALG", "VPOPCNTDQ",
+                                                                   "FP16", "VP2INTERSECT")}}
+
+
+def target() -> dict:
+    """Where a build can run, recorded in meta.json (and checked by bp.load, runtime.model's
+    check_target): the Python ABI, the system and architecture, and the CPU features the model's
+    C was compiled for."""
+    return {"python": sys.implementation.cache_tag, "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX") or "",
+            "system": platform.system(), "machine": platform.machine(),
+            "cpu_features": targeted_cpu_features(compiler()[0], tuple(model_flags()))}
+
+
+@functools.cache
+def targeted_cpu_features(cc: str, flags: tuple[str, ...]) -> list[str] | None:
+    """The CPU features (as /proc/cpuinfo names them) the compiler targets with the model's flags
+    (-march=native): its __AVX2__-style macros that are flags of this CPU, so a copy of the build
+    can be checked against another CPU's flags without a compiler. None where /proc/cpuinfo is not
+    there to name them; [] when the compiler does not answer (the build then fails with its message)."""
+    flags_here = cpuinfo_flags()
+    if flags_here is None:
+        return None
+    try:
+        out = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    macros = re.findall(r"^#define __([A-Z0-9_]+)__ 1$", out.stdout if out.returncode == 0 else "", re.MULTILINE)
+    return sorted({CPUINFO_NAMES.get(m, m.lower()) for m in macros} & flags_here)
+
+
+def cpuinfo_flags() -> set[str] | None:
+    """The running CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); None if unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
 BLAS_CHOICES = ("auto", "mkl", "openblas", "none")
 
 
@@ -249,7 +296,7 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
     final = root / f"{safe_name(src.name)}-{settings_key(digest, src)[:16]}"  # the code and its settings
     module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
     meta = dict(src.meta, module=module, module_file=module + sysconfig.get_config_var("EXT_SUFFIX"),
-                key=digest, blas=blas_info, init_file=INIT_FILE if src.arrays else None)
+                key=digest, blas=blas_info, init_file=INIT_FILE if src.arrays else None, target=target())
     meta = json.loads(json.dumps(meta))  # as meta.json will hold it (lists, not tuples)
     if os.path.lexists(final) and _verifies(final, meta):
         return final

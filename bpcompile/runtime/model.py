@@ -17,7 +17,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import sys
+import sysconfig
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -43,8 +45,11 @@ META_FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "name": (str,), "dtype": (str,), "dims": (list,), "inputs": (list,), "params": (list,),
     "param_size": (int,), "state_size": (int,), "optimizer": (dict, type(None)), "outputs": (list,),
     "losses": (list,), "entries": (dict,), "module": (str,), "module_file": (str,), "key": (str,),
-    "blas": (dict, type(None)), "files": (dict,), "init_file": (str, type(None)),
+    "blas": (dict, type(None)), "files": (dict,), "init_file": (str, type(None)), "target": (dict,),
 }
+# meta.json's "target" (build.cffi_build.target): where the build runs, each entry against this process
+TARGET_FIELDS = {"system": "the operating system", "machine": "the machine architecture",
+                 "python": "the Python implementation", "ext_suffix": "the Python extension ABI"}
 
 
 def aligned_empty(count: int, dtype: Any) -> np.ndarray:
@@ -184,10 +189,60 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def check_target(folder: Path, meta: dict) -> None:
+    """The build was made for this Python, system, architecture and a CPU with every feature this
+    one has; else a CompileError naming the folder, what the build needs and what is here (a
+    module compiled with -march=native for another CPU may die of an illegal instruction)."""
+    want = meta["target"]
+    for key in TARGET_FIELDS:
+        if not isinstance(want.get(key), str):
+            raise _damaged(folder, f"meta.json field 'target.{key}' is {_short(want.get(key))}, not a string")
+    needed = want.get("cpu_features")
+    if needed is not None and not (isinstance(needed, list) and all(isinstance(f, str) for f in needed)):
+        raise _damaged(folder, f"meta.json field 'target.cpu_features' is {_short(needed)}, not a list of names")
+    here = this_target()
+    for key, what in TARGET_FIELDS.items():
+        if want[key] != here[key]:
+            raise CompileError(f"{folder} was built for {what} {want[key]!r}, but this process runs on "
+                               f"{here[key]!r}; {REBUILD_HERE}")
+    flags = cpu_flags()
+    missing = sorted(set(needed) - flags) if needed and flags is not None else []
+    if missing:
+        raise CompileError(f"{folder} was compiled (-march=native) for a CPU with {', '.join(missing)} (and "
+                           f"{len(needed) - len(missing)} more features this one has), but this machine's CPU "
+                           f"lacks {'it' if len(missing) == 1 else 'them'} (not among its {len(flags)} /proc/cpuinfo "
+                           f"flags): the module could die of an illegal instruction; {REBUILD_HERE}")
+
+
+REBUILD_HERE = "recompile the model on this machine (bp.compile builds it for this one)"
+
+
+def this_target() -> dict[str, str]:
+    """This process's side of TARGET_FIELDS (the build's twin: build.cffi_build.target)."""
+    return {"system": platform.system(), "machine": platform.machine(), "python": sys.implementation.cache_tag,
+            "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX") or ""}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); None if unreadable
+    (the build's twin: build.cffi_build.cpuinfo_flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
 def _load_module(path: Path, meta: dict) -> Any:
     """The native module of a build folder, loaded once per process, after its file has been
-    verified; then meta.json is checked against the module's own record of it."""
-    check_files(path, meta)  # before any byte of the folder runs
+    verified and its target checked against this machine; then meta.json is checked against the
+    module's own record of it."""
+    check_target(path, meta)  # before any byte of the folder runs
+    check_files(path, meta)
     name = meta["module"]
     with _MODULES_LOCK:
         module = _MODULES.get(name)
