@@ -381,3 +381,41 @@ def test_processes_rebuilding_one_damaged_build_at_once(tmp_path):
     X, _ = data()
     np.testing.assert_array_equal(model.forward(x=X)["out"], np.asarray(results[0]["out"]))
 
+
+FAILING = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import bpcompile as bp
+    from bpcompile.build import cffi_build as build
+    from test_build_cache import mlp_graph
+    from testutil import wait_for_start
+    flags = build.model_flags
+    build.model_flags = lambda: [*flags(), "-fbpcompile-no-such-flag"]  # the model's C cannot compile
+    g = mlp_graph("failing")
+    bp.lower(g, "float64")
+    wait_for_start(Path(sys.argv[1]), sys.argv[2])
+    try:
+        bp.compile(g, dtype="float64", seed=0)
+        print(json.dumps({"error": None}))
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e), "source": getattr(e, "source_path", None)}))
+""")
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_processes_failing_to_compile_the_same_model_at_once(tmp_path, attempt):
+    """Each gets the CompileError (not an OSError of a lost rename), and no temporary folder is left."""
+    root = tmp_path / "cache"
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    runs = run_started_together([[sys.executable, str(script)]] * 4, tmp_path / "sync",
+                                subprocess_env(BPCOMPILE_BUILD_DIR=str(root)), tmp_path)
+    assert all(code == 0 for code, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    results = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in runs]
+    assert [r["error"] for r in results] == ["CompileError"] * 4, [r.get("message") for r in results]
+    assert all("-fbpcompile-no-such-flag" in r["message"] for r in results)
+    assert {Path(r["source"]).name for r in results} == {"model.c"}
+    assert all(Path(r["source"]).is_file() for r in results)  # the failed build kept for inspection
+    left = sorted(p.name for p in root.iterdir())
+    assert not [n for n in left if n.startswith((".tmp-", ".old-"))], left
+    assert [n for n in left if not n.startswith(".")] == [Path(results[0]["source"]).parent.name], left

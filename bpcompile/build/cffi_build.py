@@ -302,8 +302,8 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         return final
     _remove_stale_temporaries(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{safe_name(src.name)}-", dir=root))
-    _as_umask_allows(tmp)  # mkdtemp makes it private: a shared cache must serve other users too
     try:
+        _as_umask_allows(tmp)  # mkdtemp makes it private: a shared cache must serve other users too
         record = json.dumps(module_record(meta), sort_keys=True, separators=(",", ":")).encode()
         if not _copy_built_module(root, src.name, meta, tmp):  # the same code under other settings
             _compile(src, tmp, module, defines, blas_info, record)
@@ -316,15 +316,26 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         _sync_folder(tmp)
         _install(tmp, final, meta)
     except CompileError as e:
-        failed = root / f"{final.name}.failed"  # kept for inspection; replaced by the next failure
-        shutil.rmtree(failed, ignore_errors=True)
-        os.rename(tmp, failed)
+        failed = _keep_failed(tmp, root / f"{final.name}.failed")
         source = str(failed / Path(e.source_path).name) if e.source_path else None
-        raise CompileError(e.message, source, e.compiler_output) from None
+        raise CompileError(e.message, source, e.compiler_output) from e.__cause__
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _keep_failed(tmp: Path, failed: Path) -> Path:
+    """Move a build that failed to `failed`, kept for inspection in place of an earlier failure.
+    Processes failing the same build at once take turns under a lock on the name (each finds the
+    same sources there); whatever goes wrong, `tmp` is removed."""
+    try:
+        with _lock(failed):
+            _remove(failed)
+            os.rename(tmp, failed)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return failed
 
 
 def _copy_built_module(root: Path, name: str, meta: dict, out: Path) -> bool:
