@@ -359,3 +359,74 @@ def test_missing_compiler_is_a_compile_error(build_dir, monkeypatch, clean_compi
     monkeypatch.setenv("CC", "/nonexistent/bpcompile-cc")
     with pytest.raises(bp.CompileError, match="bpcompile-cc"):
         bp.compile(_small_graph("no_cc"), dtype="float64")
+
+
+# --- no raw Jinja2, cffi or OS exception escapes bp.compile: a CompileError naming the model and the stage
+
+def _broken_template(monkeypatch, name: str, text: str) -> None:
+    """Templates as shipped, but `name` replaced by `text`."""
+    import jinja2
+
+    from bpcompile.codegen import module as codegen
+    real = codegen.environment
+
+    def environment() -> jinja2.Environment:
+        env = real()
+        env.loader = jinja2.ChoiceLoader([jinja2.DictLoader({name: text}), env.loader])
+        return env
+    monkeypatch.setattr(codegen, "environment", environment)
+
+
+@pytest.mark.parametrize("text, error", [("{{ no_such_variable }}", "UndefinedError"),
+                                         ("{% if %}", "TemplateSyntaxError"),
+                                         ("{{ 1 // 0 }}", "ZeroDivisionError")])
+@pytest.mark.parametrize("template", ["entry.c.j2", "module.c.j2"])
+def test_a_failing_template_is_a_compile_error_naming_model_and_template(build_dir, monkeypatch, template, text,
+                                                                         error):
+    _broken_template(monkeypatch, template, text)
+    with pytest.raises(bp.CompileError) as e:
+        bp.compile(_small_graph("bad_template"), dtype="float64")
+    message = str(e.value)
+    assert "'bad_template'" in message and template in message and error in message
+    assert type(e.value.__cause__).__name__ == error
+
+
+def _failing_ffi(monkeypatch, method: str, error: type[Exception]) -> None:
+    import cffi
+
+    def fail(self, *args, **kwargs):
+        raise error(f"simulated {method} failure")
+    monkeypatch.setattr(cffi.FFI, method, fail)
+
+
+@pytest.mark.parametrize("method, error", [("cdef", "CDefError"), ("emit_c_code", "VerificationError"),
+                                           ("set_source", "FFIError")])
+def test_a_cffi_failure_is_a_compile_error_naming_model_and_stage(build_dir, monkeypatch, method, error):
+    import cffi
+    _failing_ffi(monkeypatch, method, getattr(cffi, error))
+    with pytest.raises(bp.CompileError) as e:
+        bp.compile(_small_graph(f"bad_cffi_{method}"), dtype="float64")
+    message = str(e.value)
+    assert f"'bad_cffi_{method}'" in message and "cffi" in message and f"simulated {method} failure" in message
+    assert isinstance(e.value.__cause__, getattr(cffi, error))
+
+
+def test_a_declaration_cffi_cannot_parse_is_a_compile_error(build_dir, monkeypatch):
+    from bpcompile.codegen import module as codegen
+    monkeypatch.setattr(codegen, "entry_prototype", lambda name, dtype: f"int bp_{name}(int64_t *dims,;")
+    with pytest.raises(bp.CompileError, match="cffi .*'bad_cdef'") as e:
+        bp.compile(_small_graph("bad_cdef"), dtype="float64")
+    import cffi
+    assert isinstance(e.value.__cause__, cffi.CDefError)
+
+
+def test_a_compiler_that_cannot_be_started_is_a_compile_error(build_dir, monkeypatch):
+    """The compiler answered --version, then running it for the build failed (E2BIG, a vanished binary)."""
+    import subprocess
+
+    def popen(*args, **kwargs):
+        raise OSError(7, "Argument list too long")
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(bp.CompileError, match="'no_popen'.*Argument list too long") as e:
+        bp.compile(_small_graph("no_popen"), dtype="float64")
+    assert isinstance(e.value.__cause__, OSError)

@@ -488,11 +488,15 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     _write(out / "model.c", src.model_c)
     _write(out / "model.h", src.model_h)
     _write(out / "layout.h", _layout_header(record))
-    ffi = cffi.FFI()
-    ffi.cdef(src.cdef + "\n" + LAYOUT_PROTOTYPE)
-    ffi.set_source(module, '#include "model.h"\n' + LAYOUT_PROTOTYPE)
-    with contextlib.redirect_stdout(io.StringIO()):  # cffi announces the file it writes
-        ffi.emit_c_code(str(out / "wrapper.c"))
+    try:
+        ffi = cffi.FFI()
+        ffi.cdef(src.cdef + "\n" + LAYOUT_PROTOTYPE)
+        ffi.set_source(module, '#include "model.h"\n' + LAYOUT_PROTOTYPE)
+        with contextlib.redirect_stdout(io.StringIO()):  # cffi announces the file it writes
+            ffi.emit_c_code(str(out / "wrapper.c"))
+    except (cffi.FFIError, cffi.CDefError, cffi.VerificationError, cffi.VerificationMissing) as e:
+        raise CompileError(f"cffi could not write the Python wrapper of model {src.name!r} from its declarations "
+                           f"({type(e).__name__}: {e})", str(out / "model.h")) from e
     include = [f"-I{out}"]
     defs = [f"-D{k}={v}" for k, v in sorted(defines.items())]
     flags = model_flags()
@@ -501,8 +505,16 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         [cc, *WRAPPER_FLAGS, *include, f"-I{sysconfig.get_paths()['include']}", "-c", "wrapper.c", "-o", "wrapper.o"],
     ]
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in jobs]
+    procs = []
+    try:
+        procs += [subprocess.Popen(cmd, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for cmd in jobs]
+    except OSError as e:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        raise CompileError(f"the C compiler {cc!r} could not be started for model {src.name!r} ({e})",
+                           str(out / "model.c")) from e
     results = [p.communicate() for p in procs]
     for cmd, p, (_, err) in zip(jobs, procs, results):
         if p.returncode != 0:
@@ -514,7 +526,11 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
             *(["-lmvec"] if defines.get("BP_USE_LIBMVEC") else []), "-lm", "-pthread"]
     if blas_info:
         link += [f"-L{blas_info['libdir']}", f"-l:{blas_info['file']}", f"-Wl,-rpath,{blas_info['libdir']}"]
-    p = subprocess.run(link, cwd=out, capture_output=True, text=True)
+    try:
+        p = subprocess.run(link, cwd=out, capture_output=True, text=True)
+    except OSError as e:
+        raise CompileError(f"the C compiler {cc!r} could not be started to link model {src.name!r} ({e})",
+                           str(out / "model.c")) from e
     if p.returncode != 0:
         raise CompileError(f"linking the native module of model {src.name!r} failed", str(out / "model.c"), p.stderr)
     _write(out / "build.json", json.dumps({"compile_seconds": time.perf_counter() - start,

@@ -515,6 +515,14 @@ class ModuleRenderer:
         self._node_ids: dict[Node, int] | None = None
         self._printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = {}
 
+    def _render(self, template: str, **context: Any) -> str:
+        """A template rendered; one that fails is a CompileError naming the model and the template."""
+        try:
+            return self.env.get_template(template).render(**context)
+        except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as e:
+            raise CompileError(f"model {self.model_name!r}: rendering the C template {template} failed "
+                               f"({type(e).__name__}: {e})") from e
+
     def name(self, node: Node) -> str:
         if node in self.node_names:
             return self.node_names[node]
@@ -552,11 +560,11 @@ class ModuleRenderer:
         failing = k.kind in FAILING_KINDS
         common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
                   "whole_signature": kernel_signature(params, failing, split=False)}
-        text = self.env.get_template(f"{k.kind}.c.j2").render(
+        text = self._render(f"{k.kind}.c.j2",
             comment=[COMMENT_SLOT], dims=ctx.dim_decls(), failing=failing, split=split,
             signature=kernel_signature(params, failing, split=bool(split)), **common, **body)
         if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool
-            text += self.env.get_template("parallel.c.j2").render(dims=ctx.dim_decls(), **common, **split)
+            text += self._render("parallel.c.j2", dims=ctx.dim_decls(), **common, **split)
         return self._function(text, k.kind, [comment_text(s) for s in lines]), lines
 
     def _function(self, text: str, kind: str, comment: list[str] | None = None) -> str:
@@ -582,9 +590,9 @@ class ModuleRenderer:
         common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
                   "whole_signature": kernel_signature(params, failing=False, split=False)}
         count = sum(end - start for start, end in context["ranges"])
-        text = self.env.get_template("update.c.j2").render(
+        text = self._render("update.c.j2",
             signature=kernel_signature(params, failing=False, split=True), **common, **context)
-        text += self.env.get_template("parallel.c.j2").render(
+        text += self._render("parallel.c.j2",
             dims=[], what="each parameter range", work="0" if context["clip"] else str(count), **common)
         return self._function(text, "update")
 
@@ -602,7 +610,7 @@ class ModuleRenderer:
             calls.append({"fname": fname, "args": args, "comment": [comment_text(s) for s in lines],
                           "failing": k.kind in FAILING_KINDS})
         update = self.update(entry.update) if entry.update is not None else None
-        return self.env.get_template("entry.c.j2").render(
+        return self._render("entry.c.j2",
             name=entry.name, doc=comment_text(entry.doc), pointers=list(pointers.values()), calls=calls,
             update=update, real="bp_real")
 
@@ -634,7 +642,7 @@ class ModuleRenderer:
 
     def module(self, entries: list[EntryCode]) -> str:
         entry_texts = [self.entry(e) for e in entries]
-        return self.env.get_template("module.c.j2").render(
+        return self._render("module.c.j2",
             model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self._shared_noted(),
             runtime_c=runtime_c(),
             entries=entry_texts, options=self.options)
@@ -649,7 +657,7 @@ class ModuleRenderer:
         return texts
 
     def header(self, entries: list[EntryCode]) -> str:
-        return self.env.get_template("model.h.j2").render(
+        return self._render("model.h.j2",
             model_name=comment_text(self.model_name), entries=[e.name for e in entries], dtype=self.dtype)
 
 
