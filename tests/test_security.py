@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,75 @@ def test_spec_huge_units_is_a_spec_error(tmp_path, capsys):
         load_spec(path)
     assert main(["show", str(path), "--c"]) == 1
     assert "internal error" not in capsys.readouterr().err
+
+
+COUNTS_YAML = """
+name: counts
+seed: @SEED@
+inputs:
+  ids: {shape: [batch, @LEN@], dtype: int32}
+  y: {shape: [batch, @LEN@], dtype: int32}
+input: ids
+layers:
+  - {type: embedding, vocab: @VOCAB@, dim: @DIM@, positions: @POSITIONS@}
+  - {type: transformer_block, heads: @HEADS@, mlp_ratio: @RATIO@}
+  - {type: dense, units: @UNITS@}
+  - {type: lm_head, units: @HEAD_UNITS@}
+loss: {type: softmax_cross_entropy, target: y}
+"""
+# every integer of the spec format: placeholder -> (a valid value, its key path, its allowed range)
+COUNTS = {"SEED": (0, "seed", "0 to 9223372036854775807"),
+          "LEN": (8, "inputs.ids.shape[1]", "1 to 16777216"),
+          "VOCAB": (16, "layers[0].vocab", "1 to 16777216"),
+          "DIM": (8, "layers[0].dim", "1 to 16777216"),
+          "POSITIONS": (8, "layers[0].positions", "1 to 16777216"),
+          "HEADS": (2, "layers[1].heads", "1 to 16777216"),
+          "RATIO": (4, "layers[1].mlp_ratio", "1 to 16777216"),
+          "UNITS": (8, "layers[2].units", "1 to 16777216"),
+          "HEAD_UNITS": (16, "layers[3].units", "1 to 16777216")}
+
+
+def _counts_spec(tmp_path, **values) -> Path:
+    text = COUNTS_YAML
+    for key, (good, _, _) in COUNTS.items():
+        text = text.replace(f"@{key}@", str(values.get(key, good)))
+    path = tmp_path / "counts.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_counts_within_range_load(tmp_path):
+    spec = load_spec(_counts_spec(tmp_path))
+    shapes = {name: p.shape for name, p in spec.graph.params.items()}
+    assert shapes["wte.weight"] == (16, 8) and shapes["wte_positions"] == (8, 8) and shapes["W1"] == (8, 8)
+    assert shapes["transformer_block1.mlp.c_fc.weight"] == (32, 8) and shapes["lm_head.weight"] == (16, 8)
+
+
+@pytest.mark.parametrize("bad", ["1e20", "1.0e+20", str(10**20), "-3", "true", "2.5", '"7"', "[4]", "null"])
+@pytest.mark.parametrize("key", list(COUNTS))
+def test_spec_bad_counts_are_spec_errors_naming_key_and_range(tmp_path, key, bad):
+    with pytest.raises(SpecError) as e:
+        load_spec(_counts_spec(tmp_path, **{key: bad}))
+    _, where, allowed = COUNTS[key]
+    message = str(e.value)
+    assert f" {where}: expected " in message and message.endswith(f"; allowed: {allowed}")
+
+
+@pytest.mark.parametrize("values, where, words", [
+    ({"VOCAB": 1 << 20, "DIM": 1 << 20}, "layers[0].dim", "1048576 x 1048576"),
+    ({"DIM": 1 << 16, "POSITIONS": 1 << 17}, "layers[0].positions", "65536 x 131072"),
+    ({"DIM": 1 << 12, "HEADS": 1, "RATIO": 1 << 9}, "layers[1].mlp_ratio", "4096 x 4096 x 512"),
+    ({"DIM": 1 << 12, "HEADS": 1, "UNITS": 1 << 21}, "layers[2].units", "4096 x 2097152"),
+])
+def test_spec_weights_beyond_the_element_limit_are_spec_errors(tmp_path, values, where, words):
+    with pytest.raises(SpecError, match=re.escape(f"{where}: a weight of {words} = ")):
+        load_spec(_counts_spec(tmp_path, **values))
+
+
+def test_spec_input_beyond_the_element_limit_is_a_spec_error(tmp_path):
+    path = _counts_spec(tmp_path)
+    path.write_text(path.read_text().replace("shape: [batch, 8], dtype: int32}\n  y", "shape: [batch, 65536, 65536, "
+                                             "2], dtype: int32}\n  y"))
+    with pytest.raises(SpecError, match=re.escape("inputs.ids.shape: an input whose fixed dimensions are 65536 x "
+                                                  "65536 x 2 = 8589934592 elements, more than the limit")):
+        load_spec(path)

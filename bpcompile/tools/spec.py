@@ -245,6 +245,14 @@ def _path_str(path: tuple) -> str:
     return out
 
 
+def _numeric_text(value: Any) -> bool:
+    """A string that reads as a number (YAML 1.1 takes `1e20`, without a dot, for text)."""
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
 def _describe(value: Any) -> str:
     if value is None:
         return "nothing"
@@ -284,13 +292,26 @@ class _Reader:
                 raise self.error(where, f"missing key {key!r} ({allowed[key]})")
         return value
 
-    def integer(self, value: Any, where: tuple, minimum: int = 1, maximum: int = 2**63 - 1) -> int:
+    def integer(self, value: Any, where: tuple, minimum: int = 1, maximum: int | None = None) -> int:
+        """A whole number in [minimum, maximum] (default MAX_UNITS): not a bool, float or string."""
+        maximum = MAX_UNITS if maximum is None else maximum
         if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            if isinstance(value, int) and value > maximum:
-                what += f" of at most {maximum}"
-            raise self.error(where, f"expected {what}, got {_describe(value)}")
+            hint = ", a string (write the integer in digits: YAML reads 1e20 as text)" if _numeric_text(value) else ""
+            raise self.error(where, f"expected {what}, got {_describe(value)}{hint}; allowed: {minimum} to {maximum}")
         return value
+
+    def units(self, value: Any, where: tuple, *fixed: int) -> int:
+        """A count that sizes a weight with the given fixed sizes: in range, the weight too."""
+        count = self.integer(value, where)
+        self.count_product([*fixed, count], where, "a weight of")
+        return count
+
+    def count_product(self, counts: list[int], where: tuple, what: str) -> None:
+        """The product of a shape's fixed sizes (a weight's, or an input's row) is at most MAX_ELEMENTS."""
+        if math.prod(counts) > MAX_ELEMENTS:
+            raise self.error(where, f"{what} {' x '.join(map(str, counts))} = {math.prod(counts)} elements, more "
+                                    f"than the limit of {MAX_ELEMENTS}")
 
     def number(self, value: Any, where: tuple) -> float:
         """A real number; YAML reads 1e-3 (no dot) as a string, so numeric strings are accepted."""
@@ -447,7 +468,10 @@ def parse_sympy(text: str, symbols: list[str]) -> Any:
 
 # --- YAML specs: building the graph ---------------------------------------------------------
 
-MAX_UNITS = 1 << 24   # outputs of one dense layer in a YAML spec
+# Limits on the counts of a YAML spec (each count an integer of 1 to MAX_UNITS, the seed 0 to MAX_SEED):
+MAX_UNITS = 1 << 24      # a layer's outputs, a fixed dimension, a vocabulary, heads, the MLP ratio
+MAX_ELEMENTS = 1 << 32   # elements of one weight, or of an input's fixed dimensions together
+MAX_SEED = 2**63 - 1
 
 TOP_KEYS = {
     "name": "the graph's name", "dtype": "float32 or float64", "seed": "the parameter seed",
@@ -502,7 +526,7 @@ class _YamlBuilder:
         r, doc = self.r, self.doc
         name = r.name(doc.get("name", self.path.stem), ("name",), "a graph name")
         dtype = r.choice(doc.get("dtype", "float32"), ("dtype",), list(DTYPES), "dtype")
-        seed = r.integer(doc.get("seed", 0), ("seed",), minimum=0)
+        seed = r.integer(doc.get("seed", 0), ("seed",), minimum=0, maximum=MAX_SEED)
         g = bp.Graph(name)
         inputs = self.inputs(g)
         self.read_functions()
@@ -527,16 +551,24 @@ class _YamlBuilder:
             if isinstance(value, list):
                 value = {"shape": value}
             value = r.mapping(value, where, INPUT_KEYS, required=("shape",))
-            shape = value["shape"]
-            if not isinstance(shape, list) or not all(isinstance(d, str) or (isinstance(d, int) and
-                                                                             not isinstance(d, bool)) for d in shape):
-                raise r.error(where + ("shape",), f"expected a list of ints and dim names, got {_describe(shape)}")
+            shape = self.shape(value["shape"], where + ("shape",))
             kind = value.get("dtype", "float")
             r.choice(kind, where + ("dtype",), ["float", "float32", "float64", "int32"], "input dtype")
             out[name] = self.call(where + ("shape",), lambda name=name, shape=shape, kind=kind:
                                   g.input(name, tuple(shape), None if kind.startswith("float") else "int32"),
                                   mismatch=False)
         return out
+
+    def shape(self, shape: Any, where: tuple) -> list[int | str]:
+        """An input's shape: fixed sizes (integers of 1 to MAX_UNITS) and runtime dim names."""
+        r = self.r
+        if not isinstance(shape, list):
+            raise r.error(where, f"expected a list of ints and dim names, got {_describe(shape)}")
+        for j, d in enumerate(shape):
+            if not (isinstance(d, str) and d.isidentifier()):
+                r.integer(d, where + (j,))  # a size, or an error naming the allowed range
+        r.count_product([d for d in shape if isinstance(d, int)], where, "an input whose fixed dimensions are")
+        return shape
 
     def call(self, where: tuple, fn: Callable[[], Any], mismatch: bool = True) -> Any:
         """Run a graph-building call, turning bpcompile's own errors into spec errors at `where`."""
@@ -649,15 +681,15 @@ class _YamlBuilder:
     def dense(self, g, x, settings: dict, where: tuple, k: int) -> Any:
         r = self.r
         r.mapping(settings, where, {"type": "dense", **DENSE_KEYS}, required=("units",))
-        units = r.integer(settings["units"], where + ("units",), maximum=MAX_UNITS)
+        if x.ndim < 1 or not isinstance(x.shape[-1], int):
+            raise r.error(where, f"shape mismatch: a dense layer needs a fixed last dimension, its input has shape "
+                          f"{tuple(x.shape)}")
+        units = r.units(settings["units"], where + ("units",), x.shape[-1])
         prefix = settings.get("name")
         if prefix is not None:
             r.name(prefix, where + ("name",), "a parameter name prefix")
         w_name, b_name = (f"{prefix}_W", f"{prefix}_b") if prefix else (f"W{k}", f"b{k}")
         bias = r.boolean(settings.get("bias", True), where + ("bias",))
-        if x.ndim < 1 or not isinstance(x.shape[-1], int):
-            raise r.error(where, f"shape mismatch: a dense layer needs a fixed last dimension, its input has shape "
-                          f"{tuple(x.shape)}")
         init = settings.get("init")
         if init is not None:
             r.name(init, where + ("init",), "an initializer name")
@@ -692,12 +724,12 @@ class _YamlBuilder:
             raise r.error(where, f"shape mismatch: {kind} needs a fixed last dimension, its input has shape "
                           f"{tuple(x.shape)}")
         if kind == "embedding":
-            vocab = r.integer(settings["vocab"], where + ("vocab",), maximum=MAX_UNITS)
-            dim = r.integer(settings["dim"], where + ("dim",), maximum=MAX_UNITS)
+            vocab = r.integer(settings["vocab"], where + ("vocab",))
+            dim = r.units(settings["dim"], where + ("dim",), vocab)
             self.embedding = self.call(where, lambda: bp.nn.Embedding(g, vocab, dim, name=name))
             x = self.call(where, lambda: self.embedding(x))
             if "positions" in settings:
-                steps = r.integer(settings["positions"], where + ("positions",), maximum=MAX_UNITS)
+                steps = r.units(settings["positions"], where + ("positions",), dim)
                 wpe = self.call(where, lambda: g.param(f"{name}_positions", (steps, dim), init="normal"))
                 x = self.call(where + ("positions",), lambda: x + wpe, mismatch=True)
             return x
@@ -706,13 +738,14 @@ class _YamlBuilder:
             return self.call(where, lambda: bp.nn.LayerNorm(g, x.shape[-1], name=name, **eps)(x))
         if kind == "transformer_block":
             options = {"heads": r.integer(settings["heads"], where + ("heads",)),
-                       "mlp_ratio": r.integer(settings.get("mlp_ratio", 4), where + ("mlp_ratio",)),
+                       "mlp_ratio": r.units(settings.get("mlp_ratio", 4), where + ("mlp_ratio",),
+                                          x.shape[-1], x.shape[-1]),
                        "dropout": r.number(settings.get("dropout", 0.0), where + ("dropout",)),
                        "causal": r.boolean(settings.get("causal", True), where + ("causal",))}
             return self.call(where, lambda: bp.nn.TransformerBlock(g, x.shape[-1], name=name, **options)(x),
                              mismatch=True)
         if "units" in settings:
-            units = r.integer(settings["units"], where + ("units",), maximum=MAX_UNITS)
+            units = r.units(settings["units"], where + ("units",), x.shape[-1])
             return self.call(where, lambda: bp.nn.Linear(g, x.shape[-1], units, bias=False, name=name)(x))
         table = getattr(self, "embedding", None)
         if table is None:
