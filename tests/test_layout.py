@@ -88,8 +88,9 @@ def imports(module: str, top_level_only: bool) -> set[str]:
     return found
 
 
-# Modules with no bpcompile imports of their own that every stage may read: plain shape arithmetic.
-LEAVES = {"bpcompile.ir.dims"}
+# Modules with no bpcompile imports of their own that every stage may read: plain shape arithmetic,
+# and what a build records about its target (written by build, checked by runtime).
+LEAVES = {"bpcompile.ir.dims", "bpcompile.runtime.target"}
 
 
 def allowed(importer: str, imported: str) -> bool:

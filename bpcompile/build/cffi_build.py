@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompileError
+from ..runtime.target import cpu_flags, this_target, without_lr
 
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 WRAPPER_FLAGS = ["-O2", "-fPIC", "-fno-strict-aliasing", "-w"]
@@ -104,9 +105,7 @@ def target() -> dict:
     """Where a build can run, recorded in meta.json (and checked by bp.load, runtime.model's
     check_target): the Python ABI, the system and architecture, and the CPU features the model's
     C was compiled for."""
-    return {"python": sys.implementation.cache_tag, "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX") or "",
-            "system": platform.system(), "machine": platform.machine(),
-            "cpu_features": targeted_cpu_features(compiler()[0], tuple(model_flags()))}
+    return {**this_target(), "cpu_features": targeted_cpu_features(compiler()[0], tuple(model_flags()))}
 
 
 @functools.cache
@@ -115,7 +114,7 @@ def targeted_cpu_features(cc: str, flags: tuple[str, ...]) -> list[str] | None:
     (-march=native): its __AVX2__-style macros that are flags of this CPU, so a copy of the build
     can be checked against another CPU's flags without a compiler. None where /proc/cpuinfo is not
     there to name them; [] when the compiler does not answer (the build then fails with its message)."""
-    flags_here = cpuinfo_flags()
+    flags_here = cpu_flags()
     if flags_here is None:
         return None
     try:
@@ -125,19 +124,6 @@ def targeted_cpu_features(cc: str, flags: tuple[str, ...]) -> list[str] | None:
         return []
     macros = re.findall(r"^#define __([A-Z0-9_]+)__ 1$", out.stdout if out.returncode == 0 else "", re.MULTILINE)
     return sorted({CPUINFO_NAMES.get(m, m.lower()) for m in macros} & flags_here)
-
-
-def cpuinfo_flags() -> set[str] | None:
-    """The running CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); None if unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
 
 
 BLAS_CHOICES = ("auto", "mkl", "openblas", "none")
@@ -271,13 +257,8 @@ def module_record(meta: dict) -> dict:
     the record of the built files, which holds the module's own hash, and the learning rate, a
     runtime value that needs no rebuild."""
     meta = {k: v for k, v in meta.items() if k != "files"}
-    meta["optimizer"] = _without_lr(meta.get("optimizer"))
+    meta["optimizer"] = without_lr(meta.get("optimizer"))
     return meta
-
-
-def _without_lr(config: Any) -> Any:
-    """An optimizer config with every learning rate left out (per-loss configs nest them)."""
-    return {k: _without_lr(v) for k, v in config.items() if k != "lr"} if isinstance(config, dict) else config
 
 
 def build(src: Sources, root: Path | str | None = None) -> Path:

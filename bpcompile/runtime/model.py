@@ -17,9 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import sys
-import sysconfig
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -32,6 +30,7 @@ from ..errors import CheckpointError, CompileError, InputError
 from ..ir.dims import dim_size
 from ..train.init import initial_value
 from . import threads
+from .target import cpu_flags, this_target, without_lr
 
 ALIGN = 64
 ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
@@ -126,7 +125,7 @@ def check_record(folder: Path, meta: dict, built: dict) -> None:
     """meta.json against the module's own record of it: a CompileError naming the first field
     that differs, types included (so an edited state_size or buffer list never sizes a buffer)."""
     mine = {k: v for k, v in meta.items() if k != "files"}  # the record holds the module's hash: not in it
-    mine["optimizer"] = _less_lr(mine.get("optimizer"))  # nor the learning rates, not part of the build
+    mine["optimizer"] = without_lr(mine.get("optimizer"))  # nor the learning rates, not part of the build
     found = _difference(mine, built, "")
     if found is None:
         return
@@ -215,26 +214,6 @@ def check_target(folder: Path, meta: dict) -> None:
 
 
 REBUILD_HERE = "recompile the model on this machine (bp.compile builds it for this one)"
-
-
-def this_target() -> dict[str, str]:
-    """This process's side of TARGET_FIELDS (the build's twin: build.cffi_build.target)."""
-    return {"system": platform.system(), "machine": platform.machine(), "python": sys.implementation.cache_tag,
-            "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX") or ""}
-
-
-def cpu_flags() -> set[str] | None:
-    """This CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); None if unreadable
-    (the build's twin: build.cffi_build.cpuinfo_flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
 
 
 def _load_module(path: Path, meta: dict) -> Any:
@@ -869,12 +848,6 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
                 f"entries {list(self._entries)} at {self.build_path}>")
-
-
-def _less_lr(config: Any) -> Any:
-    """An optimizer config with every learning rate left out (per-loss configs nest them; the
-    build's twin of this is build.cffi_build._without_lr, which may not import the runtime)."""
-    return {k: _less_lr(v) for k, v in config.items() if k != "lr"} if isinstance(config, dict) else config
 
 
 def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
