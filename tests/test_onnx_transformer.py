@@ -261,12 +261,3 @@ def test_masks_reductions_and_runtime_shapes_import(build_dir):
     np.testing.assert_allclose(loss, tloss.item(), **TOL)
     _check_gradients(net, model, grads)
 
-
-def test_a_buffer_sliced_to_a_runtime_length_is_refused_by_name(build_dir):
-    """The causal buffer sliced to a runtime length T (bias[:, :, :T, :T]) has no fixed-size
-    form: one error naming the node and the operator, never a wrong graph."""
-    net = Block(sdpa=False)
-    proto = export(net, (torch.randn(2, T, C),), ["x"], dynamic={n: {0: "batch", 1: "time"} for n in ("x", "out")})
-    message = r"from_onnx: node '/Slice' \(Slice\): Slice's ends \['time'\] hold runtime sizes"
-    with pytest.raises(bp.CompileError, match=message):
-        bp.from_onnx(proto)

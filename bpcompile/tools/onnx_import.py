@@ -12,16 +12,17 @@ indices), those torch.export marks as buffers and, in its models, those of one e
 scale) stay constants, and a node whose inputs are all constants is evaluated at import time
 by ONNX's reference evaluator (so a mask built from Shape/Expand/Trilu/Equal/Where of fixed sizes
 becomes one bp.constant). Graph inputs become inputs whose symbolic dims (dim_param) are named
-runtime dims, which Shape/Gather/Concat/Reshape pass along by name; graph outputs become named
-outputs. An operator, or an attribute value, without a bpcompile form raises CompileError naming
+runtime dims. A shape tensor holds bpcompile dims (ints, names, products of names) which
+Shape/Gather/Concat/Unsqueeze pass along and Mul (and an exact Div) multiply into product dims,
+so the target of x.view(B * T, C) is ("T*batch", C) for bpcompile's reshape; graph outputs
+become named outputs. An operator, or an attribute value, without a bpcompile form raises CompileError naming
 the node, the operator and the attribute: never a wrong graph. The onnx package is the optional
 extra `bpcompile[onnx]`.
 
 Transformers as torch.onnx.export writes them (TorchScript or dynamo): LayerNormalization ->
 bp.layer_norm (the decomposed form of opsets before 17 imports op by op); MatMul of batched
-operands -> bmatmul with NumPy broadcasting; Split / Slice -> slices; Reshape's -1 next to a
-runtime size is inferred, and a Reshape merging a runtime size with other dims is followed
-through Transposes to the Reshape that splits it again; a causal mask (-inf or float32's lowest
+operands -> bmatmul with NumPy broadcasting; Split / Slice -> slices; Reshape's -1 and 0 as ONNX
+defines them, runtime sizes merged into product dims and split again; a causal mask (-inf or float32's lowest
 number added to the scores, a where() over a tril buffer, or Trilu of ones of a runtime length)
 before a Softmax -> the fused causal attention softmax; other masks -> bp.where on bp.constant or on
 conditions of graph tensors (Equal/Less/.../Not/And/Or/Xor, bpcompile having no boolean
@@ -40,6 +41,7 @@ peepholes are refused. Gelu(approximate="tanh") -> its tanh formula.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -47,15 +49,15 @@ import numpy as np
 import sympy as sp
 
 from ..errors import CompileError, ShapeError
-from ..ir.graph import FLOAT, Graph, Node, broadcast_shapes
+from ..ir.graph import FLOAT, Graph, Node, broadcast_shapes, dim_factors, product_dim
 from ..ops import core as ops
 from ..ops import families, transformer
 from ..symbolic.functions import ARGS, Fn, builtin
 from .onnx_export import DEFAULT_OPSET, _onnx
 
 Value = Any  # a graph Node, a constant np.ndarray known at import time (an object array holds
-# runtime sizes by name), or a value kept until its consumer: _Condition, _Infinite, _Causal,
-# _Merged
+# runtime sizes: bpcompile dims, names or products of them), or a value kept until its consumer:
+# _Condition, _Infinite, _Causal, _Window
 
 # The inputs of an operator its output is differentiable in (all when not listed): an
 # initializer that reaches an output only through the others (a mask, a shape, indices) is a
@@ -129,18 +131,30 @@ class _Causal:
         return _Causal("scores", scores.shape, scores)
 
 
-class _Merged:
-    """x with its first `lead` dims, a runtime size among them, merged into one, which a
-    bpcompile shape cannot write: kept while Transposes move only the other axes, until a
-    Reshape splits the lead again (how the dynamo exporter transposes the last two axes of a
-    4-D tensor: Reshape(-1, T, d), Transpose(0, 2, 1), Reshape(B, H, d, T))."""
+class _Window:
+    """A constant buffer cut from its front to runtime lengths (bias[:, :, :T, :T]), which no
+    constant can hold: kept until it is a causal mask, a lower triangle of ones cut to one
+    length along its last two axes (a GPT's causal buffer sliced to the sequence length; the
+    fused causal softmax is that mask at any length)."""
 
-    def __init__(self, x: Node, lead: int):
-        self.x, self.lead = x, lead
-        self.shape = ("*".join(map(str, x.shape[:lead])),) + tuple(x.shape[lead:])
+    def __init__(self, values: np.ndarray, lengths: dict[int, str]):
+        self.values, self.lengths = values, lengths
+        self.shape = tuple(lengths.get(i, d) for i, d in enumerate(values.shape))
+
+    def settled(self) -> _Window | _Causal:
+        """The causal mask once the window is one, else the window."""
+        n = self.values.ndim
+        length = self.lengths.get(n - 1)
+        if n < 2 or set(self.lengths) != {n - 2, n - 1} or self.lengths[n - 2] != length:
+            return self
+        rows, cols = self.values.shape[-2:]
+        values = self.values.reshape(-1, rows, cols)
+        ones = np.isin(values, (0, 1)).all() and all(_is_tril(v != 0, rows, cols) for v in values)
+        return _Causal("allowed", self.shape) if ones else self
 
 
-_MERGED = "a tensor whose runtime size is merged with other dims is supported only before Transpose and a Reshape back"
+_WINDOW = ("a constant buffer sliced to a runtime length is supported only as a causal mask (a lower triangle of "
+           "ones sliced to [:T, :T] along its last two axes)")
 _CAUSAL = ("a causal mask of runtime size is supported only as Where(mask, scores, -inf) or scores + Where(mask, 0, "
            "-inf) before a Softmax")
 # A masked score: -inf, or float32's lowest number as the dynamo exporter writes it (exp of
@@ -216,8 +230,8 @@ class _Importer:
             raise self.fail(_INFINITE)
         if isinstance(value, _Causal):
             raise self.fail(_CAUSAL)
-        if isinstance(value, _Merged):
-            raise self.fail(_MERGED)
+        if isinstance(value, _Window):
+            raise self.fail(_WINDOW)
         if value.dtype == object:
             raise self.fail("runtime sizes (from Shape) used as a tensor are not supported")
         if not np.all(np.isfinite(value)):
@@ -359,8 +373,8 @@ _BP_BINARY = {"Add": ops.add, "Sub": ops.sub, "Mul": ops.mul, "Div": ops.div, "P
 def _binary(im: _Importer, args: list) -> Value:
     im.only({})
     a, b = args
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):  # runtime sizes (names): folded otherwise
-        raise im.fail("arithmetic on runtime sizes is not supported")
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):  # runtime sizes: folded otherwise
+        return _size_arithmetic(im, a, b)
     kind = im.node.op_type
     for i, c in enumerate((a, b)):
         if kind == "Add" and isinstance(c, _Causal) and c.kind == "additive" and isinstance(args[1 - i], Node):
@@ -370,6 +384,40 @@ def _binary(im: _Importer, args: list) -> Value:
             return _add_mask(im, im.tensor(args[1 - i]), c if kind == "Add" or i == 0 else -c,
                              negate=kind == "Sub" and i == 0)
     return _BP_BINARY[kind](im.operand(a, b), im.operand(b, a))
+
+
+def _size_arithmetic(im: _Importer, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mul of runtime sizes, or Div where it is exact, elementwise: bpcompile dims (B * T ->
+    "T*batch", "T*batch" / T -> "batch"), as torch writes the target of x.view(B * T, C)."""
+    kind = im.node.op_type
+    if kind not in ("Mul", "Div"):
+        raise im.fail(f"{kind} of runtime sizes {_sizes(a)} and {_sizes(b)} is not supported (only Mul, and Div "
+                      "where it is exact, make a bpcompile dim)")
+    left, right = np.broadcast_arrays(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+    out = np.empty(left.shape, dtype=object)
+    for index, (x, y) in enumerate(zip(left.flat, right.flat)):
+        (cx, nx), (cy, ny) = dim_factors(_dim(x)), dim_factors(_dim(y))
+        if kind == "Mul":
+            out.flat[index] = product_dim(cx * cy, nx + ny)
+            continue
+        rest = Counter(nx) - Counter(ny)
+        if cy == 0 or cx % cy or Counter(ny) - Counter(nx):
+            raise im.fail(f"the runtime size {x!r} divided by {y!r} is not exact, which is not supported")
+        out.flat[index] = product_dim(cx // cy, rest.elements())
+    return out
+
+
+def _dim(v: Any) -> int | str:
+    """One element of a tensor of runtime sizes as a bpcompile dim."""
+    if isinstance(v, str):
+        return v
+    if v != int(v):
+        raise ValueError(f"runtime sizes combined with the non-integer {v!r} are not supported")
+    return int(v)
+
+
+def _sizes(values: np.ndarray) -> list:
+    return [_dim(v) for v in np.ravel(values)]
 
 
 def _add_mask(im: _Importer, x: Node, mask: np.ndarray, negate: bool) -> Node:
@@ -790,7 +838,8 @@ def _flatten(im: _Importer, args: list) -> Node:
 @_op("Reshape")
 def _reshape(im: _Importer, args: list) -> Value:
     """ONNX's target shape: 0 copies the input's size (an empty dim with allowzero=1, which
-    bpcompile has not), -1 is inferred, a name is a runtime size."""
+    bpcompile has not), -1 is inferred, a runtime size is a bpcompile dim (a name or a product
+    of names, which bpcompile's reshape merges and splits)."""
     allowzero = int(im.only({"allowzero": None}).get("allowzero", 0))
     x = args[0]
     target = [v if isinstance(v, str) else int(v) for v in np.ravel(im.constant(im.node.input[1], "Reshape's shape"))]
@@ -798,36 +847,8 @@ def _reshape(im: _Importer, args: list) -> Value:
         raise im.fail(f"attribute allowzero=1 with a 0 in the shape {target} (an empty dim) is not supported")
     if isinstance(x, np.ndarray):
         return x.reshape(target)
-    if isinstance(x, _Merged):  # splitting the merged lead again
-        if target[:x.lead] != list(x.x.shape[:x.lead]) or -1 in target or 0 in target:
-            raise im.fail(_MERGED)
-        return ops.reshape(x.x, tuple(target))
     x = im.tensor(x)
-    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
-    if -1 in shape and any(isinstance(d, str) for d in x.shape):
-        shape[shape.index(-1)] = _inferred(x.shape, shape)
-        lead = x.ndim - len(shape) + 1
-        if shape[0] == -1 and lead > 1 and shape[1:] == list(x.shape[lead:]):
-            return _Merged(x, lead)  # (-1, *trailing): the leading dims merged
-    return ops.reshape(x, tuple(shape))
-
-
-def _inferred(source: tuple, target: list) -> Any:
-    """The size -1 stands for in `target` when `source` holds runtime sizes: what is left of
-    the source's size (a fixed number, or one runtime size) once the target's others are taken."""
-    names = [d for d in source if isinstance(d, str)]
-    for d in target:
-        if isinstance(d, str):
-            if d not in names:
-                return -1  # bpcompile's reshape explains why not
-            names.remove(d)
-    fixed = int(np.prod([d for d in source if isinstance(d, int)]))
-    other = int(np.prod([d for d in target if isinstance(d, int) and d != -1]))
-    if fixed % other:
-        return -1
-    if not names:
-        return fixed // other
-    return names[0] if len(names) == 1 and fixed == other else -1
+    return ops.reshape(x, tuple(x.shape[i] if d == 0 else d for i, d in enumerate(target)))
 
 
 def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:
@@ -862,11 +883,6 @@ def _transpose(im: _Importer, args: list) -> Value:
     x = args[0]
     if isinstance(x, np.ndarray):
         return np.transpose(x, perm)
-    if isinstance(x, _Merged):  # moving the axes after the merged lead
-        if perm is None or perm[0] != 0:
-            raise im.fail(_MERGED)
-        inner = tuple(range(x.lead)) + tuple(x.lead - 1 + p for p in perm[1:])
-        return _Merged(ops.transpose(x.x, inner), x.lead)
     return ops.transpose(im.tensor(x), perm)
 
 
@@ -883,14 +899,17 @@ def _slice(im: _Importer, args: list) -> Value:
     im.only({})
     x = args[0]
     starts = im.ints(im.node.input[1], "Slice's starts")
-    ends = im.ints(im.node.input[2], "Slice's ends")
+    ends = _sizes(im.constant(im.node.input[2], "Slice's ends"))
     ndim = len(x.shape)
     axes = im.ints(im.node.input[3], "Slice's axes") if len(args) > 3 and args[3] is not None \
         else list(range(len(starts)))
     steps = im.ints(im.node.input[4], "Slice's steps") if len(args) > 4 and args[4] is not None else [1] * len(starts)
-    x = x if isinstance(x, np.ndarray) else im.tensor(x)
+    x = x if isinstance(x, np.ndarray | _Window) else im.tensor(x)
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = axis % ndim
+        if isinstance(end, str) or isinstance(x, _Window):
+            x = _cut(im, x, axis, start, end, step)
+            continue
         stop = None if end >= 2**62 or (step < 0 and end <= -2**62) else end
         start = None if start <= -2**62 or (step < 0 and start >= 2**62) else start
         if isinstance(x, np.ndarray):
@@ -903,7 +922,24 @@ def _slice(im: _Importer, args: list) -> Value:
             x = _take(im, x, axis, np.arange(x.shape[axis])[start:stop:step])
         else:
             raise im.fail(f"steps other than 1 along the runtime size {x.shape[axis]!r} are not supported")
-    return x
+    return x.settled() if isinstance(x, _Window) else x
+
+
+def _cut(im: _Importer, x: Value, axis: int, start: int, end: int | str, step: int) -> Value:
+    """x[start:end] along `axis` when end is a runtime size (or x a _Window): the identity where
+    it is x's own size there; of a constant buffer, a _Window cut from its front."""
+    if step != 1 or start != 0:
+        raise im.fail(f"a slice [{start}:{end}:{step}] to a runtime size is supported only from 0 with step 1")
+    if x.shape[axis] == end:
+        return x
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        x = _Window(x, {})
+    if not isinstance(x, _Window) or axis in x.lengths:
+        raise im.fail(f"slicing a tensor of shape {tuple(x.shape)} to the runtime size {end!r} along axis {axis} "
+                      "is not supported (only a constant buffer, as a causal mask)")
+    if isinstance(end, int):
+        return _Window(np.take(x.values, np.arange(min(end, x.values.shape[axis])), axis=axis), x.lengths)
+    return _Window(x.values, {**x.lengths, axis: end})
 
 
 @_op("Split")
@@ -1048,6 +1084,8 @@ def _cast(im: _Importer, args: list) -> Value:
         return x if x.dtype == object else x.astype(to)
     if isinstance(x, _Causal):  # a triangle of ones is its own boolean
         return x
+    if isinstance(x, _Window):
+        return _Window(x.values.astype(to), x.lengths).settled()
     if to.kind == "b":
         return x if isinstance(x, _Condition) else _condition(im, lambda c: c, [x], logical=True)
     if isinstance(x, _Condition):
