@@ -229,3 +229,33 @@ def test_a_buffer_sliced_to_a_runtime_length_other_than_a_causal_mask_is_refused
                                               r"is supported only as a causal mask"):
         bp.from_onnx(proto)
 
+
+# --- export: a reshape splitting a product of two runtime names ----------------------------------
+
+def dense_round_trip() -> bp.Graph:
+    """(batch, T, C) -> (T*batch, C) -> Dense + tanh -> (batch, T, H): the split back needs both
+    runtime sizes, which ONNX's single -1 cannot infer."""
+    g = bp.Graph("dims_round_trip")
+    x = g.input("x", ("batch", "T", C))
+    h = bp.nn.Dense(g, C, H, activation="tanh")(bp.reshape(x, (-1, C)))
+    g.output("h", bp.reshape(h, ("batch", "T", H)))
+    g.output("flat", h * 2.0)
+    return g
+
+
+def test_export_splits_a_product_of_runtime_names_from_the_input_sizes(build_dir, tmp_path):
+    model = bp.compile(dense_round_trip(), "float32", seed=0)
+    path = tmp_path / "dims.onnx"
+    proto = bp.to_onnx(model, path)
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in proto.graph.output}
+    assert dims == {"h": ["batch", "T", H], "flat": ["T*batch", H]}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    again = bp.compile(bp.from_onnx(proto), "float32")  # and back: the same forward
+    rng = np.random.default_rng(6)
+    for batch, length in SIZES:
+        x = rng.normal(size=(batch, length, C)).astype(np.float32)
+        expected = model.forward(x=x)
+        got = dict(zip(["h", "flat"], session.run(["h", "flat"], {"x": x})))
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(again.forward(x=x)[key], expected[key], rtol=1e-5, atol=1e-6)

@@ -17,7 +17,8 @@ one ONNX LSTM / GRU / RNN node each, not unrolled: X is the layer's input (time 
 B its weights and biases with the gate blocks moved to ONNX's order by Slice + Concat (so the
 parameters stay the initializers), initial states left out when zeros; the hidden states, the
 last hidden and cell states are what bpcompile's layers return. Named runtime dims (the batch, a
-sequence length) stay dynamic (ONNX dim_params). A node without an ONNX form raises
+sequence length) stay dynamic (ONNX dim_params); a reshape target holding several of them is
+built from the graph inputs' runtime sizes (Shape, Gather, Mul, Concat). A node without an ONNX form raises
 CompileError naming it.
 
 The onnx package is the optional extra `bpcompile[onnx]`.
@@ -33,7 +34,7 @@ import numpy as np
 import sympy as sp
 
 from ..errors import CompileError, InputError
-from ..ir.graph import Graph, Node
+from ..ir.graph import Graph, Node, dim_factors
 from ..symbolic.functions import ARGS, BUILTIN, builtin, is_dim_symbol
 
 DEFAULT_OPSET = 17
@@ -113,6 +114,7 @@ class _Exporter:
         self.inputs: list[Any] = []
         self.names: dict[Node, str] = {}
         self.recurrent: dict[Node, dict[str, str]] = {}  # a recurrent core's ONNX outputs
+        self.sizes: dict[str, str] = {}  # a runtime size, read from a graph input
         self.count = 0
 
     # --- bookkeeping -------------------------------------------------------------------------
@@ -282,9 +284,35 @@ class _Exporter:
                 target.append(0)  # ONNX: copy the input's size
             else:
                 target.append(-1)
-        if target.count(-1) > 1:
-            raise CompileError(f"to_onnx: reshape {node!r} has more than one runtime size to infer")
-        return self.emit("Reshape", [self.value(x), self.constant(target, np.int64)], "reshape")
+        shape = self._runtime_shape(node.shape) if target.count(-1) > 1 else self.constant(target, np.int64)
+        return self.emit("Reshape", [self.value(x), shape], "reshape")
+
+    def _runtime_shape(self, shape: tuple) -> str:
+        """A shape holding runtime sizes as an int64 tensor, each dim the product of its fixed
+        factor and its named factors read from the graph's inputs: (T*batch, C) -> (batch, T, C)
+        has two sizes to infer, which ONNX's -1 cannot."""
+        dims = []
+        for d in shape:
+            coef, names = dim_factors(d)
+            factors = [self._size(n) for n in names] + ([self.constant([coef], np.int64)] if coef != 1 else [])
+            size = factors[0]
+            for f in factors[1:]:
+                size = self.emit("Mul", [size, f], "size")
+            dims.append(size)
+        return self.emit("Concat", dims, "target", axis=0)
+
+    def _size(self, name: str) -> str:
+        """The runtime size `name` as a 1-element int64 tensor: Shape and Gather of a graph input
+        that declares it (one the exported outputs already need, where there is one)."""
+        if name not in self.sizes:
+            inputs = sorted(self.graph.inputs.values(), key=lambda n: n not in self.names)
+            source = next((n for n in inputs if name in n.shape), None)
+            if source is None:
+                raise CompileError(f"to_onnx: no input of graph {self.graph.name!r} declares the runtime size {name!r}")
+            shape = self.emit("Shape", [self.value(source)], "shape")
+            index = self.constant([source.shape.index(name)], np.int64)
+            self.sizes[name] = self.emit("Gather", [shape, index], name, axis=0)
+        return self.sizes[name]
 
     def op_transpose(self, node: Node) -> str:
         conv = self._conv(node)
