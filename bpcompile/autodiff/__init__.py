@@ -1,6 +1,6 @@
 """Reverse-mode automatic differentiation on the graph IR: `grad` builds the gradient graph
 from each op's vector-Jacobian product in the ops registry."""
 
-from .reverse import grad
+from .reverse import cotangents, grad
 
-__all__ = ["grad"]
+__all__ = ["cotangents", "grad"]

@@ -15,24 +15,36 @@ def grad(loss: Node, wrt: Sequence[Node]) -> list[Node]:
     """
     if loss.shape != ():
         raise ValueError(f"grad needs a scalar loss, got shape {loss.shape}")
+    cot = cotangents(loss, wrt)
+    return [cot.get(w, ops.const(0.0, w.shape)) for w in wrt]
+
+
+def cotangents(loss: Node, wrt: Sequence[Node]) -> dict[Node, Node]:
+    """The gradient of `loss` with respect to every node between it and `wrt` that receives one:
+    the one reverse sweep behind `grad`, also read by `bpcompile show --grad` to display it."""
     order = topo_order([loss])
     needed = _nodes_between(order, set(wrt))
-    cotangent: dict[Node, Node] = {loss: ops.const(1.0)}
+    cot: dict[Node, Node] = {loss: ops.const(1.0)}
     for node in reversed(order):
-        g = cotangent.get(node)
+        g = cot.get(node)
         if g is None or not node.inputs or node not in needed:
             continue
-        rule = ops.OPS[node.op].vjp
-        grads = rule(node, g)
-        if len(grads) != len(node.inputs):
-            raise AssertionError(f"VJP of {node.op} returned {len(grads)} gradients for {len(node.inputs)} inputs")
-        for x, gx in zip(node.inputs, grads):
-            if gx is None or x not in needed:
-                continue
-            if gx.shape != x.shape:
-                raise AssertionError(f"VJP of {node.op}: gradient shape {gx.shape} != input shape {x.shape}")
-            cotangent[x] = gx if x not in cotangent else ops.add(cotangent[x], gx)
-    return [cotangent.get(w, ops.const(0.0, w.shape)) for w in wrt]
+        for x, gx in zip(node.inputs, _input_grads(node, g)):
+            if gx is not None and x in needed:
+                cot[x] = gx if x not in cot else ops.add(cot[x], gx)
+    return cot
+
+
+def _input_grads(node: Node, g: Node) -> list[Node | None]:
+    """`node`'s VJP rule applied to its cotangent `g`, checked: one gradient per input, each of
+    its input's shape."""
+    grads = ops.OPS[node.op].vjp(node, g)
+    if len(grads) != len(node.inputs):
+        raise AssertionError(f"VJP of {node.op} returned {len(grads)} gradients for {len(node.inputs)} inputs")
+    for x, gx in zip(node.inputs, grads):
+        if gx is not None and gx.shape != x.shape:
+            raise AssertionError(f"VJP of {node.op}: gradient shape {gx.shape} != input shape {x.shape}")
+    return grads
 
 
 def _nodes_between(order: list[Node], targets: set[Node]) -> set[Node]:

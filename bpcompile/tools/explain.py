@@ -653,17 +653,7 @@ def pretty_fn(fn: Fn, expr: sp.Expr | None = None, tex: bool = False) -> str:
 def cotangents(loss: Node, wrt: Sequence[Node]) -> tuple[dict[Node, Node], list[Node]]:
     """The gradient of `loss` with respect to every node between it and `wrt`, and the gradients
     of `wrt` - with `autodiff.grad`'s rules and order, so the nodes are the ones it returns."""
-    order = topo_order([loss])
-    needed = autodiff._nodes_between(order, set(wrt))
-    cot: dict[Node, Node] = {loss: ops.const(1.0)}
-    for node in reversed(order):
-        g = cot.get(node)
-        if g is None or not node.inputs or node not in needed:
-            continue
-        for x, gx in zip(node.inputs, ops.OPS[node.op].vjp(node, g)):
-            if gx is None or x not in needed:
-                continue
-            cot[x] = gx if x not in cot else ops.add(cot[x], gx)
+    cot = autodiff.cotangents(loss, wrt)
     return cot, [cot.get(w, ops.const(0.0, w.shape)) for w in wrt]
 
 
