@@ -28,7 +28,7 @@ from ..errors import CompileError
 from ..ir.graph import INT, Node, Shape
 from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides, packed_strides
 from ..ops.core import BUILDERS, FAILING_KINDS, register_kernel
-from ..passes.pipeline import Schedule, Storage, _view_root
+from ..passes.pipeline import Schedule, Storage, view_root
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS
 
@@ -602,7 +602,7 @@ class ModuleRenderer:
         calls = []
         for k in sched.kernels:
             fname, lines = self.kernel(k, sched)
-            args = [pointers[_view_root(x)]["var"] for x in k.inputs]
+            args = [pointers[view_root(x)]["var"] for x in k.inputs]
             if k.kind == "copy":
                 args.append(self._dest_expr(k.extra["dest"], k.nodes[0]))
             else:

@@ -331,6 +331,12 @@ def _check_node(value: Any, what: str) -> None:
         raise TypeError(f"{what} must be a graph tensor, got {type(value).__name__}")
 
 
+def graphs_newest_first() -> list[Graph]:
+    """The live graphs, the most recently declared first: a shape's named dims that no input
+    carries are looked up in the graph that declared the inputs."""
+    return list(reversed(list(_GRAPHS.values())))
+
+
 def graph_of(node: Node) -> Graph | None:
     """The Graph a node's inputs and parameters were declared in (None for constants)."""
     for x in topo_order([node]):

@@ -436,7 +436,7 @@ register("transpose", vjp=lambda node, g: [transpose(g, tuple(np.argsort(node.at
 
 # --- matrix products ------------------------------------------------------------------------
 
-def _matmul_node(a: Node, b: Node, ta: bool, tb: bool) -> Node:
+def matmul_node(a: Node, b: Node, ta: bool, tb: bool) -> Node:
     """C = op(A) op(B), each operand viewed as a matrix (leading dims merged into rows)."""
     if tb and b.ndim != 2:
         raise ShapeError(f"matmul: a transposed right operand must be 2-D, got {shape_str(b.shape)}")
@@ -448,6 +448,8 @@ def _matmul_node(a: Node, b: Node, ta: bool, tb: bool) -> Node:
         raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align "
                          f"(contracted dims {shape_str(inner_a)} vs {shape_str(inner_b)})")
     return Node("matmul", (a, b), {"ta": ta, "tb": tb}, rows + cols, FLOAT)
+
+_matmul_node = matmul_node  # the name ops/families.py still imports (same subpackage)
 
 
 def matmul(a: Node, b: Node) -> Node:
@@ -467,15 +469,15 @@ def matmul(a: Node, b: Node) -> Node:
         raise ShapeError(f"matmul: shapes {shape_str(a.shape)} and {shape_str(b.shape)} do not align: "
                          f"{a.shape[-1]!r} (dim {a.ndim - 1}) != {b.shape[0]!r} (dim 0)")
     if b.ndim == 1:
-        return reshape(_matmul_node(a, reshape(b, (b.shape[0], 1)), False, False), a.shape[:-1])
-    return _matmul_node(a, b, False, False)
+        return reshape(matmul_node(a, reshape(b, (b.shape[0], 1)), False, False), a.shape[:-1])
+    return matmul_node(a, b, False, False)
 
 
 def _matmul_vjp(node: Node, g: Node) -> list[Node]:
     a, b = node.inputs
     ta, tb = node.attrs["ta"], node.attrs["tb"]
-    da = _matmul_node(b, g, tb, True) if ta else _matmul_node(g, b, False, not tb)
-    db = _matmul_node(g, a, True, ta) if tb else _matmul_node(a, g, not ta, False)
+    da = matmul_node(b, g, tb, True) if ta else matmul_node(g, b, False, not tb)
+    db = matmul_node(g, a, True, ta) if tb else matmul_node(a, g, not ta, False)
     return [da, db]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..ir.graph import _GRAPHS, FLOAT, Graph, Node, named_dims, topo_order
+from ..ir.graph import FLOAT, Graph, Node, graphs_newest_first, named_dims, topo_order
 from . import core as ops
 
 
@@ -43,7 +43,7 @@ def infer_dims(roots: Sequence[Node], inputs: Mapping[str, np.ndarray]) -> dict[
             _read_dims(node, inputs[node.attrs["name"]], dims)
     wanted = {d for node in nodes for d in named_dims(node.shape)} - set(dims)
     if wanted:
-        for graph in reversed(list(_GRAPHS.values())):  # the newest graph declaring these inputs
+        for graph in graphs_newest_first():  # the newest graph declaring these inputs
             declared = [graph.inputs.get(name) for name in inputs]
             if all(node is not None and node.ndim == np.ndim(inputs[node.attrs["name"]]) for node in declared):
                 for node in declared:

@@ -33,9 +33,9 @@ def _fold_transpose_into_matmul(node: Node) -> Node | None:
     a, b = node.inputs
     ta, tb = node.attrs["ta"], node.attrs["tb"]
     if a.op == "transpose" and a.ndim == 2 and a.attrs["axes"] == (1, 0):
-        return ops._matmul_node(a.inputs[0], b, not ta, tb)
+        return ops.matmul_node(a.inputs[0], b, not ta, tb)
     if b.op == "transpose" and b.ndim == 2 and b.attrs["axes"] == (1, 0) and (not tb or b.inputs[0].ndim == 2):
-        return ops._matmul_node(a, b.inputs[0], ta, not tb)
+        return ops.matmul_node(a, b.inputs[0], ta, not tb)
     return None
 
 
@@ -291,7 +291,7 @@ def schedule(results: list[tuple[Storage, Node]], leaf_storage: Callable[[Node],
     copies: list[Kernel] = []
     produced = {out for k in kernels for out in k.outputs}
     for dest, node in results:
-        root = _view_root(node)
+        root = view_root(node)
         if root in produced and root not in storage and dest.kind != "param":
             storage[root] = dest  # the producing kernel writes straight into the result slot
         else:
@@ -308,7 +308,9 @@ def _unique(items) -> list:
     return list(dict.fromkeys(items))
 
 
-def _view_root(node: Node) -> Node:
+def view_root(node: Node) -> Node:
+    """The node whose buffer `node` reads: views (reshapes and the like) share their input's
+    storage, so kernels and the module's pointers refer to the root."""
     while ops.OPS[node.op].kernel == "view":
         node = node.inputs[0]
     return node
@@ -318,7 +320,7 @@ def _order_kernels(kernels: list[Kernel], order: list[Node]) -> list[Kernel]:
     """Topological order of the kernels, ties broken by graph order (deterministic)."""
     index = {n: i for i, n in enumerate(order)}
     producer = {out: k for k, kern in enumerate(kernels) for out in kern.nodes}
-    deps = [{producer[_view_root(x)] for x in kern.inputs if _view_root(x) in producer} - {k}
+    deps = [{producer[view_root(x)] for x in kern.inputs if view_root(x) in producer} - {k}
             for k, kern in enumerate(kernels)]
     dependents: list[list[int]] = [[] for _ in kernels]
     for k, ds in enumerate(deps):
@@ -351,7 +353,7 @@ def _workspace(kernels: list[Kernel], storage: dict[Node, Storage], produced: se
                 start.setdefault(out, k)
                 end[out] = max(end.get(out, k), k)
         for x in kern.inputs:
-            root = _view_root(x)
+            root = view_root(x)
             if root in start:
                 end[root] = max(end[root], k)
     buffers = []

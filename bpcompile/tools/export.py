@@ -312,7 +312,7 @@ def _c_string(text: str) -> str:
 
 
 def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
-    from ..train.init import _fans
+    from ..train.init import fans as _fans
     if not isinstance(init, str):
         return 0, 0.0, "an array given at compile time (its values are in params.bin)"
     fan_in, fan_out = _fans(shape)

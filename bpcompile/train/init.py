@@ -10,7 +10,7 @@ import numpy as np
 Init = Callable[[np.random.Generator, tuple[int, ...]], np.ndarray]
 
 
-def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
     """(fan_in, fan_out): (in, out) matrices as used by `x @ W`; PyTorch's layout beyond 2-D."""
     if len(shape) == 0:
         return 1, 1
@@ -23,13 +23,13 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _glorot_uniform(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    fan_in, fan_out = _fans(shape)
+    fan_in, fan_out = fans(shape)
     limit = np.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-limit, limit, shape)
 
 
 def _he_normal(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    fan_in, _ = _fans(shape)
+    fan_in, _ = fans(shape)
     return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
 
 
