@@ -35,7 +35,7 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from ..autodiff import reverse as autodiff
-from ..ir.graph import INT, Graph, Node, size_factors, topo_order
+from ..ir.graph import INT, Graph, Node, shape_str, size_factors, topo_order
 from ..ops import core as ops
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
@@ -659,13 +659,9 @@ def cotangents(loss: Node, wrt: Sequence[Node]) -> tuple[dict[Node, Node], list[
 
 # --- text output ------------------------------------------------------------------------------
 
-def _shape(node: Node) -> str:
-    return "(" + ", ".join(str(d) for d in node.shape) + ("," if len(node.shape) == 1 else "") + ")"
-
-
 def summary_lines(graph: Graph) -> list[str]:
-    ins = ", ".join(f"{n} {_shape(x)}{' int32' if x.dtype == INT else ''}" for n, x in graph.inputs.items())
-    params = ", ".join(f"{n} {_shape(x)}" for n, x in graph.params.items())
+    ins = ", ".join(f"{n} {shape_str(x.shape)}{' int32' if x.dtype == INT else ''}" for n, x in graph.inputs.items())
+    params = ", ".join(f"{n} {shape_str(x.shape)}" for n, x in graph.params.items())
     lines = [f"Model {graph.name!r}", f"  inputs      {ins or '-'}", f"  parameters  {params or '-'}"]
     if graph.outputs:
         lines.append(f"  outputs     {', '.join(graph.outputs)}")
@@ -798,7 +794,7 @@ def to_dot(ex: Explanation) -> str:
         shape = {"input": "ellipse", "param": "box"}.get(node.op, "box")
         style = "rounded,filled" if node.op not in ("input", "param") else "filled"
         label = (f"{name}\n" if name else "") + (_op_label(node) if node.op not in ("input", "param") else node.op)
-        label += f"\n{_shape(node)}"
+        label += f"\n{shape_str(node.shape)}"
         return (f"  {nid} [label={_dot_quote(label)}, shape={shape}, style={_dot_quote(style)}, "
                 f"fillcolor={_dot_quote(color)}];")
 
