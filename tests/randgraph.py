@@ -39,6 +39,7 @@ import sympy as sp
 from hypothesis import strategies as st
 
 import bpcompile as bp
+from bpcompile.tools import gradcheck
 
 SIZES = (1, 2, 3, 4, 5, 7)
 BATCHES = (1, 2, 3, 5, 7, 8)
@@ -112,17 +113,9 @@ class GraphCase:
 
     def inputs(self, graph: bp.Graph, batch: int, salt: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, batch, salt])
-        out = {}
-        for name, node in graph.inputs.items():
-            shape = tuple(batch if isinstance(d, str) else d for d in node.shape)
-            kind = self.data[name]
-            if kind[0] == "labels":
-                out[name] = rng.integers(0, kind[1], size=shape).astype(np.int32)
-            elif kind[0] == "unit":
-                out[name] = rng.uniform(0.0, 1.0, size=shape)
-            else:
-                out[name] = rng.normal(size=shape)
-        return out
+        shapes = {name: node.shape for name, node in graph.inputs.items()}
+        dims = {d: batch for shape in shapes.values() for d in shape if isinstance(d, str)}
+        return gradcheck.random_inputs(shapes, self.data, dims, rng)
 
     def __repr__(self) -> str:
         return (f"GraphCase(dtypes={self.dtypes}, batches={self.batches}, seed={self.seed}, data={self.data})\n"
@@ -664,32 +657,22 @@ def _fd_check(model, graph, inputs, grads, value, loss_noise, rng) -> bool:
         return [np.sign(v) for v in bp.reference.evaluate([*kinks, loss_node], inputs, params)[:-1]]
 
     base_signs = kink_signs(saved) if kinks else []
-    tried = []
-    try:
-        for eps in (1e-6, 1e-5, 1e-7):
-            if kinks:
-                crossed = False
-                for sgn in (1, -1):
-                    signs = kink_signs(params_at(sgn * eps))
-                    crossed |= any(np.any(s != b) for s, b in zip(signs, base_signs))
-                if crossed:
-                    continue
-            for k in direction:
-                model.params[k][...] = saved[k] + eps * direction[k]
-            plus = model.loss(**inputs)
-            for k in direction:
-                model.params[k][...] = saved[k] - eps * direction[k]
-            minus = model.loss(**inputs)
-            fd = (plus - minus) / (2 * eps)
-            # truncation, the rounding of L (about 1e-16 |L|, or more where the float32 reference
-            # shows cancellation) divided by the step
-            tol = 1e-6 * max(1.0, abs(fd), abs(analytic)) + (1e-15 * abs(value) + 1e-8 * loss_noise) / eps
-            tried.append((eps, fd, tol))
-            if abs(fd - analytic) <= tol:
-                return True
-    finally:
-        for k, v in saved.items():
-            model.params[k][...] = v
+    tried = []  # directional_fd restores the parameters after each step
+    for eps in (1e-6, 1e-5, 1e-7):
+        if kinks:
+            crossed = False
+            for sgn in (1, -1):
+                signs = kink_signs(params_at(sgn * eps))
+                crossed |= any(np.any(s != b) for s, b in zip(signs, base_signs))
+            if crossed:
+                continue
+        fd = gradcheck.directional_fd(model, inputs, direction, eps)
+        # truncation, the rounding of L (about 1e-16 |L|, or more where the float32 reference
+        # shows cancellation) divided by the step
+        tol = 1e-6 * max(1.0, abs(fd), abs(analytic)) + (1e-15 * abs(value) + 1e-8 * loss_noise) / eps
+        tried.append((eps, fd, tol))
+        if abs(fd - analytic) <= tol:
+            return True
     if not tried:
         return False
     raise AssertionError(f"finite differences disagree with the gradient {analytic!r}: "

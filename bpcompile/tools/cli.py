@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BPError, CompileError, InputError
+from . import gradcheck
 
 DESCRIPTION = "bpcompile: a graph compiler for backpropagation. Compile, inspect, check and export model specs."
 EPILOG = """\
@@ -101,16 +102,9 @@ def _runtime_dims(names: list[str], batch: int, given: dict[str, int]) -> dict[s
 def random_inputs(inputs: list[dict], dims: dict[str, int], rng: np.random.Generator, dtype: Any,
                   positive: bool = False) -> dict[str, np.ndarray]:
     """Random data for a model's inputs (as in its meta.json): normal floats, labels in range."""
-    out = {}
-    for spec in inputs:
-        shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
-        if spec["dtype"] == "int32":
-            out[spec["name"]] = rng.integers(0, spec.get("classes") or 2, size=shape).astype(np.int32)
-        elif positive:
-            out[spec["name"]] = rng.uniform(0.5, 2.0, size=shape).astype(dtype)
-        else:
-            out[spec["name"]] = rng.normal(size=shape).astype(dtype)
-    return out
+    kinds = {spec["name"]: ("labels", spec.get("classes") or 2) if spec["dtype"] == "int32"
+             else ("positive",) if positive else ("normal",) for spec in inputs}
+    return gradcheck.random_inputs({spec["name"]: spec["shape"] for spec in inputs}, kinds, dims, rng, dtype)
 
 
 def _entry_lines(meta: dict) -> list[str]:
@@ -298,7 +292,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             g = np.array(g)
             ref_err = float(np.max(np.abs(g - ref[pname]))) / max(float(np.max(np.abs(ref[pname]), initial=0)),
                                                                    floor)
-            fd_err, checked = _fd_errors(model, lname, inputs, pname, g, rng, args.samples, args.eps, floor)
+            fd_err, checked = gradcheck.fd_errors(model, lname, inputs, pname, g, rng, args.samples, args.eps, floor)
             status = "ok" if max(fd_err, ref_err) <= args.tol else "MISMATCH"
             if status != "ok":
                 failures.append(f"{lname}/{pname}")
@@ -319,38 +313,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"all gradients match (largest relative error {worst:.1e} <= tolerance {args.tol:g})")
     return 0
-
-
-def _fd_errors(model, loss: str, inputs: dict, pname: str, g: np.ndarray, rng: np.random.Generator,
-               samples: int, eps: float, floor: float) -> tuple[float, str]:
-    """Max relative error of the gradient `g` of one parameter against central differences."""
-    view = model.params[pname]
-    flat = view.reshape(-1)
-    saved = view.copy()
-    worst = 0.0
-    picks = rng.choice(flat.size, size=min(samples, flat.size), replace=False) if flat.size else []
-    try:
-        for i in picks:
-            h = eps * max(1.0, abs(float(saved.reshape(-1)[i])))
-            flat[i] = saved.reshape(-1)[i] + h
-            plus = model.loss(loss=loss, **inputs)
-            flat[i] = saved.reshape(-1)[i] - h
-            minus = model.loss(loss=loss, **inputs)
-            flat[i] = saved.reshape(-1)[i]
-            numeric, analytic = (plus - minus) / (2 * h), float(g.reshape(-1)[i])
-            worst = max(worst, abs(numeric - analytic) / max(abs(numeric), abs(analytic), floor))
-        direction = rng.normal(size=view.shape)
-        direction /= max(float(np.linalg.norm(direction)), 1e-300)
-        h = eps * max(1.0, float(np.max(np.abs(saved), initial=0)))
-        view[...] = saved + h * direction
-        plus = model.loss(loss=loss, **inputs)
-        view[...] = saved - h * direction
-        minus = model.loss(loss=loss, **inputs)
-        numeric, analytic = (plus - minus) / (2 * h), float(np.sum(g * direction))
-        worst = max(worst, abs(numeric - analytic) / max(abs(numeric), abs(analytic), floor))
-    finally:
-        view[...] = saved
-    return worst, f"{len(picks)} + 1 dir."
 
 
 # --- export ----------------------------------------------------------------------------------------
