@@ -449,7 +449,6 @@ def matmul_node(a: Node, b: Node, ta: bool, tb: bool) -> Node:
                          f"(contracted dims {shape_str(inner_a)} vs {shape_str(inner_b)})")
     return Node("matmul", (a, b), {"ta": ta, "tb": tb}, rows + cols, FLOAT)
 
-_matmul_node = matmul_node  # the name ops/families.py still imports (same subpackage)
 
 
 def matmul(a: Node, b: Node) -> Node:

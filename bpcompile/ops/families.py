@@ -37,12 +37,12 @@ from ..symbolic import functions as sym
 from ..symbolic.functions import ARGS, OUT, Fn
 from .core import (
     _check_tensor,
-    _matmul_node,
     _need_float,
     _no_grad,
     concrete,
     const,
     ew,
+    matmul_node,
     mean,
     mode_select,
     random_uniform,
@@ -361,7 +361,7 @@ def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: An
     out_ch = w.shape[0]
     cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
     wmat = reshape(w, (out_ch, cols.shape[-1]))
-    y = transpose(_matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
+    y = transpose(matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
     if b is not None:
         _check_tensor(b, "conv2d bias")
         if b.shape != (out_ch,):
@@ -799,7 +799,7 @@ register_kernel("time_shift", _time_shift_builder)
 
 
 def _input_projection(x: Node, w_ih: Node, b_ih: Node | None, b_hh: Node | None) -> Node:
-    xp = _matmul_node(x, w_ih, False, True)  # (B, T, gates*H): one GEMM for the whole sequence
+    xp = matmul_node(x, w_ih, False, True)  # (B, T, gates*H): one GEMM for the whole sequence
     bias = b_ih if b_hh is None else (b_hh if b_ih is None else b_ih + b_hh)
     return xp if bias is None else xp + bias
 
@@ -846,7 +846,7 @@ def _lstm_vjp(node: Node, g: Node) -> list[Node]:
     dxp = Node("lstm_grad", (w_hh, c0, node, gates, g), {}, xp.shape, FLOAT)
     dh0, dc0 = _aux_of(dxp)
     hprev = time_shift(slice(node, 2, 0, hidden), h0)
-    return [dxp, _matmul_node(dxp, hprev, True, False), dh0, dc0]
+    return [dxp, matmul_node(dxp, hprev, True, False), dh0, dc0]
 
 
 def _gru_vjp(node: Node, g: Node) -> list[Node]:
@@ -855,14 +855,14 @@ def _gru_vjp(node: Node, g: Node) -> list[Node]:
     dxp = Node("gru_grad", (w_hh, h0, node, gates, g), {}, xp.shape, FLOAT)
     dhp, dh0, _ = _aux_of(dxp)
     hprev = time_shift(node, h0)
-    return [dxp, _matmul_node(dhp, hprev, True, False), reduce_(dhp, (0, 1), keepdims=False, mean=False), dh0]
+    return [dxp, matmul_node(dhp, hprev, True, False), reduce_(dhp, (0, 1), keepdims=False, mean=False), dh0]
 
 
 def _rnn_vjp(node: Node, g: Node) -> list[Node]:
     xp, w_hh, h0 = node.inputs
     dxp = Node("rnn_grad", (w_hh, node, g), {}, xp.shape, FLOAT)
     (dh0,) = _aux_of(dxp)
-    return [dxp, _matmul_node(dxp, time_shift(node, h0), True, False), dh0]
+    return [dxp, matmul_node(dxp, time_shift(node, h0), True, False), dh0]
 
 
 # --- recurrent cores: NumPy references (independent of the generated C) -----------------------

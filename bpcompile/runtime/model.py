@@ -886,7 +886,7 @@ def _remove_orphaned_temporaries(path: Path) -> None:
     mid-save): their names carry the writer's process id."""
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         try:
             tmp.unlink()
@@ -894,7 +894,8 @@ def _remove_orphaned_temporaries(path: Path) -> None:
             pass  # another writer removed it first, or it is not ours to remove
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a temporary file named after a live writer is left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

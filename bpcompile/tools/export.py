@@ -61,7 +61,7 @@ import numpy as np
 
 from ..errors import BPError, CheckpointError
 from ..ir.graph import size_factors
-from ..runtime.model import _process_alive, write_atomic
+from ..runtime.model import process_alive, write_atomic
 
 MAGIC = b"BPPARAM1"
 VERSION, VERSION_LOSS_STEPS = 1, 2  # version 2: a file with loss step records
@@ -683,5 +683,5 @@ def _remove_orphaned_exports(out: Path) -> None:
             continue
         for tmp in candidates:
             pid = tmp.name[len(out.name or "export") + 2:].split(".", 1)[0]
-            if pid.isdigit() and not _process_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+            if pid.isdigit() and not process_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
