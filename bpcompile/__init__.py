@@ -30,15 +30,17 @@ _LAZY = {
     "grad": "autodiff", "evaluate": "ops.reference", "set_num_threads": "runtime.threads",
     "num_threads": "runtime.threads", "to_onnx": "tools.onnx_export",
     "from_onnx": "tools.onnx_import",
-    **{name: "ops.families" for name in ("conv2d", "max_pool2d", "avg_pool2d", "lstm", "gru", "rnn", "batch_norm",
-                                         "dropout", "embedding", "concat", "slice")},
+    **{name: "ops.slicing" for name in ("concat", "slice")},
+    "conv2d": "ops.conv", "max_pool2d": "ops.pool", "avg_pool2d": "ops.pool", "embedding": "ops.embeddings",
+    "dropout": "ops.regularization", "batch_norm": "ops.normalization",
+    **{name: "ops.recurrent" for name in ("lstm", "gru", "rnn")},
     **{name: "ops.transformer" for name in ("constant", "where", "masked_fill", "max", "min", "layer_norm",
                                             "attention")},
 }
 # bp.<name> for the stage packages and, under their old flat names, the modules inside them
 _SUBMODULES = {name: name for name in ("ir", "symbolic", "ops", "autodiff", "passes", "codegen", "build", "compiler",
                                        "runtime", "train", "tools", "nn")}
-_SUBMODULES.update({"nn_ops": "ops.families", "reference": "ops.reference", "blas": "runtime.blas",
+_SUBMODULES.update({"nn_ops": "ops", "reference": "ops.reference", "blas": "runtime.blas",
                     "threads": "runtime.threads", "optim": "train.optim", "schedules": "train.schedules",
                     "init": "train.init", "training": "train.fit", "callbacks": "train.callbacks",
                     "distributed": "train.distributed", "cli": "tools.cli", "spec": "tools.spec",

@@ -130,7 +130,7 @@ class Conv2d(Layer):
         self.bias = self._param("bias", (out_channels,), "zeros") if bias else None
 
     def __call__(self, x: Node) -> Node:
-        from .ops.families import conv2d
+        from .ops.conv import conv2d
         y = conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
         return self.activation(y) if self.activation else y
 
@@ -149,7 +149,7 @@ class BatchNorm(Layer):
         self.bias = self._param("bias", (num_features,), "zeros")
 
     def __call__(self, x: Node) -> Node:
-        from .ops.families import batch_norm
+        from .ops.normalization import batch_norm
         y = batch_norm(x, self.weight, self.bias, momentum=self.momentum, eps=self.eps)
         for stat in ("running_mean", "running_var"):  # created by the first call
             self.graph.name_in_state_dict(f"{self.weight.attrs['name']}.{stat}", f"{self.name}.{stat}")
@@ -186,7 +186,7 @@ class LSTM(_Recurrent):
         return b
 
     def __call__(self, x: Node, h0: Node | None = None, c0: Node | None = None):
-        from .ops.families import lstm
+        from .ops.recurrent import lstm
         return lstm(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0, c0)
 
 
@@ -197,7 +197,7 @@ class GRU(_Recurrent):
     gates = 3
 
     def __call__(self, x: Node, h0: Node | None = None):
-        from .ops.families import gru
+        from .ops.recurrent import gru
         return gru(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
 
 
@@ -207,7 +207,7 @@ class RNN(_Recurrent):
     kind = "rnn"
 
     def __call__(self, x: Node, h0: Node | None = None):
-        from .ops.families import rnn
+        from .ops.recurrent import rnn
         return rnn(x, self.W_ih, self.W_hh, self.b_ih, self.b_hh, h0)
 
 
@@ -222,7 +222,7 @@ class Embedding(Layer):
         self.weight = self._param("weight", (num_embeddings, embedding_dim), init)
 
     def __call__(self, ids: Node) -> Node:
-        from .ops.families import embedding
+        from .ops.embeddings import embedding
         return embedding(ids, self.weight)
 
 
@@ -237,7 +237,7 @@ class Dropout(Layer):
         self.p, self.salt = float(p), int(salt)
 
     def __call__(self, x: Node) -> Node:
-        from .ops.families import dropout
+        from .ops.regularization import dropout
         return dropout(x, self.p, salt=self.salt)
 
 
@@ -303,7 +303,7 @@ class MultiHeadAttention(Layer):
         self.params.extend(self.out_proj.params)
 
     def __call__(self, x: Node) -> Node:
-        from .ops.families import slice
+        from .ops.slicing import slice
         from .ops.transformer import attention
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"{self.name}: expects (batch, time, {self.embed_dim}), got {x.shape}")

@@ -98,7 +98,7 @@ ROWS: list[Row] = [
     Row("slice-runtime-end", lambda x, a: bp.slice(x * a, 1, -2), {"a": (3,)}, {"x": ("batch", "time", 3)}),
     Row("slice-runtime-front", lambda x, a: bp.slice(x * a, 1, 0, 1), {"a": (3,)}, {"x": ("batch", "time", 3)}),
     # the previous-step view the recurrent backward uses: its own VJP (time_unshift) is checked here
-    Row("time_shift", lambda x, a, h: bp.ops.families.time_shift(x * a, h), {"a": (2,), "h": (3, 2)},
+    Row("time_shift", lambda x, a, h: bp.ops.recurrent.time_shift(x * a, h), {"a": (2,), "h": (3, 2)},
         {"x": (3, "time", 2)}),
 ]
 

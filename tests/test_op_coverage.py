@@ -10,7 +10,18 @@ import test_nn_ops
 import test_op_gradients
 
 import bpcompile as bp
-from bpcompile.ops import OPS, batched, families, transformer  # noqa: F401 - every op registered
+from bpcompile.ops import (  # noqa: F401 - every op registered
+    OPS,
+    batched,
+    conv,
+    embeddings,
+    normalization,
+    pool,
+    recurrent,
+    regularization,
+    slicing,
+    transformer,
+)
 
 # graph leaves: no op to check
 NOT_OPS = {"input", "param"}

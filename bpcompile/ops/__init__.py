@@ -1,10 +1,11 @@
 """The operations: each op's shape rule, vector-Jacobian product and NumPy reference, in the
-`OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random;
-`families`: conv, pool, embedding, dropout, batch norm, recurrent cells, slice/concat;
-`batched`: the batched matmul; `transformer`: constant, where/masked_fill, max/min, layer norm,
-attention), and the NumPy reference evaluator (`reference`, behind
-`bp.evaluate`). `families` and `reference` load
-on first use of one of their names, so using the core ops does not load the C code generator."""
+`OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random; one
+module per model family: `slicing` (slice, concat), `conv` (conv2d, im2col), `pool`,
+`embeddings`, `regularization` (dropout), `normalization` (batch norm), `recurrent` (LSTM, GRU,
+RNN), with the helpers they share in `shared`; `batched`: the batched matmul; `transformer`:
+constant, where/masked_fill, max/min, layer norm, attention), and the NumPy reference evaluator
+(`reference`, behind `bp.evaluate`). The family modules and `reference` load on first use of one
+of their names, so using the core ops does not load the C code generator."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 from . import core
 from .core import OPS, OpDef, register
 
-_LAZY_MODULES = ("families", "transformer", "reference")
+_LAZY_MODULES = ("slicing", "conv", "pool", "embeddings", "regularization", "normalization", "recurrent",
+                 "transformer", "reference")
 
-__all__ = ["OPS", "OpDef", "register", "core", "families", "transformer", "reference"]
+__all__ = ["OPS", "OpDef", "register", "core", *_LAZY_MODULES]
 
 
 def __getattr__(name: str) -> Any:

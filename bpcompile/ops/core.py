@@ -615,7 +615,7 @@ def nll_loss(log_probs: Node, labels: Node, reduction: str = "mean") -> Node:
     """-log_probs[label] with integer labels (class on the last axis), averaged over the labels
     ("mean") or summed ("sum"), as torch's F.nll_loss (e.g. of bp.log_softmax(logits)). A label
     outside [0, classes) makes the call raise InputError."""
-    from .families import embedding  # the family ops load after core (they import it)
+    from .embeddings import embedding  # the family ops load after core (they import it)
     from .transformer import constant
     _check_labels(log_probs, labels, "nll_loss", "log_probs")
     _check_reduction(reduction, "nll_loss")

@@ -276,7 +276,7 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
         scores = where(mask, scores, -math.inf)
     probs = masked_softmax(scores, scale, causal)
     if dropout:
-        from .families import dropout as drop
+        from .regularization import dropout as drop
         probs = drop(probs, dropout)
     return probs @ v
 

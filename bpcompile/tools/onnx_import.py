@@ -48,10 +48,11 @@ from typing import Any
 import numpy as np
 import sympy as sp
 
+from .. import ops as families  # the op families' functions, each found by name in its ops module
 from ..errors import CompileError, ShapeError
 from ..ir.graph import FLOAT, Graph, Node, broadcast_shapes, dim_factors, product_dim
 from ..ops import core as ops
-from ..ops import families, transformer
+from ..ops import transformer
 from ..symbolic.functions import ARGS, Fn, builtin
 from .onnx_export import DEFAULT_OPSET, _onnx
 
