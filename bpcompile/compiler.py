@@ -18,6 +18,7 @@ import sympy as sp
 from .autodiff import reverse as autodiff
 from .build import cffi_build as build
 from .codegen import module as codegen
+from .codegen.printer import print_formulas
 from .ir.graph import Graph, Node, named_dims, topo_order
 from .passes import pipeline as passes
 from .passes.pipeline import Storage
@@ -117,7 +118,7 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
         for sym in [p, g, *slots.values(), *hyper.values()]:
             printer.names[sym] = sym.name
         outputs = [new_slots[s] for s in optimizer.slots] + [new_p]
-        temps, values = codegen.print_formulas(outputs, printer, prefix=f"u{k}_" if k else "u")
+        temps, values = print_formulas(outputs, printer, prefix=f"u{k}_" if k else "u")
         used |= set().union(*(e.free_symbols for e in outputs))
         members = [n for n in trains if group_of[n] == k]
         ranges = _merged_ranges([(offsets[n], _next_offset(n, graph, offsets, param_size)) for n in members])
