@@ -1,5 +1,7 @@
 """Codegen: scheduled kernels -> C source, through Jinja2 templates and a SymPy C99 printer.
 
+This module holds the `Context` kernel builders are handed and the assembly of the whole C
+module; the printer is in `codegen.printer`, the core kinds' builders in `codegen.kernels`.
 Scalar formulas are printed by `CPrinter` after `sympy.cse`; every loop, signature, load and
 store is in `templates/`. Python only computes the data the templates fill in: names, sizes,
 index expressions and printed formulas. Each kernel's comment lists the graph nodes it computes.

@@ -62,6 +62,8 @@ def _embedding_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 register("embedding", vjp=_embedding_vjp, ref=_embedding_ref, kernel="embedding")
+
+
 def _embedding_grad_vjp(node: Node, g: Node) -> list[Node | None]:
     """embedding_grad adds rows of its cotangent into the table's rows: linear in it, so its VJP
     picks the rows back out (an embedding lookup of g)."""

@@ -18,7 +18,7 @@ import sympy as sp
 from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, Shape, shape_str
 from ..ir.kernel import Kernel
-from ..symbolic.cells import Cell, _gru_cell, _lstm_cell, _rnn_cell
+from ..symbolic.cells import Cell, gru_cell, lstm_cell, rnn_cell
 from .core import _check_tensor, _need_float, _no_grad, const, matmul_node, reduce_, register, register_kernel, reshape
 from .shared import _aux_of, _c, _multi_output
 from .slicing import slice
@@ -327,7 +327,7 @@ def _sizes(k: Kernel, ctx: Context, hidden: int, gates: int) -> dict[str, Any]:
 def _lstm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 xp (B,T,4H), in1 W_hh, in2 h0, in3 c0; outputs: out0 hc (B,T,2H), out1 gates (B,T,4H)
     hidden = k.nodes[0].inputs[1].shape[1]
-    cell, s = _lstm_cell()
+    cell, s = lstm_cell()
     H = hidden
     loads = [(s["xi"], _seq("in0", 4 * H)), (s["xf"], _seq("in0", 4 * H, H)), (s["xg"], _seq("in0", 4 * H, 2 * H)),
              (s["xo"], _seq("in0", 4 * H, 3 * H)), (s["hi"], _seq("out1", 4 * H)),
@@ -345,7 +345,7 @@ def _lstm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 def _gru_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 xp (B,T,3H), in1 W_hh, in2 b_hh, in3 h0; outputs: out0 h (B,T,H), out1 gates (B,T,4H)
     H = k.nodes[0].inputs[1].shape[1]
-    cell, s = _gru_cell()
+    cell, s = gru_cell()
     loads = [(s["xr"], _seq("in0", 3 * H)), (s["xz"], _seq("in0", 3 * H, H)), (s["xn"], _seq("in0", 3 * H, 2 * H)),
              (s["hr"], _seq("out1", 4 * H)), (s["hz"], _seq("out1", 4 * H, H)), (s["hnr"], _seq("out1", 4 * H, 2 * H)),
              (s["br"], "in2[j]"), (s["bz"], f"in2[{H} + j]"), (s["bn"], f"in2[{2 * H} + j]"),
@@ -361,7 +361,7 @@ def _gru_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 def _rnn_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 xp (B,T,H), in1 W_hh, in2 h0; output: out0 h (B,T,H)
     H = k.nodes[0].inputs[1].shape[1]
-    cell, s = _rnn_cell()
+    cell, s = rnn_cell()
     loads = [(s["x"], _seq("in0", H)), (s["hh"], _seq("out0", H))]
     body = _formulas(ctx, loads, [cell.expr(s["h"])], [_seq("out0", H)])
     return {**_sizes(k, ctx, H, 1), "kind": "tanh RNN", "seq": "out0", "seq_width": H, "h0": "in2",
@@ -372,7 +372,7 @@ def _lstm_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 W_hh, in1 c0, in2 hc, in3 gates, in4 g (B,T,2H);
     # outputs: out0 dxp (B,T,4H), out1 dh (running; dh0 at the end), out2 dc (running; dc0)
     H = k.nodes[0].inputs[0].shape[1]
-    cell, s = _lstm_cell()
+    cell, s = lstm_cell()
     dh, dc = Cell.leaf("dh"), Cell.leaf("dc")
     stored = [s["i"], s["f"], s["g"], s["o"], s["c"], s["cp"]]
     loads = [(s["i"], _seq("in3", 4 * H)), (s["f"], _seq("in3", 4 * H, H)), (s["g"], _seq("in3", 4 * H, 2 * H)),
@@ -392,7 +392,7 @@ def _gru_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 W_hh, in1 h0, in2 h (B,T,H), in3 gates (B,T,4H), in4 g (B,T,H);
     # outputs: out0 dxp (B,T,3H), out1 dhp (B,T,3H), out2 dh (running; dh0), out3 scratch (B,H)
     H = k.nodes[0].inputs[0].shape[1]
-    cell, s = _gru_cell()
+    cell, s = gru_cell()
     dh = Cell.leaf("dh")
     stored = [s["r"], s["z"], s["n"], s["hn"], s["hp"]]
     loads = [(s["r"], _seq("in3", 4 * H)), (s["z"], _seq("in3", 4 * H, H)), (s["n"], _seq("in3", 4 * H, 2 * H)),
@@ -411,7 +411,7 @@ def _gru_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 def _rnn_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     # inputs: in0 W_hh, in1 h (B,T,H), in2 g; outputs: out0 dxp (B,T,H), out1 dh (running; dh0)
     H = k.nodes[0].inputs[0].shape[1]
-    cell, s = _rnn_cell()
+    cell, s = rnn_cell()
     dh = Cell.leaf("dh")
     loads = [(s["h"], _seq("in1", H)), (dh, f"{_seq('in2', H)} + {_state('out1', H)}")]
     (da,) = cell.backward({s["h"]: dh}, [s["x"]], {s["h"]})

@@ -12,6 +12,8 @@ import sympy as sp
 from . import functions as sym
 from .functions import ARGS, OUT, Fn
 
+__all__ = ["Cell", "lstm_cell", "gru_cell", "rnn_cell"]
+
 
 class Cell:
     """A recurrent cell as a small program of scalar `Fn` steps.
@@ -78,7 +80,8 @@ class Cell:
         return [adj.get(w, sp.Integer(0)) for w in wrt]
 
 
-def _lstm_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+def lstm_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+    """PyTorch's LSTM cell (gates i, f, g, o) and its symbols by name."""
     c = Cell()
     L = Cell.leaf
     xi, xf, xg, xo, hi, hf, hg, ho, cp = (L(n) for n in ("xi", "xf", "xg", "xo", "hi", "hf", "hg", "ho", "cp"))
@@ -90,7 +93,8 @@ def _lstm_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
                "ai": ai, "af": af, "ag": ag, "ao": ao, "i": i, "f": f, "g": g, "o": o, "c": cell, "h": h}
 
 
-def _gru_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+def gru_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+    """PyTorch's GRU cell (gates r, z, n; b_hh's n part inside r * (...)) and its symbols by name."""
     c = Cell()
     L = Cell.leaf
     xr, xz, xn, hr, hz, hnr, br, bz, bn, hp = (L(n) for n in ("xr", "xz", "xn", "hr", "hz", "hnr", "br", "bz", "bn",
@@ -105,7 +109,8 @@ def _gru_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
                "hp": hp, "ar": ar, "az": az, "r": r, "z": z, "hn": hn, "n": n, "h": h}
 
 
-def _rnn_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+def rnn_cell() -> tuple[Cell, dict[str, sp.Symbol]]:
+    """The tanh RNN cell, h = tanh(x + hh), and its symbols by name."""
     c = Cell()
     x, hh = Cell.leaf("x"), Cell.leaf("hh")
     a = c("a", "add", x, hh)
