@@ -9,6 +9,7 @@ index expressions and printed formulas. Each kernel's comment lists the graph no
 
 from __future__ import annotations
 
+import collections
 import functools
 import keyword
 import re
@@ -198,7 +199,6 @@ class ModuleRenderer:
         self.options = options
         self.kernel_texts: list[str] = []
         self.kernel_by_text: dict[str, str] = {}
-        self.kernel_uses: dict[str, int] = {}
         self.kernel_by_nodes: dict[tuple, tuple[str, list[str]]] = {}
         self._node_ids: dict[Node, int] | None = None
         self._printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = {}
@@ -230,7 +230,6 @@ class ModuleRenderer:
         key = (k.kind, tuple(k.nodes), tuple(k.inputs), tuple(k.outputs))
         if key not in self.kernel_by_nodes:
             self.kernel_by_nodes[key] = self._new_kernel(k)
-            self.kernel_uses[self.kernel_by_nodes[key][0]] += 1
         return self.kernel_by_nodes[key]
 
     def _new_kernel(self, k: Kernel) -> tuple[str, list[str]]:
@@ -264,7 +263,6 @@ class ModuleRenderer:
         if fname is None:
             fname = f"k{len(self.kernel_texts)}_{kind}"
             self.kernel_by_text[text] = fname
-            self.kernel_uses[fname] = 0
             lines = "\n *   ".join(comment or [])
             self.kernel_texts.append(text.replace("KERNEL_NAME", fname).replace(COMMENT_SLOT, lines))
         return fname
@@ -337,10 +335,11 @@ class ModuleRenderer:
 
     def _shared_noted(self) -> list[str]:
         """The kernel texts, each shared one saying how many node groups call it."""
+        uses = collections.Counter(fname for fname, _ in self.kernel_by_nodes.values())
         texts = []
-        for text, (fname, uses) in zip(self.kernel_texts, self.kernel_uses.items()):
-            if uses > 1:
-                text = f"/* {fname}: called for {uses} node groups, each call commented with its own */\n{text}"
+        for text, fname in zip(self.kernel_texts, self.kernel_by_text.values()):
+            if uses[fname] > 1:
+                text = f"/* {fname}: called for {uses[fname]} node groups, each call commented with its own */\n{text}"
             texts.append(text)
         return texts
 
