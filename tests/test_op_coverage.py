@@ -69,3 +69,48 @@ def test_every_backward_op_is_reached_from_its_forward_op() -> None:
             forward = op[: -len("_grad")]
             assert forward in covered, f"{op} is reached but {forward} is not"
             assert set(rows) & set(covered[forward]), f"no row differentiates {forward} into {op}"
+
+
+def test_every_registered_op_has_a_reference_and_a_display_rule() -> None:
+    """An op is one unit: with its VJP it declares the NumPy reference the gradient tables compare
+    against and the display rule `bpcompile show` and the kernel comments write it with."""
+    no_ref = sorted(op for op, d in OPS.items() if op not in NOT_OPS and not callable(d.ref))
+    no_display = sorted(op for op, d in OPS.items() if not callable(d.display))
+    assert not no_ref, f"ops with no NumPy reference: {no_ref}"
+    assert not no_display, f"ops with no display rule (register(..., display=...)): {no_display}"
+
+
+# ops `bpcompile show` never writes: training mode is shown, so every mode_select is resolved; the
+# GRU backward's scratch is an extra result of its kernel that no node reads
+NEVER_SHOWN = {"mode_select", "gru_grad_scratch"}
+
+
+def test_show_writes_every_op_with_its_display_rule(monkeypatch) -> None:
+    """`show --grad` of every gradient-table row, in text and LaTeX: each op the rows reach is
+    written through its own rule (recorded here), and the rules hold up on real graphs."""
+    import dataclasses
+
+    from bpcompile.tools import explain
+    used: set[str] = set()
+
+    def recording(op: str, rule):
+        def display(node, args, notation):
+            used.add(op)
+            text, prec = rule(node, args, notation)
+            assert isinstance(text, str) and text and prec in range(1, 6), (op, text, prec)
+            return text, prec
+        return display
+
+    for op, d in list(OPS.items()):
+        monkeypatch.setitem(OPS, op, dataclasses.replace(d, display=recording(op, d.display)))
+    reached: set[str] = set()
+    tables = [(test_op_gradients, lambda row: test_op_gradients.build(row, 2, np.random.default_rng(0))),
+              (test_nn_ops, lambda row: test_nn_ops.build(row, np.random.default_rng(0)))]
+    for module, build in tables:
+        for row in module.ROWS:
+            graph, _ = build(row)
+            reached |= _ops_of(graph)
+            ex = explain.explain(graph)
+            assert explain.explain_text(ex) and explain.explain_latex(ex), row.name
+    missing = sorted(reached - used - NOT_OPS - NEVER_SHOWN)
+    assert not missing, f"ops the rows reach that show --grad does not write with their rule: {missing}"

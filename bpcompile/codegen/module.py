@@ -13,7 +13,7 @@ import collections
 import functools
 import keyword
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ import sympy as sp
 from ..errors import CompileError
 from ..ir.graph import INT, Node, Shape
 from ..ir.kernel import Kernel, Mono
-from ..ops.core import BUILDERS, FAILING_KINDS
+from ..ops.core import BUILDERS, FAILING_KINDS, OPS
+from ..ops.display import ADD, ATOM, Notation, Shown
 from ..passes.pipeline import Schedule, Storage, view_root
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS
@@ -124,29 +125,26 @@ Builder = Callable[[Kernel, Context], dict[str, Any]]
 
 # --- describing nodes (kernel comments, `bpcompile show`) -------------------------------------
 
-def describe(node: Node, name: Callable[[Node], str]) -> str:
-    """A one-line formula for what a node computes, in terms of its inputs' names."""
-    args = [name(x) for x in node.inputs]
-    op = node.op
-    if op == "ew":
-        fn = node.attrs["fn"]
-        if not args:
-            return f"fill({fn.expr})"
+class _CommentNotation(Notation):
+    """Kernel comments: the plain-text notation of `bpcompile show`, with an elementwise node
+    written as its function, or as its SymPy formula over the operands' names."""
+
+    def formula(self, node: Node, args: Sequence[Shown]) -> Shown:
+        fn, names = node.attrs["fn"], [a for a, _ in args]
+        if not names:
+            return f"fill({fn.expr})", ATOM
         if fn.name in ew_mod.BUILTIN and fn.expr == ew_mod.BUILTIN[fn.name][0]:
-            return f"{fn.name}({', '.join(args)})"
-        return str(fn.expr.xreplace({ARGS[i]: sp.Symbol(a) for i, a in enumerate(args)}))
-    if op == "matmul":
-        a = args[0] + ("ᵀ" if node.attrs["ta"] else "")
-        b = args[1] + ("ᵀ" if node.attrs["tb"] else "")
-        return f"{a} @ {b}"
-    if op == "reduce":
-        f = "mean" if node.attrs["mean"] else "sum"
-        return f"{f}({args[0]}, axes={node.attrs['axes']}{', keepdims' if node.attrs['keepdims'] else ''})"
-    if op == "reshape":
-        return f"reshape({args[0]})"
-    if op == "transpose":
-        return f"transpose({args[0]}, {node.attrs['axes']})"
-    return f"{op}({', '.join(args)})"
+            return f"{fn.name}({', '.join(names)})", ATOM
+        return str(fn.expr.xreplace({ARGS[i]: sp.Symbol(a) for i, a in enumerate(names)})), ADD
+
+
+_COMMENTS = _CommentNotation()
+
+
+def describe(node: Node, name: Callable[[Node], str]) -> str:
+    """A one-line formula for what a node computes, in terms of its inputs' names (its op's
+    display rule, as `bpcompile show` writes it)."""
+    return OPS[node.op].display(node, [(name(x), ATOM) for x in node.inputs], _COMMENTS)[0]
 
 
 # --- rendering a whole module ------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, broadcast_shapes, shape_str
 from ..ir.kernel import Kernel, Mono, broadcast_strides, coalesce, contiguous_strides
-from .core import concrete, register, register_kernel, register_rewrite, reshape, unbroadcast
+from .core import concrete, matmul_display, register, register_kernel, register_rewrite, reshape, unbroadcast
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
     from ..codegen.module import Context
@@ -74,7 +74,7 @@ def _bmatmul_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np
     return np.matmul(a, b).reshape(concrete(node.shape, dims))
 
 
-register("bmatmul", vjp=_bmatmul_vjp, ref=_bmatmul_ref, kernel="bmatmul")
+register("bmatmul", vjp=_bmatmul_vjp, ref=_bmatmul_ref, kernel="bmatmul", display=matmul_display)
 
 
 def _swaps_last_two(x: Node) -> bool:

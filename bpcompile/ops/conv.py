@@ -12,6 +12,7 @@ from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, shape_str
 from ..ir.kernel import Kernel
 from .core import _check_tensor, matmul_node, register, register_kernel, reshape, transpose
+from .display import called
 from .shared import _c, _check_nchw, _conv_geometry, _pair
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
@@ -70,9 +71,11 @@ def _geom(node: Node) -> tuple:
 
 
 register("im2col", vjp=lambda node, g: [col2im(g, node.attrs["image"], *_geom(node))],
-         ref=lambda node, args, dims: _im2col_ref(args[0], *_geom(node)), kernel="im2col")
+         ref=lambda node, args, dims: _im2col_ref(args[0], *_geom(node)), kernel="im2col",
+         display=called())
 register("col2im", vjp=lambda node, g: [im2col(g, *_geom(node))],
-         ref=lambda node, args, dims: _col2im_ref(args[0], node.attrs["image"], *_geom(node)), kernel="im2col")
+         ref=lambda node, args, dims: _col2im_ref(args[0], node.attrs["image"], *_geom(node)), kernel="im2col",
+         display=called())
 
 
 def _im2col_builder(k: Kernel, ctx: Context) -> dict[str, Any]:

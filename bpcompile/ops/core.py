@@ -35,6 +35,7 @@ from ..ir.graph import (
 from ..ir.kernel import Kernel
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
+from .display import ATOM, MUL, POW, UNARY, Display, Notation, Shown, called, leaf
 
 VJP = Callable[[Node, Node], Sequence["Node | None"]]
 Ref = Callable[[Node, list[np.ndarray], dict[str, int]], np.ndarray]
@@ -49,14 +50,18 @@ class OpDef:
     kernel: str
     # extra results the same kernel writes (multi-output ops), as nodes of kernel kind "aux"
     aux: Callable[[Node], list[Node]] | None = None
+    # how the op is written in formulas (`bpcompile show`, kernel comments): see ops.display
+    display: Display | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
 def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
-             aux: Callable[[Node], list[Node]] | None = None) -> None:
-    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux)
+             aux: Callable[[Node], list[Node]] | None = None, display: Display | None = None) -> None:
+    """Declare an op: its VJP (None for leaves), NumPy reference, kernel kind, the extra results
+    its kernel writes, and its display rule (tests/test_op_coverage.py requires one per op)."""
+    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux, display=display)
 
 
 # Lowering: each kernel kind's builder, which returns the context of templates/<kind>.c.j2. The op
@@ -109,8 +114,8 @@ def _check_tensor(x: Any, what: str) -> Node:
 
 # --- leaves ------------------------------------------------------------------------------
 
-register("input", vjp=None, ref=lambda node, args, dims: None, kernel="leaf")
-register("param", vjp=None, ref=lambda node, args, dims: None, kernel="leaf")
+register("input", vjp=None, ref=lambda node, args, dims: None, kernel="leaf", display=leaf)
+register("param", vjp=None, ref=lambda node, args, dims: None, kernel="leaf", display=leaf)
 
 
 # --- elementwise ---------------------------------------------------------------------------
@@ -224,7 +229,8 @@ def _ew_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndar
     return np.broadcast_to(np.asarray(value, dtype=np.float64), concrete(node.shape, dims)).copy()
 
 
-register("ew", vjp=_ew_vjp, ref=_ew_ref, kernel="elementwise")
+register("ew", vjp=_ew_vjp, ref=_ew_ref, kernel="elementwise",
+         display=lambda node, args, n: n.formula(node, args))  # SymPy's formula, printed by the notation
 
 
 def concrete(shape: Shape, dims: dict[str, int]) -> tuple[int, ...]:
@@ -350,7 +356,14 @@ def _reduce_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.
     return f(args[0], axis=node.attrs["axes"], keepdims=node.attrs["keepdims"])
 
 
-register("reduce", vjp=_reduce_vjp, ref=_reduce_ref, kernel="reduce")
+def _reduce_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """Σ_batch x, mean x: the reduced axes as subscripts, none when every axis is reduced."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    labels = [] if len(axes) == x.ndim else n.axes(x, axes)
+    return n.reduction("mean" if node.attrs["mean"] else "Σ", labels, n.at_least(args[0], POW)), UNARY
+
+
+register("reduce", vjp=_reduce_vjp, ref=_reduce_ref, kernel="reduce", display=_reduce_display)
 
 
 # --- views and layout -----------------------------------------------------------------------
@@ -403,8 +416,16 @@ def _inferred_dim(coef: int, names: tuple[str, ...], known: list, what: str) -> 
     return product_dim(coef // kcoef, (Counter(names) - Counter(knames)).elements())
 
 
+def _reshape_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """reshape(x, (shape)); one that only adds or drops size-1 dims is written as x itself."""
+    if [d for d in node.inputs[0].shape if d != 1] == [d for d in node.shape if d != 1]:
+        return args[0]
+    return n.call("reshape", args[0][0], "(" + ", ".join(str(d) for d in node.shape) + ")"), ATOM
+
+
 register("reshape", vjp=lambda node, g: [reshape(g, node.inputs[0].shape)],
-         ref=lambda node, args, dims: args[0].reshape(concrete(node.shape, dims)), kernel="view")
+         ref=lambda node, args, dims: args[0].reshape(concrete(node.shape, dims)), kernel="view",
+         display=_reshape_display)
 
 
 def flatten(x: Node) -> Node:
@@ -430,8 +451,16 @@ def transpose(x: Node, axes: Any = None) -> Node:
     return Node("transpose", (x,), {"axes": perm}, tuple(x.shape[p] for p in perm), x.dtype)
 
 
+def _transpose_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """xᵀ for a matrix, transpose(x, axes) otherwise."""
+    if node.attrs["axes"] == (1, 0):
+        return n.at_least(args[0], ATOM) + n.TOP, POW
+    return n.call("transpose", args[0][0], str(node.attrs["axes"])), ATOM
+
+
 register("transpose", vjp=lambda node, g: [transpose(g, tuple(np.argsort(node.attrs["axes"])))],
-         ref=lambda node, args, dims: np.transpose(args[0], node.attrs["axes"]), kernel="transpose")
+         ref=lambda node, args, dims: np.transpose(args[0], node.attrs["axes"]), kernel="transpose",
+         display=_transpose_display)
 
 
 # --- matrix products ------------------------------------------------------------------------
@@ -491,7 +520,12 @@ def _matmul_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.
     return (a @ b).reshape(concrete(node.shape, dims))
 
 
-register("matmul", vjp=_matmul_vjp, ref=_matmul_ref, kernel="gemm")
+def matmul_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """a · bᵀ: the transpose flags as ᵀ (of the last two axes, for a batched product)."""
+    return n.product(n.side(args[0], node.attrs["ta"]), n.side(args[1], node.attrs["tb"])), MUL
+
+
+register("matmul", vjp=_matmul_vjp, ref=_matmul_ref, kernel="gemm", display=matmul_display)
 
 
 # --- softmax family ------------------------------------------------------------------------
@@ -523,9 +557,9 @@ def _log_softmax_ref(x: np.ndarray) -> np.ndarray:
 
 
 register("softmax", vjp=lambda node, g: [node * (g - sum(g * node, axis=-1, keepdims=True))],
-         ref=lambda node, args, dims: _softmax_ref(args[0]), kernel="softmax")
+         ref=lambda node, args, dims: _softmax_ref(args[0]), kernel="softmax", display=called())
 register("log_softmax", vjp=lambda node, g: [g - exp(node) * sum(g, axis=-1, keepdims=True)],
-         ref=lambda node, args, dims: _log_softmax_ref(args[0]), kernel="softmax")
+         ref=lambda node, args, dims: _log_softmax_ref(args[0]), kernel="softmax", display=called())
 
 
 # --- losses -------------------------------------------------------------------------------
@@ -658,8 +692,22 @@ def _softmax_ce_grad_vjp(node: Node, g: Node) -> list[Node | None]:
     return [ew(Fn("softmax_ce_hvp", ARGS[0] * ARGS[1] / rows, 2), p, centred), None]
 
 
-register("softmax_ce", vjp=_softmax_ce_vjp, ref=_softmax_ce_ref, kernel="softmax_ce")
-register("softmax_ce_grad", vjp=_softmax_ce_grad_vjp, ref=_softmax_ce_grad_ref, kernel="softmax_ce")
+def _softmax_ce_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """mean_batch -log softmax(logits)[labels]."""
+    logits, labels = args[0][0], args[1][0]
+    picked = rf"-\log {n.call('softmax', logits)}_{{{labels}}}" if n.tex else f"-log softmax({logits})[{labels}]"
+    return n.reduction("mean", [str(d) for d in node.inputs[1].shape], picked), UNARY
+
+
+def _softmax_ce_grad_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """(softmax(logits) - onehot(labels)) / rows: the mean's gradient with respect to the logits."""
+    logits, labels = args[0][0], args[1][0]
+    return n.fraction(f"{n.call('softmax', logits)} - {n.call('onehot', labels)}", n.rows(node.inputs[1].shape))
+
+
+register("softmax_ce", vjp=_softmax_ce_vjp, ref=_softmax_ce_ref, kernel="softmax_ce", display=_softmax_ce_display)
+register("softmax_ce_grad", vjp=_softmax_ce_grad_vjp, ref=_softmax_ce_grad_ref, kernel="softmax_ce",
+         display=_softmax_ce_grad_display)
 
 
 # --- training / evaluation mode ----------------------------------------------------------
@@ -677,7 +725,8 @@ def mode_select(train: Node, evaluate: Node) -> Node:
 
 
 register("mode_select", vjp=lambda node, g: [g, None],
-         ref=lambda node, args, dims: args[0 if dims.get("__training__", 1) else 1], kernel="mode")
+         ref=lambda node, args, dims: args[0 if dims.get("__training__", 1) else 1], kernel="mode",
+         display=lambda node, args, n: (n.call("training_or_eval", *(a for a, _ in args)), ATOM))
 
 
 # --- random numbers ------------------------------------------------------------------------
@@ -712,4 +761,5 @@ def _random_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.
     return stream.reshape(shape)
 
 
-register("random_uniform", vjp=lambda node, g: [], ref=_random_ref, kernel="random")
+register("random_uniform", vjp=lambda node, g: [], ref=_random_ref, kernel="random",
+         display=lambda node, args, n: (n.call("uniform", "(" + ", ".join(str(d) for d in node.shape) + ")"), ATOM))

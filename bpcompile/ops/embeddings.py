@@ -3,6 +3,7 @@ gradient adds the incoming rows back into the table's rows (`embedding_grad`).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from ..errors import ShapeError
 from ..ir.graph import FLOAT, INT, Node, shape_str
 from ..ir.kernel import Kernel
 from .core import _check_tensor, _need_float, register, register_kernel
+from .display import ATOM, Notation, Shown, called
 from .shared import _c
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
@@ -61,7 +63,12 @@ def _embedding_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
             "D": node.shape[-1]}
 
 
-register("embedding", vjp=_embedding_vjp, ref=_embedding_ref, kernel="embedding")
+def _embedding_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """table[indices]: the rows of the table the indices pick."""
+    return f"{n.at_least(args[1], ATOM)}[{args[0][0]}]", ATOM
+
+
+register("embedding", vjp=_embedding_vjp, ref=_embedding_ref, kernel="embedding", display=_embedding_display)
 
 
 def _embedding_grad_vjp(node: Node, g: Node) -> list[Node | None]:
@@ -71,5 +78,6 @@ def _embedding_grad_vjp(node: Node, g: Node) -> list[Node | None]:
     return [embedding(ids, g), None]
 
 
-register("embedding_grad", vjp=_embedding_grad_vjp, ref=_embedding_grad_ref, kernel="embedding")
+register("embedding_grad", vjp=_embedding_grad_vjp, ref=_embedding_grad_ref, kernel="embedding",
+         display=called("scatter_add"))
 register_kernel("embedding", _embedding_builder, failing=True)

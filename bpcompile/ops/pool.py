@@ -10,6 +10,7 @@ import numpy as np
 from ..ir.graph import FLOAT, Node
 from ..ir.kernel import Kernel
 from .core import _no_grad, concrete, register, register_kernel
+from .display import called
 from .shared import _aux_of, _c, _check_nchw, _conv_geometry, _multi_output, _pair
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
@@ -73,7 +74,8 @@ def _max_pool_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int])
 
 
 _multi_output("max_pool2d", "pool", _max_pool_vjp, _max_pool_ref, [("max_pool2d_argmax", lambda node: node.shape)])
-register("max_pool2d_grad", vjp=_no_grad("max_pool2d_grad"), ref=_max_pool_grad_ref, kernel="pool_grad")
+register("max_pool2d_grad", vjp=_no_grad("max_pool2d_grad"), ref=_max_pool_grad_ref, kernel="pool_grad",
+         display=called())
 
 
 def _avg_pool_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:
@@ -94,9 +96,9 @@ def _avg_pool_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int])
 
 register("avg_pool2d", vjp=lambda node, g: [Node("avg_pool2d_grad", (g,), dict(node.attrs), node.inputs[0].shape,
                                                  FLOAT)],
-         ref=_avg_pool_ref, kernel="pool")
+         ref=_avg_pool_ref, kernel="pool", display=called())
 register("avg_pool2d_grad", vjp=lambda node, g: [avg_pool2d(g, node.attrs["kernel"], node.attrs["stride"])],
-         ref=_avg_pool_grad_ref, kernel="pool_grad")
+         ref=_avg_pool_grad_ref, kernel="pool_grad", display=called())
 
 
 def _pool_builder(k: Kernel, ctx: Context) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..ir.graph import FLOAT, Node, Shape, shape_str
 from ..ir.kernel import Kernel
 from ..symbolic.cells import Cell, gru_cell, lstm_cell, rnn_cell
 from .core import _check_tensor, _need_float, _no_grad, const, matmul_node, reduce_, register, register_kernel, reshape
+from .display import called
 from .shared import _aux_of, _c, _multi_output
 from .slicing import slice
 
@@ -95,9 +96,9 @@ def _time_unshift_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) 
 
 
 register("time_shift", vjp=lambda node, g: [_time_unshift(g), _first_step(g)], ref=_time_shift_ref,
-         kernel="time_shift")
+         kernel="time_shift", display=called())
 register("time_unshift", vjp=lambda node, g: [time_shift(g, const(0.0, (g.shape[0], g.shape[2])))],
-         ref=_time_unshift_ref, kernel="time_shift")
+         ref=_time_unshift_ref, kernel="time_shift", display=called())
 
 
 def _first_step(seq: Node) -> Node:
@@ -297,7 +298,7 @@ _multi_output("gru_core", "gru", _gru_vjp, _gru_ref, [("gru_gates", _seq_shape(l
 _multi_output("gru_grad", "gru_grad", _no_grad("gru_grad"), _gru_grad_ref,
               [("gru_grad_hp", _seq_shape(lambda h: 3 * h)), ("gru_grad_h0", _state_shape),
                ("gru_grad_scratch", _state_shape)])
-register("rnn_core", vjp=_rnn_vjp, ref=_rnn_ref, kernel="rnn")
+register("rnn_core", vjp=_rnn_vjp, ref=_rnn_ref, kernel="rnn", display=called())
 _multi_output("rnn_grad", "rnn_grad", _no_grad("rnn_grad"), _rnn_grad_ref, [("rnn_grad_h0", _state_shape)])
 
 

@@ -13,6 +13,7 @@ from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, Shape, shape_str
 from ..ir.kernel import Mono
 from .core import _check_tensor, _need_float, _no_grad, register
+from .display import ATOM, Display, Notation, Shown, called
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
     from ..codegen.module import Context
@@ -41,19 +42,27 @@ def _c(ctx: Context, *dims: Any) -> str:
 
 
 def _multi_output(name: str, kernel: str, vjp: Callable | None, ref_all: Callable,
-                  aux_specs: Sequence[tuple[str, Callable[[Node], Shape]]]) -> None:
+                  aux_specs: Sequence[tuple[str, Callable[[Node], Shape]]], display: Display | None = None) -> None:
     """Register an op whose kernel also writes extra results (aux nodes, read by its backward).
 
     An aux node takes (main node, *main inputs) as inputs, so the reference interpreter can
-    recompute it; `ref_all(node, args, dims)` returns the main value then every aux value.
+    recompute it; `ref_all(node, args, dims)` returns the main value then every aux value. The op
+    is written as name(inputs) unless `display` says otherwise; an aux value as aux_name(main).
     """
     def aux(node: Node) -> list[Node]:
         return [Node(aname, (node, *node.inputs), {}, shape_fn(node), FLOAT) for aname, shape_fn in aux_specs]
 
-    register(name, vjp=vjp, ref=lambda node, args, dims: ref_all(node, args, dims)[0], kernel=kernel, aux=aux)
+    register(name, vjp=vjp, ref=lambda node, args, dims: ref_all(node, args, dims)[0], kernel=kernel, aux=aux,
+             display=display or called())
     for k, (aname, _) in enumerate(aux_specs):
         register(aname, vjp=_no_grad(aname), kernel="aux",
-                 ref=lambda node, args, dims, k=k: ref_all(node.inputs[0], args[1:], dims)[k + 1])
+                 ref=lambda node, args, dims, k=k: ref_all(node.inputs[0], args[1:], dims)[k + 1],
+                 display=aux_display)
+
+
+def aux_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """An extra result of a kernel, written as what it belongs to: lstm_gates(H1)."""
+    return n.call(node.op, args[0][0]), ATOM
 
 
 def _aux_of(node: Node) -> list[Node]:

@@ -13,6 +13,7 @@ from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, Shape, shape_str
 from ..ir.kernel import Kernel, Mono
 from .core import _check_tensor, _need_float, concrete, register, register_kernel
+from .display import called
 from .shared import _c
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
@@ -89,10 +90,10 @@ def _pad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.nda
 
 
 register("slice", vjp=lambda node, g: [_pad(g, node.inputs[0].shape, node.attrs["axis"], node.attrs["begin"])],
-         ref=_slice_ref, kernel="slice")
+         ref=_slice_ref, kernel="slice", display=called())
 register("pad", vjp=lambda node, g: [slice(g, node.attrs["axis"], node.attrs["begin"],
                                            _stop(node.attrs["begin"], node.inputs[0].shape[node.attrs["axis"]]))],
-         ref=_pad_ref, kernel="slice")
+         ref=_pad_ref, kernel="slice", display=called())
 
 
 def _stop(begin: int, length: int) -> int | None:
@@ -153,7 +154,7 @@ def _concat_vjp(node: Node, g: Node) -> list[Node]:
 
 
 register("concat", vjp=_concat_vjp, kernel="concat",
-         ref=lambda node, args, dims: np.concatenate(args, axis=node.attrs["axis"]))
+         ref=lambda node, args, dims: np.concatenate(args, axis=node.attrs["axis"]), display=called())
 
 
 def _concat_builder(k: Kernel, ctx: Context) -> dict[str, Any]:

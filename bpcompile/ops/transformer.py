@@ -22,6 +22,7 @@ Each follows ops/core.py's pattern (shape rule, VJP in graph ops, NumPy referenc
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +45,7 @@ from .core import (
     reshape,
     sum,
 )
+from .display import ATOM, MUL, POW, Notation, Shown, called, number
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
     from ..codegen.module import Context
@@ -75,7 +77,8 @@ def _constant_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 register("constant", vjp=lambda node, g: [], kernel="constant",
-         ref=lambda node, args, dims: node.attrs["values"].copy())
+         ref=lambda node, args, dims: node.attrs["values"].copy(),
+         display=lambda node, args, n: (n.call("constant", shape_str(node.shape)), ATOM))
 register_kernel("constant", _constant_builder)
 
 
@@ -165,8 +168,15 @@ def _extreme_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np
     return f(args[0], axis=node.attrs["axes"], keepdims=node.attrs["keepdims"])
 
 
+def _extreme_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """max(x), or max_T(x) over some axes."""
+    x, axes = node.inputs[0], node.attrs["axes"]
+    labels = "" if len(axes) == x.ndim else "_" + ",".join(n.axes(x, axes))
+    return n.call(("max" if node.op == "amax" else "min") + labels, args[0][0]), ATOM
+
+
 for _op in ("amax", "amin"):
-    register(_op, vjp=_extreme_vjp, ref=_extreme_ref, kernel="reduce")
+    register(_op, vjp=_extreme_vjp, ref=_extreme_ref, kernel="reduce", display=_extreme_display)
 
 
 # --- layer norm -----------------------------------------------------------------------------------
@@ -219,11 +229,21 @@ def _layer_norm_grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int
     return rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
 
 
+def _layer_norm_grad_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """(g, x̂, 1/std) -> 1/std ⊙ (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂)): g projected off 1 and x̂."""
+    g, xhat, rstd = (a for a, _ in args)
+    rstd = n.at_least(args[2], POW)
+    inner = f"{g} - {n.call('mean', g)} - {xhat}{n.ODOT}{n.call('mean', g + n.ODOT + xhat)}"
+    return f"{rstd}{n.ODOT}{n.group(inner)}", MUL
+
+
 register("layer_norm", vjp=_layer_norm_vjp, kernel="layer_norm", aux=_layer_norm_aux,
-         ref=lambda node, args, dims: _layer_norm_all(node, args, dims)[0])
-register("layer_norm_rstd", vjp=_no_grad("layer_norm_rstd"), kernel="aux",
-         ref=lambda node, args, dims: _layer_norm_all(node.inputs[0], args[1:], dims)[1])
-register("layer_norm_grad", vjp=_no_grad("layer_norm_grad"), ref=_layer_norm_grad_ref, kernel="layer_norm")
+         ref=lambda node, args, dims: _layer_norm_all(node, args, dims)[0], display=called())
+register("layer_norm_rstd", vjp=_no_grad("layer_norm_rstd"), kernel="aux",  # inputs: the normalized value, then x
+         ref=lambda node, args, dims: _layer_norm_all(node.inputs[0], args[1:], dims)[1],
+         display=lambda node, args, n: (f"1/{n.call('std', args[1][0])}", MUL))
+register("layer_norm_grad", vjp=_no_grad("layer_norm_grad"), ref=_layer_norm_grad_ref, kernel="layer_norm",
+         display=_layer_norm_grad_display)
 
 
 def _layer_norm_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -308,5 +328,12 @@ def _softmax_vjp(node: Node, g: Node) -> list[Node]:
     return [mul(node * (g - sum(g * node, axis=-1, keepdims=True)), node.attrs["scale"])]
 
 
-register("attention_softmax", vjp=_softmax_vjp, ref=_attention_softmax_ref, kernel="softmax")
+def _attention_softmax_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """softmax_causal(scale·S): the causal mask as part of the name."""
+    name = "softmax_causal" if node.attrs["causal"] else "softmax"
+    return n.call(name, f"{number(node.attrs['scale'])}·{n.at_least(args[0], POW)}"), ATOM
+
+
+register("attention_softmax", vjp=_softmax_vjp, ref=_attention_softmax_ref, kernel="softmax",
+         display=_attention_softmax_display)
 

@@ -35,12 +35,12 @@ from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.str import StrPrinter
 
 from ..autodiff import reverse as autodiff
-from ..ir.graph import INT, Graph, Node, shape_str, size_factors, topo_order
+from ..ir.graph import INT, Graph, Node, shape_str, topo_order
 from ..ops import core as ops
+from ..ops.display import ADD, ATOM, MUL, POW, UNARY, Notation, Shown, TexNotation, number, tex_escape
 from ..symbolic import functions as ew_mod
 from ..symbolic.functions import ARGS, OUT, Fn
 
-ADD, MUL, UNARY, POW, ATOM = 1, 2, 3, 4, 5
 ODOT = r"\odot"
 ARITHMETIC = {"add", "sub", "mul", "div", "neg", "pow"}
 NOT_ACTIVATIONS = {"exp", "log", "sqrt", "square", "abs"}
@@ -48,12 +48,6 @@ ARGUMENT_NAMES = {1: ("x",), 2: ("a", "b")}
 
 
 # --- printing SymPy expressions over tensors --------------------------------------------------
-
-def _number(value: float) -> str:
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
-
 
 class TextPrinter(StrPrinter):
     """SymPy's str printer for tensor formulas: ⊙ for elementwise products, 𝟙[x > 0] for
@@ -71,7 +65,7 @@ class TextPrinter(StrPrinter):
         return expr.name
 
     def _print_Float(self, expr) -> str:
-        return _number(float(expr))
+        return number(float(expr))
 
     def _print_Heaviside(self, expr) -> str:
         return f"𝟙[{self._print(expr.args[0])} > 0]"
@@ -141,7 +135,7 @@ class TexPrinter(LatexPrinter):
 
     def _print_Symbol(self, expr, style="plain") -> str:
         if ew_mod.is_dim_symbol(expr):
-            return rf"N_{{\mathrm{{{_tex_escape(ew_mod.dim_name(expr))}}}}}"
+            return rf"N_{{\mathrm{{{tex_escape(ew_mod.dim_name(expr))}}}}}"
         return super()._print_Symbol(expr, style)
 
     def _print_Heaviside(self, expr, exp=None) -> str:
@@ -149,10 +143,6 @@ class TexPrinter(LatexPrinter):
 
 
 # --- naming -----------------------------------------------------------------------------------
-
-def _tex_escape(text: str) -> str:
-    return re.sub(r"([_#%&$\\{}^~])", r"\\\1", text)
-
 
 def tex_name(name: str, grad_of: dict[str, str] | None = None) -> str:
     """W1 -> W_{1}, logits -> \\mathrm{logits}; a gradient name dZ1 -> \\mathrm{d}Z_{1}."""
@@ -165,7 +155,7 @@ def tex_name(name: str, grad_of: dict[str, str] | None = None) -> str:
         return f"{head}_{{{digits}}}"
     if len(name) == 1 and name.isalpha():
         return name
-    return rf"\mathrm{{{_tex_escape(name)}}}"
+    return rf"\mathrm{{{tex_escape(name)}}}"
 
 
 def _view_root(node: Node) -> Node:
@@ -237,11 +227,26 @@ class LossPass:
     same: dict[str, list[str]] = field(default_factory=dict)  # gradient -> values with that same gradient
 
 
+class _Formulas(Notation):
+    """The text notation, with elementwise formulas written by an explanation (SymPy's printers)."""
+
+    def __init__(self, ex: Explanation):
+        self.ex = ex
+
+    def formula(self, node: Node, args: Sequence[Shown]) -> Shown:
+        return self.ex._render_ew(node, list(args), self.tex)
+
+
+class _TexFormulas(TexNotation, _Formulas):
+    """The LaTeX notation, with elementwise formulas written by an explanation."""
+
+
 class Explanation:
     """The names, equations and derivatives of one graph (optionally tied to its lowered C)."""
 
     def __init__(self, graph: Graph, c_names: dict[Node, str] | None = None):
         self.graph = graph
+        self._notations = {False: _Formulas(self), True: _TexFormulas(self)}
         self.c_names = c_names or {}
         outputs = list(graph.outputs.values())
         losses = {name: spec.node for name, spec in graph.losses.items()}
@@ -336,101 +341,17 @@ class Explanation:
 
     # --- rendering --------------------------------------------------------------------------
     def render(self, node: Node, tex: bool, top: bool = False) -> tuple[str, int]:
-        """(formula, precedence) of `node` in terms of named values."""
+        """(formula, precedence) of `node` in terms of named values, by its op's display rule."""
         if not top and node in self.names:
             return (tex_name(self.names[node], self.grad_of) if tex else self.names[node]), ATOM
         args = [self.render(x, tex) for x in node.inputs]
-        op = node.op
-        if op == "ew":
-            return self._render_ew(node, args, tex)
-        if op in ("matmul", "bmatmul"):  # a batched product's ᵀ swaps the last two axes
-            def side(i: int, transposed: bool) -> str:
-                text, prec = args[i]
-                if transposed:
-                    return (text if prec == ATOM else f"({text})") + (r"^\top" if tex else "ᵀ")
-                return text if prec >= MUL + 1 else f"({text})"
-            dot = r" \cdot " if tex else " · "
-            return side(0, node.attrs["ta"]) + dot + side(1, node.attrs["tb"]), MUL
-        if op == "reduce":
-            x = node.inputs[0]
-            axes = node.attrs["axes"]
-            labels = [str(x.shape[a]) if isinstance(x.shape[a], str) else f"axis{a}" for a in axes]
-            text, prec = args[0]
-            text = text if prec >= POW else (r"\left(" + text + r"\right)" if tex else f"({text})")
-            every = len(axes) == x.ndim
-            if tex:
-                sub = "" if every else "_{" + ",".join(rf"\mathrm{{{_tex_escape(s)}}}" for s in labels) + "}"
-                head = (r"\operatorname{mean}" if node.attrs["mean"] else r"\sum") + sub
-                return f"{head} {text}", UNARY
-            sub = "" if every else "_" + ",".join(labels)
-            return ("mean" if node.attrs["mean"] else "Σ") + sub + " " + text, UNARY
-        if op == "reshape":
-            x = node.inputs[0]
-            if _squeeze(x.shape) == _squeeze(node.shape):
-                return args[0]
-            shape = ", ".join(str(d) for d in node.shape)
-            return (rf"\operatorname{{reshape}}({args[0][0]}, ({shape}))" if tex
-                    else f"reshape({args[0][0]}, ({shape}))"), ATOM
-        if op == "transpose":
-            text, prec = args[0]
-            if node.attrs["axes"] == (1, 0):
-                text = text if prec == ATOM else f"({text})"
-                return text + (r"^\top" if tex else "ᵀ"), POW
-            return (rf"\operatorname{{transpose}}({text}, {node.attrs['axes']})" if tex
-                    else f"transpose({text}, {node.attrs['axes']})"), ATOM
-        if op == "softmax_ce":
-            logits, labels = args[0][0], args[1][0]
-            rows = ",".join(str(d) for d in node.inputs[1].shape)
-            if tex:
-                rows = ",".join(rf"\mathrm{{{_tex_escape(str(d))}}}" for d in node.inputs[1].shape)
-                return (rf"\operatorname{{mean}}_{{{rows}}} -\log \operatorname{{softmax}}({logits})_{{{labels}}}",
-                        UNARY)
-            return f"mean_{rows} -log softmax({logits})[{labels}]", UNARY
-        if op == "softmax_ce_grad":
-            logits, labels = args[0][0], args[1][0]
-            rows = self._rows(node.inputs[1], tex)
-            if tex:
-                return (rf"\frac{{\operatorname{{softmax}}({logits}) - \operatorname{{onehot}}({labels})}}{{{rows}}}",
-                        MUL)
-            return f"(softmax({logits}) - onehot({labels})) / {rows}", MUL
-        if op in ("layer_norm_rstd", "layer_norm_grad", "attention_softmax", "amax", "amin"):
-            return self._render_transformer(node, args, tex)
-        fname = {"softmax": "softmax", "log_softmax": "log_softmax"}.get(op, op)
-        joined = ", ".join(a for a, _ in args)
-        return (rf"\operatorname{{{_tex_escape(fname)}}}({joined})" if tex else f"{fname}({joined})"), ATOM
-
-    def _render_transformer(self, node: Node, args: list[tuple[str, int]], tex: bool) -> tuple[str, int]:
-        """Layer norm's backward as a person writes it, 1/std, max/min, the attention softmax."""
-        def fn(name: str, *xs: str) -> str:
-            return rf"\operatorname{{{name}}}({', '.join(xs)})" if tex else f"{name}({', '.join(xs)})"
-        dot = r" \odot " if tex else " ⊙ "
-        if node.op == "layer_norm_rstd":  # inputs: the normalized value, then x
-            return (rf"1 / \operatorname{{std}}({args[1][0]})" if tex else f"1/std({args[1][0]})"), MUL
-        if node.op == "layer_norm_grad":  # (g, x̂, 1/std): the projection of g off 1 and x̂
-            g, xhat, rstd = (a for a, _ in args)
-            rstd = rstd if args[2][1] >= POW else f"({rstd})"
-            return f"{rstd}{dot}({g} - {fn('mean', g)} - {xhat}{dot}{fn('mean', g + dot + xhat)})", MUL
-        if node.op == "attention_softmax":
-            scaled = f"{_number(node.attrs['scale'])}·{args[0][0]}"
-            return fn("softmax_causal" if node.attrs["causal"] else "softmax", scaled), ATOM
-        x = node.inputs[0]
-        labels = [str(x.shape[a]) if isinstance(x.shape[a], str) else f"axis{a}" for a in node.attrs["axes"]]
-        name = ("max" if node.op == "amax" else "min") + ("" if len(labels) == x.ndim else "_" + ",".join(labels))
-        return fn(name, args[0][0]), ATOM
-
-    @staticmethod
-    def _rows(labels: Node, tex: bool) -> str:
-        coef, names = size_factors(labels.shape)  # a product dim (T*batch) by its factors
-        dims = ([str(coef)] if coef != 1 or not names else []) + list(names)
-        if tex:
-            return r" \cdot ".join(rf"N_{{\mathrm{{{_tex_escape(d)}}}}}" if not d.isdigit() else d for d in dims)
-        return "·".join(dims)
+        return ops.OPS[node.op].display(node, args, self._notations[tex])
 
     def _render_ew(self, node: Node, args: list[tuple[str, int]], tex: bool) -> tuple[str, int]:
         fn: Fn = node.attrs["fn"]
         if not node.inputs:
             value = fn.expr
-            text = _number(float(value)) if value.is_number else str(value)
+            text = number(float(value)) if value.is_number else str(value)
             return text, ATOM if not text.startswith("-") else UNARY
 
         def p(i: int, level: int) -> str:
@@ -456,7 +377,7 @@ class Explanation:
         if _is_named_function(fn):
             joined = ", ".join(a for a, _ in args)
             if tex:
-                return rf"\operatorname{{{_tex_escape(fn.name)}}}\left({joined}\right)", ATOM
+                return rf"\operatorname{{{tex_escape(fn.name)}}}\left({joined}\right)", ATOM
             return f"{fn.name}({joined})", ATOM
         short = self._short_derivative(node, args, tex)
         if short is not None:
@@ -496,8 +417,8 @@ class Explanation:
             inputs = ", ".join(self.render(x, tex)[0] for x in f.inputs)
             g_text = args[0][0] if args[0][1] >= MUL else f"({args[0][0]})"
             if tex:
-                name = rf"\operatorname{{{_tex_escape(fname)}}}"
-                head = f"{name}'" if ffn.nargs == 1 else rf"\partial_{{{_tex_escape(arg)}}} {name}"
+                name = rf"\operatorname{{{tex_escape(fname)}}}"
+                head = f"{name}'" if ffn.nargs == 1 else rf"\partial_{{{tex_escape(arg)}}} {name}"
                 return rf"{g_text} {ODOT} {head}\left({inputs}\right)"
             if ffn.nargs == 1:
                 return f"{g_text} ⊙ {fname}'({inputs})"
@@ -740,7 +661,7 @@ def explain_latex(ex: Explanation, grad: bool = True) -> str:
         for d in ex.derivatives():
             display = _display(d.fn)
             arg = sp.latex(sp.Symbol(d.arg))
-            f = rf"\operatorname{{{_tex_escape(d.fn.name)}}}({', '.join(sp.latex(sp.Symbol(a)) for a in display)})"
+            f = rf"\operatorname{{{tex_escape(d.fn.name)}}}({', '.join(sp.latex(sp.Symbol(a)) for a in display)})"
             row = rf"  \frac{{\partial}}{{\partial {arg}}} {f} &= {pretty_fn(d.fn, d.raw, tex=True)}"
             if d.raw != d.simplified:
                 row += rf" = {pretty_fn(d.fn, d.simplified, tex=True)}"
@@ -772,7 +693,7 @@ def _op_label(node: Node) -> str:
     if node.op == "ew":
         fn = node.attrs["fn"]
         if not node.inputs:
-            return f"const {_number(float(fn.expr)) if fn.expr.is_number else fn.expr}"
+            return f"const {number(float(fn.expr)) if fn.expr.is_number else fn.expr}"
         if _is_builtin(fn) or _is_named_function(fn):
             return fn.name
         return TextPrinter({a: f"#{i}" for i, a in enumerate(ARGS)}).doprint(fn.expr)
