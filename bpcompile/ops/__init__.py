@@ -1,5 +1,5 @@
 """The operations: each op's shape rule, vector-Jacobian product and NumPy reference, in the
-`OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, losses, random; one
+`OPS` registry (`core`: elementwise, reductions, layout, matmul, softmax, random; `losses`; one
 module per model family: `slicing` (slice, concat), `conv` (conv2d, im2col), `pool`,
 `embeddings`, `regularization` (dropout), `normalization` (batch norm), `recurrent` (LSTM, GRU,
 RNN), with the helpers they share in `shared`; `batched`: the batched matmul; `transformer`:
@@ -12,20 +12,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import core
+from . import core, losses
 from .core import OPS, OpDef, register
 
 _LAZY_MODULES = ("slicing", "conv", "pool", "embeddings", "regularization", "normalization", "recurrent",
                  "transformer", "reference")
 
-__all__ = ["OPS", "OpDef", "register", "core", *_LAZY_MODULES]
+__all__ = ["OPS", "OpDef", "register", "core", "losses", *_LAZY_MODULES]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
-    if not name.startswith("_") and hasattr(core, name):
-        return getattr(core, name)
+    for module in (core, losses):
+        if not name.startswith("_") and hasattr(module, name):
+            return getattr(module, name)
     for module in _LAZY_MODULES:
         mod = importlib.import_module(f".{module}", __name__)
         if not name.startswith("_") and name in vars(mod):
