@@ -296,7 +296,7 @@ class ModuleRenderer:
         update = self.update(entry.update) if entry.update is not None else None
         return self._render("entry.c.j2",
             name=entry.name, doc=comment_text(entry.doc), pointers=list(pointers.values()), calls=calls,
-            update=update, real="bp_real")
+            update=update, signature=entry_signature(entry.name, "bp_real"))
 
     def _pointer_vars(self, sched: Schedule) -> dict[Node, dict[str, str]]:
         out: dict[Node, dict[str, str]] = {}
@@ -342,8 +342,8 @@ class ModuleRenderer:
         return texts
 
     def header(self, entries: list[EntryCode]) -> str:
-        return self._render("model.h.j2",
-            model_name=comment_text(self.model_name), entries=[e.name for e in entries], dtype=self.dtype)
+        return self._render("model.h.j2", model_name=comment_text(self.model_name), dtype=self.dtype,
+            prototypes=[entry_prototype(e.name, self.dtype) for e in entries], pool_prototype=POOL_PROTOTYPE)
 
 
 def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -> str:
@@ -360,11 +360,17 @@ POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
 COMMENT_SLOT = "@KERNEL_COMMENT@"  # where a kernel's comment lines go once its text is known to be new
 
 
-def entry_prototype(name: str, dtype: str) -> str:
-    """The C declaration of an entry point (for cffi's cdef)."""
-    real = "float" if dtype == "float32" else "double"
+def entry_signature(name: str, real: str) -> str:
+    """The C signature of an entry point, the one place the entry ABI is spelled (the definition
+    in the module, the declaration in model.h and cffi's cdef all use it); `real` is the C type of
+    the buffers (bp_real inside the module, float or double outside)."""
     return (f"int bp_{name}(const int64_t *dims, char *ws, const int64_t *ws_off, {real} *params, "
-            f"{real} *grads, {real} *state, void *const *inputs, void *const *outputs, const double *hyper);")
+            f"{real} *grads, {real} *state, void *const *inputs, void *const *outputs, const double *hyper)")
+
+
+def entry_prototype(name: str, dtype: str) -> str:
+    """The C declaration of an entry point (model.h, cffi's cdef)."""
+    return entry_signature(name, "float" if dtype == "float32" else "double") + ";"
 
 
 def _shape(shape: Shape) -> str:
