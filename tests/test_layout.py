@@ -315,3 +315,22 @@ def test_the_private_name_checker_sees_imports_and_attributes():
         ("bpcompile.ir.graph", "_GRAPHS")}
     assert _top_package("bpcompile.ops.slicing") == _top_package("bpcompile.ops.core")
     assert _top_package("bpcompile.compiler") != _top_package("bpcompile.ops.core")
+
+
+def test_the_lazy_table_names_each_op_where_its_family_declares_it():
+    """`bp.NAME` loads on first use from the module bpcompile's lazy table names: each entry
+    resolves to that module's own object, and every public op a family module declares in its
+    `__all__` is reachable as bp.NAME or, for building blocks, as bp.ops.NAME."""
+    import importlib
+
+    import bpcompile as bp
+    for name, module in bp._LAZY.items():
+        mod = importlib.import_module(f"bpcompile.{module}")
+        assert getattr(bp, name) is getattr(mod, name), f"bp.{name} is not bpcompile.{module}.{name}"
+    for family in ("slicing", "conv", "pool", "embeddings", "regularization", "normalization", "recurrent",
+                   "transformer", "batched"):
+        mod = importlib.import_module(f"bpcompile.ops.{family}")
+        for name in mod.__all__:
+            assert getattr(bp.ops, name) is getattr(mod, name), f"bp.ops.{name} is not ops.{family}.{name}"
+            if bp._LAZY.get(name, f"ops.{family}") != f"ops.{family}":
+                raise AssertionError(f"bp.{name} is listed under {bp._LAZY[name]}, declared in ops.{family}")
