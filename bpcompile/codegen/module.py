@@ -24,7 +24,7 @@ import sympy as sp
 from ..errors import CompileError
 from ..ir.graph import INT, Node, Shape
 from ..ir.kernel import Kernel, Mono
-from ..ops.core import BUILDERS, FAILING_KINDS, OPS
+from ..ops.core import BUILDERS, FAILING_KINDS, OPS, TEMPLATES
 from ..ops.display import ADD, ATOM, Notation, Shown
 from ..passes.pipeline import Schedule, Storage, view_root
 from ..symbolic import functions as ew_mod
@@ -245,7 +245,7 @@ class ModuleRenderer:
         failing = k.kind in FAILING_KINDS
         common = {"fname": "KERNEL_NAME", "params": params, "real": "bp_real",
                   "whole_signature": kernel_signature(params, failing, split=False)}
-        text = self._render(f"{k.kind}.c.j2",
+        text = self._render(TEMPLATES.get(k.kind, f"{k.kind}.c.j2"),
             comment=[COMMENT_SLOT], dims=ctx.dim_decls(), failing=failing, split=split,
             signature=kernel_signature(params, failing, split=bool(split)), **common, **body)
         if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool

@@ -69,10 +69,12 @@ def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
 Builder = Callable[[Kernel, Any], dict[str, Any]]  # (kernel, codegen.Context) -> template context
 BUILDERS: dict[str, Builder] = {}
 FAILING_KINDS: set[str] = set()  # kinds whose C function validates data and may return an error code
+TEMPLATES: dict[str, str] = {}  # kernel kind -> its template file, where it is not <kind>.c.j2
 
 
-def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
-    """Add a kernel kind: `builder` returns the context of templates/<kind>.c.j2, whose function
+def register_kernel(kind: str, builder: Builder, failing: bool = False, template: str | None = None) -> None:
+    """Add a kernel kind: `builder` returns the context of its template (templates/<kind>.c.j2, or
+    `template` when kinds share one: the LSTM, GRU and RNN forward kernels), whose function
     takes (dims, inputs..., outputs...) and returns int (non-zero: bad data) when `failing`.
     Templates open their function with `{{ signature }}` (kernel_signature). A context with
     `split` = {"what": ..., "work": C expression} runs on the thread pool: the signature is then
@@ -80,6 +82,8 @@ def register_kernel(kind: str, builder: Builder, failing: bool = False) -> None:
     share of the work, and templates/parallel.c.j2 wraps it under the kernel's name. The builder
     gets a `codegen.Context` (the model's dims, dtype and formula printer) as its second argument."""
     BUILDERS[kind] = builder
+    if template is not None:
+        TEMPLATES[kind] = template
     if failing:
         FAILING_KINDS.add(kind)
 

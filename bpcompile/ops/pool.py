@@ -117,4 +117,4 @@ def _pool_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 register_kernel("pool", _pool_builder)
-register_kernel("pool_grad", _pool_builder)
+register_kernel("pool_grad", _pool_builder, template="pool.c.j2")

@@ -422,7 +422,7 @@ def _rnn_grad_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 
 
 for _kind, _builder in (("lstm", _lstm_builder), ("gru", _gru_builder), ("rnn", _rnn_builder)):
-    register_kernel(_kind, _builder)
+    register_kernel(_kind, _builder, template="recurrent.c.j2")
 for _kind, _builder in (("lstm_grad", _lstm_grad_builder), ("gru_grad", _gru_grad_builder),
                         ("rnn_grad", _rnn_grad_builder)):
-    register_kernel(_kind, _builder)
+    register_kernel(_kind, _builder, template="recurrent_grad.c.j2")
