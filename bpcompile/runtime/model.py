@@ -1,9 +1,8 @@
 """Runtime: a built model as a Python object. NumPy in, NumPy out, one native call per method.
 
 Nothing here imports SymPy or runs a compiler: `bp.load(path)` works from a build folder alone,
-once it verifies: the module file has the size and sha256 meta.json records, and meta.json
-matches the module's own record of it (`bp_layout()`, see build.cffi_build), so neither a
-damaged module nor a damaged meta.json is ever run or trusted.
+once it verifies (runtime.buildfolder); the native module and its call frames are in
+runtime.native, checkpoint files in runtime.checkpoint.
 Parameters, gradients and optimizer state each live in one flat 64-byte-aligned buffer, with
 per-parameter NumPy views. Intermediates live in a workspace arena planned by liveness, one per
 runtime shape and thread (the last few shapes kept), so calls from several threads never share
@@ -12,348 +11,27 @@ one. The native call releases the GIL.
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import importlib.util
 import json
 import os
-import sys
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError, CompileError, InputError
+from ..errors import CheckpointError, InputError
 from ..ir.dims import dim_size
 from ..train.init import initial_value
-from . import threads
-from .target import cpu_flags, this_target, without_lr
+from .buildfolder import _damaged, read_meta
+from .checkpoint import _read_npz, process_alive, write_atomic
+from .native import ALIGN, Entry, Frame, _load_module, aligned_empty, plan_offsets
 
-ALIGN = 64
+__all__ = ["ALIGN", "ARENAS_KEPT", "CompiledModel", "Entry", "Frame", "aligned_empty", "load", "plan_offsets",
+           "process_alive", "read_meta", "write_atomic"]
+
 ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
 MAX_STEP = 2**53  # step counts beyond it lose their integer in the float64 hyperparameters
-_MODULES: dict[str, Any] = {}
-_RECORDS: dict[str, dict] = {}  # each loaded module's record of its metadata (bp_layout)
-_MODULES_LOCK = threading.Lock()
-REBUILD = "recompile the model (bp.compile replaces a damaged build)"
-# meta.json's top-level fields and the JSON types each may hold: all are required
-META_FIELDS: dict[str, tuple[type, ...]] = {
-    "format": (int,), "name": (str,), "dtype": (str,), "dims": (list,), "inputs": (list,), "params": (list,),
-    "param_size": (int,), "state_size": (int,), "optimizer": (dict, type(None)), "outputs": (list,),
-    "losses": (list,), "entries": (dict,), "module": (str,), "module_file": (str,), "key": (str,),
-    "blas": (dict, type(None)), "files": (dict,), "init_file": (str, type(None)), "target": (dict,),
-}
-# meta.json's "target" (build.cffi_build.target): where the build runs, each entry against this process
-TARGET_FIELDS = {"system": "the operating system", "machine": "the machine architecture",
-                 "python": "the Python implementation", "ext_suffix": "the Python extension ABI"}
-
-
-def aligned_empty(count: int, dtype: Any) -> np.ndarray:
-    """A zeroed 1-D array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    raw = np.zeros(count * dtype.itemsize + ALIGN, dtype=np.uint8)
-    start = (-raw.ctypes.data) % ALIGN
-    return raw[start:start + count * dtype.itemsize].view(dtype)
-
-
-# --- verifying a build folder ---------------------------------------------------------------
-
-def _damaged(folder: Path, what: str) -> CompileError:
-    return CompileError(f"damaged build folder {folder}: {what}; {REBUILD}")
-
-
-def read_meta(folder: Path) -> dict:
-    """A build folder's meta.json, parsed, with every top-level field present and of its type."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a bpcompile build folder (no such folder)")
-    try:
-        text = (folder / "meta.json").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CompileError(f"{folder} is not a bpcompile build folder, or a damaged one: it has no meta.json; "
-                           f"{REBUILD}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _damaged(folder, f"meta.json is unreadable ({e})") from None
-    try:
-        meta = json.loads(text)
-    except ValueError as e:
-        raise _damaged(folder, f"meta.json is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise _damaged(folder, f"meta.json holds {_json_kind(meta)}, not an object")
-    for key, kinds in META_FIELDS.items():
-        if key not in meta:
-            raise _damaged(folder, f"meta.json has no field {key!r}")
-        if not _of_kind(meta[key], kinds):
-            raise _damaged(folder, f"meta.json field {key!r} is {_short(meta[key])}, not "
-                                   f"{' or '.join(_json_kind(k) for k in kinds)}")
-    if meta["init_file"] is not None and meta["init_file"] not in meta["files"]:
-        raise _damaged(folder, f"meta.json records no size and sha256 of {meta['init_file']!r}")
-    if not _file_name(meta["module_file"]):
-        raise _damaged(folder, f"meta.json field 'module_file' is {meta['module_file']!r}, not a file name")
-    if not meta["module"].isidentifier():
-        raise _damaged(folder, f"meta.json field 'module' is {meta['module']!r}, not a module name")
-    if meta["blas"] is not None and not all(isinstance(meta["blas"].get(k), str) for k in ("name", "libdir", "file")):
-        raise _damaged(folder, f"meta.json field 'blas' is {_short(meta['blas'])}, not a library's record")
-    return meta
-
-
-def check_files(folder: Path, meta: dict) -> None:
-    """Every file meta.json records (the module file among them) is there with the recorded size
-    and sha256; else a CompileError naming the file and what differs."""
-    files = meta["files"]
-    if meta["module_file"] not in files:
-        raise _damaged(folder, f"meta.json records no size and sha256 of the module {meta['module_file']}")
-    for name, want in files.items():
-        if not (_file_name(name) and isinstance(want, dict) and _of_kind(want.get("size"), (int,))
-                and isinstance(want.get("sha256"), str)):
-            raise _damaged(folder, f"meta.json's record of file {name!r} is malformed ({_short(want)})")
-        path = Path(folder) / name
-        if not path.is_file():
-            raise _damaged(folder, f"{name} is missing")
-        size = path.stat().st_size
-        if size != want["size"]:
-            raise _damaged(folder, f"{name} has {size} bytes, the build wrote {want['size']} (size mismatch)")
-        if _sha256(path) != want["sha256"]:
-            raise _damaged(folder, f"{name} does not have the sha256 the build recorded (hash mismatch: its "
-                                   "content is damaged)")
-
-
-def check_record(folder: Path, meta: dict, built: dict) -> None:
-    """meta.json against the module's own record of it: a CompileError naming the first field
-    that differs, types included (so an edited state_size or buffer list never sizes a buffer)."""
-    mine = {k: v for k, v in meta.items() if k != "files"}  # the record holds the module's hash: not in it
-    mine["optimizer"] = without_lr(mine.get("optimizer"))  # nor the learning rates, not part of the build
-    found = _difference(mine, built, "")
-    if found is None:
-        return
-    field, given, want = found
-    if given is _ABSENT:
-        what = f"meta.json has no field {field!r} (the module was built with {_short(want)})"
-    elif want is _ABSENT:
-        what = f"meta.json field {field!r} is not in the module's record of its metadata"
-    else:
-        what = f"meta.json field {field!r} is {_short(given)}, but the module was built with {_short(want)}"
-    raise _damaged(folder, what)
-
-
-_ABSENT = object()
-
-
-def _difference(given: Any, want: Any, path: str) -> tuple[str, Any, Any] | None:
-    """The first (path, given, wanted) where two JSON values differ, types included; else None."""
-    if isinstance(want, dict) and isinstance(given, dict):
-        for key in list(want) + [k for k in given if k not in want]:
-            found = _difference(given.get(key, _ABSENT), want.get(key, _ABSENT), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    if isinstance(want, list) and isinstance(given, list) and len(want) == len(given):
-        for i, (g, w) in enumerate(zip(given, want)):
-            found = _difference(g, w, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if type(given) is type(want) and (given == want or given != given and want != want):  # NaN is NaN
-        return None
-    return path, given, want
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_name(name: str) -> bool:
-    return Path(name).name == name and name not in ("", ".", "..")
-
-
-def _of_kind(value: Any, kinds: tuple[type, ...]) -> bool:
-    return any(type(value) is k for k in kinds)  # type(): true is no integer here
-
-
-def _json_kind(value: Any) -> str:
-    kind = value if isinstance(value, type) else type(value)
-    return {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
-            bool: "true/false", type(None): "null"}.get(kind, kind.__name__)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_target(folder: Path, meta: dict) -> None:
-    """The build was made for this Python, system, architecture and a CPU with every feature this
-    one has; else a CompileError naming the folder, what the build needs and what is here (a
-    module compiled with -march=native for another CPU may die of an illegal instruction)."""
-    want = meta["target"]
-    for key in TARGET_FIELDS:
-        if not isinstance(want.get(key), str):
-            raise _damaged(folder, f"meta.json field 'target.{key}' is {_short(want.get(key))}, not a string")
-    needed = want.get("cpu_features")
-    if needed is not None and not (isinstance(needed, list) and all(isinstance(f, str) for f in needed)):
-        raise _damaged(folder, f"meta.json field 'target.cpu_features' is {_short(needed)}, not a list of names")
-    here = this_target()
-    for key, what in TARGET_FIELDS.items():
-        if want[key] != here[key]:
-            raise CompileError(f"{folder} was built for {what} {want[key]!r}, but this process runs on "
-                               f"{here[key]!r}; {REBUILD_HERE}")
-    flags = cpu_flags()
-    missing = sorted(set(needed) - flags) if needed and flags is not None else []
-    if missing:
-        raise CompileError(f"{folder} was compiled (-march=native) for a CPU with {', '.join(missing)} (and "
-                           f"{len(needed) - len(missing)} more features this one has), but this machine's CPU "
-                           f"lacks {'it' if len(missing) == 1 else 'them'} (not among its {len(flags)} /proc/cpuinfo "
-                           f"flags): the module could die of an illegal instruction; {REBUILD_HERE}")
-
-
-REBUILD_HERE = "recompile the model on this machine (bp.compile builds it for this one)"
-
-
-def _load_module(path: Path, meta: dict) -> Any:
-    """The native module of a build folder, loaded once per process, after its file has been
-    verified and its target checked against this machine; then meta.json is checked against the
-    module's own record of it."""
-    check_target(path, meta)  # before any byte of the folder runs
-    check_files(path, meta)
-    name = meta["module"]
-    with _MODULES_LOCK:
-        module = _MODULES.get(name)
-        if module is None:
-            if meta.get("blas"):
-                from . import blas
-                blas.load(meta["blas"])
-            file = path / meta["module_file"]
-            try:
-                spec = importlib.util.spec_from_file_location(name, file)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-                record = json.loads(module.ffi.string(module.lib.bp_layout()))
-            except (ImportError, OSError, AttributeError, ValueError) as e:
-                raise CompileError(f"{path}: the built module {file.name} does not load ({type(e).__name__}: {e}); "
-                                   "recompile the model") from None
-            sys.modules.setdefault(name, module)
-            threads.attach(module.lib)
-            _MODULES[name] = module
-            _RECORDS[name] = record
-    check_record(path, meta, _RECORDS[name])
-    return module
-
-
-def plan_offsets(buffers: list[list], dims: Mapping[str, int], itemsize: int) -> tuple[np.ndarray, int]:
-    """Byte offsets of workspace buffers: largest first, each at the lowest 64-byte-aligned
-    offset that overlaps no buffer alive at the same time. Returns (offsets, arena bytes)."""
-    sizes = []
-    for coef, names, _, _ in buffers:
-        n = coef
-        for d in names:
-            n *= dims[d]
-        sizes.append(-(-n * itemsize // ALIGN) * ALIGN)
-    offsets = np.zeros(len(buffers), dtype=np.int64)
-    placed: list[tuple[int, int, int, int]] = []  # (offset, end, start kernel, end kernel)
-    for b in sorted(range(len(buffers)), key=lambda i: (-sizes[i], i)):
-        _, _, s, e = buffers[b]
-        clashes = sorted((o, oe) for o, oe, ps, pe in placed if ps <= e and s <= pe)
-        offset = 0
-        for o, oe in clashes:
-            if offset + sizes[b] <= o:
-                break
-            offset = max(offset, oe)
-        offsets[b] = offset
-        placed.append((offset, offset + sizes[b], s, e))
-    total = max((o + sz for o, sz in zip(offsets, sizes)), default=0)
-    return offsets, int(total)
-
-
-class Entry:
-    """One native entry point: its function, the inputs it reads and its workspace buffers."""
-
-    def __init__(self, lib: Any, name: str, spec: dict):
-        self.name = name
-        self.fn = getattr(lib, "bp_" + name)
-        self.inputs: list[str] = spec["inputs"]
-        self.buffers: list[list] = spec["buffers"]
-        self.results: list[dict] = spec["results"]
-
-
-def _contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """NumPy's strides of a C-contiguous array of this shape."""
-    strides, step = [], itemsize
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
-class Frame:
-    """What one native call of an entry point needs, for one input signature and one thread:
-    pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
-    Built (with full validation) when the signature changes; reused while it does not."""
-
-    def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
-        ffi = model._ffi
-        self.entry = entry
-        self.signature = [(name, a.dtype, a.shape, _contiguous_strides(a.shape, a.dtype.itemsize))
-                          for name, a in zip(entry.inputs, arrays)]
-        self.bound: list[np.ndarray | None] = [None] * len(arrays)  # the arrays in_ptrs points at
-        self.from_buffer = ffi.from_buffer
-        offsets, size = model._plan(dims)
-        self.dims = dims
-        # after the runtime sizes: the seed and step counter of random streams (dropout)
-        self.dims_arr = np.asarray(dims + (model.seed, 0), dtype=np.int64)
-        self.offsets = offsets[entry.name]
-        self.arena = model._arena(dims, size)
-        self.hyper = np.zeros(max(len(model.optimizer.hyper_names()) if model.optimizer else 0, 1))
-        self.scalar = np.zeros(1, dtype=model.dtype)
-        self.scalar_c = ffi.from_buffer(model._ctype, self.scalar)
-        self.hyper_key: Any = None  # what the hyperparameters in `hyper` were computed for
-        self.fn = entry.fn
-        self.in_ptrs = ffi.new("void *[]", max(len(arrays), 1))
-        self.out_ptrs = ffi.new("void *[]", max(len(entry.results), 1))
-        self.out_ptrs[0] = ffi.from_buffer(self.scalar)
-        real = model._ctype
-        self.dims_c = ffi.from_buffer("int64_t[]", self.dims_arr)
-        self.counter_index = len(dims) + 1
-        self.hyper_c = ffi.from_buffer("double[]", self.hyper)
-        self.args = (self.dims_c, ffi.from_buffer("char[]", self.arena),
-                     ffi.from_buffer("int64_t[]", self.offsets), ffi.from_buffer(real, model._params_flat),
-                     ffi.from_buffer(real, model._grads_flat), ffi.from_buffer(real, model._state_flat),
-                     self.in_ptrs, self.out_ptrs, self.hyper_c)
-
-    def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
-        """The input arrays in entry order if they match this frame exactly, now pointed at by
-        the native call's input pointers; else None (the caller then validates everything,
-        extra names included)."""
-        if len(given) != len(self.signature):  # with every name below found: no extra names
-            return None
-        arrays = []
-        bound = self.bound
-        for i, (name, dtype, shape, strides) in enumerate(self.signature):
-            a = given.get(name)
-            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
-                return None
-            if a is not bound[i]:
-                flags = a.flags
-                if not (flags.c_contiguous and flags.aligned):
-                    return None
-                self.in_ptrs[i] = self.from_buffer(a)
-                bound[i] = a
-            elif a.strides != strides and not a.flags.c_contiguous:  # the last call's array, reshaped since
-                return None
-            arrays.append(a)
-        return arrays
-
-    def bind(self, arrays: list[np.ndarray]) -> None:
-        """Point the native call at these (validated) input arrays."""
-        for i, a in enumerate(arrays):
-            self.in_ptrs[i] = self.from_buffer(a)
-            self.bound[i] = a
 
 
 class CompiledModel:
@@ -848,61 +526,6 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"<CompiledModel {self.name!r} {self.dtype.name}, {self.param_count} parameters, "
                 f"entries {list(self._entries)} at {self.build_path}>")
-
-
-def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from None
-    except Exception as e:  # zipfile.BadZipFile and friends on truncated files
-        raise CheckpointError(f"{path}: damaged checkpoint ({type(e).__name__}: {e})") from None
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Replace `path` with what `write` writes to a file, so that a reader (or a crash) sees the
-    old or the new content, never a part: temporary file, fsync, rename."""
-    path = Path(path)
-    _remove_orphaned_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.fchmod(f.fileno(), 0o666 & ~mask)  # mkstemp makes it private; this is an ordinary file
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _remove_orphaned_temporaries(path: Path) -> None:
-    """Delete the temporary files of earlier writes of `path` whose process is gone (killed
-    mid-save): their names carry the writer's process id."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if not pid.isdigit() or process_alive(int(pid)):
-            continue
-        try:
-            tmp.unlink()
-        except OSError:
-            pass  # another writer removed it first, or it is not ours to remove
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (a temporary file named after a live writer is left alone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def load(build_path: str | Path, seed: int = 0) -> CompiledModel:

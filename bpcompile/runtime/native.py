@@ -1,0 +1,174 @@
+"""The native module of a build and its calls: loading it once per process (after the folder
+verifies), the entry points, their call frames, the workspace plan and 64-byte-aligned buffers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CompileError
+from . import threads
+from .buildfolder import check_files, check_record, check_target
+
+if TYPE_CHECKING:
+    from .model import CompiledModel
+
+ALIGN = 64
+_MODULES: dict[str, Any] = {}
+_RECORDS: dict[str, dict] = {}  # each loaded module's record of its metadata (bp_layout)
+_MODULES_LOCK = threading.Lock()
+
+
+def aligned_empty(count: int, dtype: Any) -> np.ndarray:
+    """A zeroed 1-D array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(count * dtype.itemsize + ALIGN, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + count * dtype.itemsize].view(dtype)
+
+
+def _load_module(path: Path, meta: dict) -> Any:
+    """The native module of a build folder, loaded once per process, after its file has been
+    verified and its target checked against this machine; then meta.json is checked against the
+    module's own record of it."""
+    check_target(path, meta)  # before any byte of the folder runs
+    check_files(path, meta)
+    name = meta["module"]
+    with _MODULES_LOCK:
+        module = _MODULES.get(name)
+        if module is None:
+            if meta.get("blas"):
+                from . import blas
+                blas.load(meta["blas"])
+            file = path / meta["module_file"]
+            try:
+                spec = importlib.util.spec_from_file_location(name, file)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                record = json.loads(module.ffi.string(module.lib.bp_layout()))
+            except (ImportError, OSError, AttributeError, ValueError) as e:
+                raise CompileError(f"{path}: the built module {file.name} does not load ({type(e).__name__}: {e}); "
+                                   "recompile the model") from None
+            sys.modules.setdefault(name, module)
+            threads.attach(module.lib)
+            _MODULES[name] = module
+            _RECORDS[name] = record
+    check_record(path, meta, _RECORDS[name])
+    return module
+
+
+def plan_offsets(buffers: list[list], dims: Mapping[str, int], itemsize: int) -> tuple[np.ndarray, int]:
+    """Byte offsets of workspace buffers: largest first, each at the lowest 64-byte-aligned
+    offset that overlaps no buffer alive at the same time. Returns (offsets, arena bytes)."""
+    sizes = []
+    for coef, names, _, _ in buffers:
+        n = coef
+        for d in names:
+            n *= dims[d]
+        sizes.append(-(-n * itemsize // ALIGN) * ALIGN)
+    offsets = np.zeros(len(buffers), dtype=np.int64)
+    placed: list[tuple[int, int, int, int]] = []  # (offset, end, start kernel, end kernel)
+    for b in sorted(range(len(buffers)), key=lambda i: (-sizes[i], i)):
+        _, _, s, e = buffers[b]
+        clashes = sorted((o, oe) for o, oe, ps, pe in placed if ps <= e and s <= pe)
+        offset = 0
+        for o, oe in clashes:
+            if offset + sizes[b] <= o:
+                break
+            offset = max(offset, oe)
+        offsets[b] = offset
+        placed.append((offset, offset + sizes[b], s, e))
+    total = max((o + sz for o, sz in zip(offsets, sizes)), default=0)
+    return offsets, int(total)
+
+
+class Entry:
+    """One native entry point: its function, the inputs it reads and its workspace buffers."""
+
+    def __init__(self, lib: Any, name: str, spec: dict):
+        self.name = name
+        self.fn = getattr(lib, "bp_" + name)
+        self.inputs: list[str] = spec["inputs"]
+        self.buffers: list[list] = spec["buffers"]
+        self.results: list[dict] = spec["results"]
+
+
+def _contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """NumPy's strides of a C-contiguous array of this shape."""
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+class Frame:
+    """What one native call of an entry point needs, for one input signature and one thread:
+    pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
+    Built (with full validation) when the signature changes; reused while it does not."""
+
+    def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
+        ffi = model._ffi
+        self.entry = entry
+        self.signature = [(name, a.dtype, a.shape, _contiguous_strides(a.shape, a.dtype.itemsize))
+                          for name, a in zip(entry.inputs, arrays)]
+        self.bound: list[np.ndarray | None] = [None] * len(arrays)  # the arrays in_ptrs points at
+        self.from_buffer = ffi.from_buffer
+        offsets, size = model._plan(dims)
+        self.dims = dims
+        # after the runtime sizes: the seed and step counter of random streams (dropout)
+        self.dims_arr = np.asarray(dims + (model.seed, 0), dtype=np.int64)
+        self.offsets = offsets[entry.name]
+        self.arena = model._arena(dims, size)
+        self.hyper = np.zeros(max(len(model.optimizer.hyper_names()) if model.optimizer else 0, 1))
+        self.scalar = np.zeros(1, dtype=model.dtype)
+        self.scalar_c = ffi.from_buffer(model._ctype, self.scalar)
+        self.hyper_key: Any = None  # what the hyperparameters in `hyper` were computed for
+        self.fn = entry.fn
+        self.in_ptrs = ffi.new("void *[]", max(len(arrays), 1))
+        self.out_ptrs = ffi.new("void *[]", max(len(entry.results), 1))
+        self.out_ptrs[0] = ffi.from_buffer(self.scalar)
+        real = model._ctype
+        self.dims_c = ffi.from_buffer("int64_t[]", self.dims_arr)
+        self.counter_index = len(dims) + 1
+        self.hyper_c = ffi.from_buffer("double[]", self.hyper)
+        self.args = (self.dims_c, ffi.from_buffer("char[]", self.arena),
+                     ffi.from_buffer("int64_t[]", self.offsets), ffi.from_buffer(real, model._params_flat),
+                     ffi.from_buffer(real, model._grads_flat), ffi.from_buffer(real, model._state_flat),
+                     self.in_ptrs, self.out_ptrs, self.hyper_c)
+
+    def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
+        """The input arrays in entry order if they match this frame exactly, now pointed at by
+        the native call's input pointers; else None (the caller then validates everything,
+        extra names included)."""
+        if len(given) != len(self.signature):  # with every name below found: no extra names
+            return None
+        arrays = []
+        bound = self.bound
+        for i, (name, dtype, shape, strides) in enumerate(self.signature):
+            a = given.get(name)
+            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+                return None
+            if a is not bound[i]:
+                flags = a.flags
+                if not (flags.c_contiguous and flags.aligned):
+                    return None
+                self.in_ptrs[i] = self.from_buffer(a)
+                bound[i] = a
+            elif a.strides != strides and not a.flags.c_contiguous:  # the last call's array, reshaped since
+                return None
+            arrays.append(a)
+        return arrays
+
+    def bind(self, arrays: list[np.ndarray]) -> None:
+        """Point the native call at these (validated) input arrays."""
+        for i, a in enumerate(arrays):
+            self.in_ptrs[i] = self.from_buffer(a)
+            self.bound[i] = a
