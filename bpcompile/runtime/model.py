@@ -11,7 +11,6 @@ one. The native call releases the GIL.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -24,14 +23,13 @@ from ..errors import CheckpointError, InputError
 from ..ir.dims import dim_size
 from ..train.init import initial_value
 from .buildfolder import _damaged, read_meta
-from .checkpoint import _read_npz, process_alive, write_atomic
+from .checkpoint import MAX_STEP, npz_arrays, process_alive, read_npz, restore, signature, write_atomic
 from .native import ALIGN, Entry, Frame, _load_module, aligned_empty, plan_offsets
 
-__all__ = ["ALIGN", "ARENAS_KEPT", "CompiledModel", "Entry", "Frame", "aligned_empty", "load", "plan_offsets",
-           "process_alive", "read_meta", "write_atomic"]
+__all__ = ["ALIGN", "ARENAS_KEPT", "MAX_STEP", "CompiledModel", "Entry", "Frame", "aligned_empty", "load",
+           "plan_offsets", "process_alive", "read_meta", "write_atomic"]
 
 ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
-MAX_STEP = 2**53  # step counts beyond it lose their integer in the float64 hyperparameters
 
 
 class CompiledModel:
@@ -429,10 +427,8 @@ class CompiledModel:
 
     # --- checkpoints -----------------------------------------------------------------------
     def _signature(self) -> dict[str, Any]:
-        return {"graph": self.name, "dtype": self.dtype.name,
-                "params": [[p["name"], p["shape"]] for p in self.meta["params"]],
-                "state_size": self.meta["state_size"],
-                "optimizer": (self.meta.get("optimizer") or {}).get("kind")}
+        """What a checkpoint must match to be loaded into this model (runtime.checkpoint.signature)."""
+        return signature(self)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every parameter (running statistics included) as a fresh array under PyTorch's name and
@@ -457,11 +453,7 @@ class CompiledModel:
                 data = safetensors_bytes(self)
                 write = lambda f: f.write(data)  # noqa: E731
             else:
-                arrays = {f"param/{k}": v.copy() for k, v in self.params.items()}
-                arrays["state"] = self._state_flat[:self.meta["state_size"]].copy()
-                arrays["step"] = np.asarray(self.step, dtype=np.int64)
-                arrays["loss_steps"] = np.asarray([self.loss_steps[n] for n in self._losses], dtype=np.int64)
-                arrays["signature"] = np.asarray(json.dumps(self._signature()))
+                arrays = npz_arrays(self)
                 write = lambda f: np.savez(f, **arrays)  # noqa: E731
         write_atomic(path, write)
 
@@ -473,46 +465,8 @@ class CompiledModel:
         from .state import is_safetensors, read_safetensors
         if is_param_file(path):
             return load_into_model(self, path)
-        files = read_safetensors(self, path) if is_safetensors(path) else _read_npz(path)
-        self._restore(files, path)
-
-    def _restore(self, files: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-        """Set parameters, optimizer state and step from a checkpoint's arrays, all checked first."""
-        if "signature" not in files:
-            raise CheckpointError(f"{path}: not a bpcompile checkpoint (no signature)")
-        try:
-            theirs = json.loads(str(files["signature"]))
-        except ValueError:
-            theirs = None
-        if not isinstance(theirs, dict):
-            raise CheckpointError(f"{path}: damaged checkpoint (unreadable signature)")
-        mine = self._signature()
-        for key in ("graph", "dtype", "params", "state_size", "optimizer"):
-            if theirs.get(key) != mine[key]:
-                raise CheckpointError(f"{path}: checkpoint {key} {theirs.get(key)!r} does not match this "
-                                      f"model's {mine[key]!r}")
-        expected = {f"param/{name}": view.shape for name, view in self.params.items()}
-        expected["state"] = (self.meta["state_size"],)
-        expected["step"] = ()
-        for key, shape in expected.items():  # check everything before changing anything
-            if key not in files:
-                raise CheckpointError(f"{path}: damaged checkpoint, {key!r} is missing")
-            if files[key].shape != shape or files[key].dtype.kind not in "fi":
-                raise CheckpointError(f"{path}: {key!r} has shape {files[key].shape} and dtype {files[key].dtype}, "
-                                      f"this model needs shape {shape} numbers")
-        if "loss_steps" in files and files["loss_steps"].shape != (len(self._losses),):
-            raise CheckpointError(f"{path}: 'loss_steps' has shape {files['loss_steps'].shape}, this model has "
-                                  f"{len(self._losses)} losses")
-        for key in ("step", "loss_steps"):
-            counts = np.ravel(files.get(key, np.zeros(0)))
-            if counts.size and not (np.all(np.isfinite(counts)) and np.all(counts == np.round(counts))
-                                    and counts.min() >= 0 and counts.max() < MAX_STEP):
-                raise CheckpointError(f"{path}: {key!r} holds {counts.tolist()}; step counts are whole numbers "
-                                      f"from 0 to {MAX_STEP - 1}")
-        for name, view in self.params.items():
-            view[...] = files[f"param/{name}"]
-        self._state_flat[:self.meta["state_size"]] = files["state"]
-        self.set_steps(int(files["step"]), files.get("loss_steps"))
+        files = read_safetensors(self, path) if is_safetensors(path) else read_npz(path)
+        restore(self, files, path)
 
     def set_steps(self, step: int, loss_steps: Any = None) -> None:
         """Set the count of all updates and each loss's own (in the order of the model's losses;
