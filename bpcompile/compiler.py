@@ -260,7 +260,8 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
         }
     c_source = renderer.module(entries)
     header = renderer.header(entries)
-    cdef = "\n".join([codegen.entry_prototype(e.name, dtype) for e in entries] + [codegen.POOL_PROTOTYPE])
+    cdef = "\n".join([codegen.entry_prototype(e.name, dtype) for e in entries]
+                     + [codegen.POOL_PROTOTYPE, codegen.PLAN_PROTOTYPE])
     classes = _label_classes(simplified)
     init_arrays = {n: v for n, v in graph.param_init.items() if not isinstance(v, str)}
     meta = {

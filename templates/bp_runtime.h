@@ -1,9 +1,11 @@
 /* bpcompile's runtime support for generated modules: the vector math declarations, the scalar
- * type, the BLAS declaration, the thread pool and the matrix product. Real C, compiled into every
- * generated module (and exported library) as its first part: templates/module.c.j2 pastes it in
- * after defining BP_REAL_IS_FLOAT (1: float32 model, 0: float64), BP_BLAS_MIN_FLOPS and
- * BP_PARALLEL_MIN_WORK for the model; tests/test_runtime_c.py compiles it alone as well.
- * Everything here is static: each module holds its own copy (and its own thread pool). */
+ * type, the BLAS declaration, the thread pool, the matrix product and the workspace plan. Real
+ * C, compiled into every generated module (and exported library) as its first part:
+ * templates/module.c.j2 pastes it in after defining BP_REAL_IS_FLOAT (1: float32 model, 0:
+ * float64), BP_BLAS_MIN_FLOPS and BP_PARALLEL_MIN_WORK for the model; tests/test_runtime_c.py
+ * compiles it alone as well. Everything here is static but the two functions the Python runtime
+ * calls (bp_set_num_threads, bp_plan_workspace; declared in model.h): each module holds its own
+ * copy (and its own thread pool). */
 #ifndef BP_RUNTIME_H
 #define BP_RUNTIME_H
 #ifndef _POSIX_C_SOURCE
@@ -433,6 +435,76 @@ static inline void bp_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
     } else {
         bp_gemm_serial(ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
     }
+}
+
+/* --- the workspace plan ------------------------------------------------------------------
+ * Where an entry point's workspace buffers go in its arena, for the runtime sizes `dims` (the
+ * `num_dims` named dimensions, in the model's order). Buffer i is row i of `table`, `stride`
+ * values long:
+ *     { coef, start, end, ndims, d_0, ..., d_(ndims-1) }
+ * holding coef * dims[d_0] * ... * dims[d_(ndims-1)] values of `itemsize` bytes (rounded up to
+ * 64 bytes) and live from kernel `start` to kernel `end`, both included. Buffers are placed
+ * largest first (ties in table order), each at the lowest 64-byte-aligned offset that overlaps
+ * no buffer already placed and live at the same time; offsets go to off[i]. `work` is scratch
+ * of 3 n values, so the plan allocates nothing. Returns the arena's size in bytes (0 without
+ * buffers); -1 for a malformed table (an unknown dimension, a negative size or interval), -2
+ * when a size is beyond int64. The one implementation of the plan: the Python runtime calls it
+ * through cffi (runtime.native) and the exported C library from bp_model_set_dims. */
+#define BP_PLAN_ALIGN 64
+int64_t bp_plan_workspace(int64_t n, const int64_t *table, int64_t stride, const int64_t *dims, int64_t num_dims,
+                          int64_t itemsize, int64_t *off, int64_t *work)
+{
+    int64_t *size = work, *order = work + n, *placed = work + 2 * n; /* placed: by (offset, end) */
+    int64_t total = 0;
+    if (n < 0 || stride < 4 || itemsize < 1)
+        return -1;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t *row = table + i * stride;
+        int64_t count = row[0];
+        if (count < 0 || row[1] < 0 || row[2] < row[1] || row[3] < 0 || row[3] > stride - 4)
+            return -1;
+        for (int64_t k = 0; k < row[3]; ++k) {
+            const int64_t d = row[4 + k];
+            if (d < 0 || d >= num_dims || dims[d] < 0)
+                return -1;
+            if (dims[d] > 0 && count > INT64_MAX / dims[d])
+                return -2;
+            count *= dims[d];
+        }
+        if (count > (INT64_MAX - BP_PLAN_ALIGN) / itemsize)
+            return -2;
+        size[i] = (count * itemsize + BP_PLAN_ALIGN - 1) / BP_PLAN_ALIGN * BP_PLAN_ALIGN;
+        int64_t j = i; /* insertion into `order`, by size descending, stable */
+        while (j > 0 && size[order[j - 1]] < size[i]) {
+            order[j] = order[j - 1];
+            --j;
+        }
+        order[j] = i;
+    }
+    for (int64_t p = 0; p < n; ++p) {
+        const int64_t b = order[p], start = table[b * stride + 1], end = table[b * stride + 2];
+        int64_t offset = 0;
+        for (int64_t q = 0; q < p; ++q) { /* the buffers placed so far, by (offset, end) */
+            const int64_t c = placed[q];
+            if (table[c * stride + 1] > end || start > table[c * stride + 2])
+                continue; /* not live at the same time */
+            if (offset + size[b] <= off[c])
+                break; /* fits in the gap below c, and below every later one */
+            if (off[c] + size[c] > offset)
+                offset = off[c] + size[c];
+        }
+        off[b] = offset;
+        if (offset + size[b] > total)
+            total = offset + size[b];
+        int64_t q = p; /* insertion into `placed`, by (offset, end) */
+        while (q > 0 && (off[placed[q - 1]] > offset ||
+                         (off[placed[q - 1]] == offset && size[placed[q - 1]] > size[b]))) {
+            placed[q] = placed[q - 1];
+            --q;
+        }
+        placed[q] = b;
+    }
+    return total;
 }
 
 #endif /* BP_RUNTIME_H */

@@ -150,6 +150,79 @@ def test_loss_and_grad_returns_fresh_arrays(mlp):
     np.testing.assert_array_equal(out1, saved)
 
 
+# --- the workspace plan (bp_plan_workspace in templates/bp_runtime.h, called through cffi) --------
+
+
+def _check_first_fit(table: np.ndarray, dims: np.ndarray, itemsize: int, offsets: np.ndarray, total: int) -> None:
+    """Offsets are a plan of largest-first first fit: 64-byte aligned, no two buffers live at the
+    same time overlap, and no buffer could sit lower among those placed before it."""
+    sizes = []
+    for coef, _, _, ndims, *idx in table.tolist():
+        n = coef * int(np.prod([dims[d] for d in idx[:ndims]], dtype=np.int64))
+        sizes.append(-(-n * itemsize // 64) * 64)
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    live = [(int(table[i, 1]), int(table[i, 2])) for i in range(len(sizes))]
+    for k, b in enumerate(order):
+        assert offsets[b] % 64 == 0
+        before = [c for c in order[:k] if live[c][0] <= live[b][1] and live[b][0] <= live[c][1]]
+        ranges = [(int(offsets[c]), int(offsets[c]) + sizes[c]) for c in before]
+        fits = [o for o in [0] + [e for _, e in ranges]
+                if all(o + sizes[b] <= s or e <= o for s, e in ranges)]
+        assert offsets[b] == min(fits), (b, offsets[b], fits)
+    assert total == max((int(offsets[i]) + sizes[i] for i in range(len(sizes))), default=0)
+
+
+def test_workspace_plan_is_largest_first_first_fit(mlp):
+    from bpcompile.runtime.native import plan_table, plan_workspace
+    _, model = mlp
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        names = ["batch", "T"]
+        buffers = []
+        for _ in range(int(rng.integers(0, 25))):
+            start = int(rng.integers(0, 20))
+            buffers.append([int(rng.choice([0, 1, 5, 16, 100])), list(rng.choice(names, int(rng.integers(0, 3)))),
+                            start, start + int(rng.integers(0, 8))])
+        table = plan_table(buffers, names)
+        dims = rng.integers(1, 40, size=2)
+        itemsize = int(rng.choice([4, 8]))
+        offsets, total = plan_workspace(model._module, table, dims, itemsize)
+        _check_first_fit(table, dims, itemsize, offsets, total)
+
+
+def test_model_workspace_follows_its_plan(mlp):
+    """Each entry's buffers are planned first-fit, and the arena serves the largest entry."""
+    from bpcompile.runtime.native import plan_workspace
+    _, model = mlp
+    for batch in (1, 7, 64, 1000):
+        offsets, size = model._plan((batch,))
+        totals = []
+        for entry in model._entries.values():
+            mine, total = plan_workspace(model._module, entry.table, np.array([batch]), model.dtype.itemsize)
+            np.testing.assert_array_equal(mine, offsets[entry.name])
+            _check_first_fit(entry.table, np.array([batch]), model.dtype.itemsize, mine, total)
+            totals.append(total)
+        assert model.workspace_bytes(batch=batch) == size == max(totals) > 0
+    assert model.workspace_bytes(batch=1000) > model.workspace_bytes(batch=7)
+
+
+def test_workspace_plan_refuses_sizes_beyond_int64_and_malformed_tables(mlp):
+    from bpcompile.runtime.native import plan_workspace
+    _, model = mlp
+    with pytest.raises(bp.InputError, match="larger than 2\\*\\*63 bytes"):
+        model.workspace_bytes(batch=2**62)
+    table = np.array([[4, 0, 1, 1, 5]], dtype=np.int64)  # dimension 5 of a model with one
+    with pytest.raises(bp.CompileError, match="workspace table of 1 buffers is malformed"):
+        plan_workspace(model._module, table, np.array([3]), 8)
+
+
+def test_the_plan_prototype_is_the_one_model_h_declares(mlp):
+    from bpcompile.codegen.module import PLAN_PROTOTYPE
+    _, model = mlp
+    header = " ".join((model.build_path / "model.h").read_text().split())
+    assert " ".join(PLAN_PROTOTYPE.split()) in header
+
+
 # --- threads ---------------------------------------------------------------------------------
 
 

@@ -83,3 +83,62 @@ def test_pool_and_product_equal_a_triple_loop(tmp_path, is_float, tolerance):
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert float(ran.stdout) < tolerance, ran.stdout
+
+
+PLAN_DRIVER = textwrap.dedent("""
+    #define BP_BLAS_MIN_FLOPS 0LL
+    #define BP_PARALLEL_MIN_WORK 1LL
+    #include "bp_runtime.h"
+    #include <stdio.h>
+
+    /* rows { coef, first kernel, last kernel, ndims, dim index }, float32 values */
+    static const int64_t chain[4 * 5] = {
+        16, 0, 1, 0, 0,  /* a:  64 bytes, kernels 0-1 */
+        16, 1, 2, 1, 0,  /* b: 192 bytes (16 x dims[0] = 3), kernels 1-2 */
+        10, 2, 3, 0, 0,  /* c:  40 -> 64 bytes, kernels 2-3 */
+        32, 4, 5, 1, 0,  /* d: 384 bytes, kernels 4-5: live with none of the others */
+    };
+    static const int64_t gap[3 * 5] = {
+        64, 0, 0, 0, 0,  /* p: 256 bytes, kernel 0 */
+        48, 0, 1, 0, 0,  /* q: 192 bytes, kernels 0-1: above p */
+        32, 1, 2, 0, 0,  /* r: 128 bytes, kernels 1-2: below q, where p was */
+    };
+    static const int64_t unknown_dim[5] = {1, 0, 0, 1, 1};
+
+    static void show(int64_t n, const int64_t *table, const int64_t *dims)
+    {
+        int64_t off[4], work[12];
+        const int64_t total = bp_plan_workspace(n, table, 5, dims, 1, 4, off, work);
+        printf("%lld", (long long)total);
+        for (int64_t i = 0; total >= 0 && i < n; ++i)
+            printf(" %lld", (long long)off[i]);
+        printf("\\n");
+    }
+
+    int main(void)
+    {
+        const int64_t three[1] = {3}, huge[1] = {INT64_MAX / 8};
+        show(4, chain, three);
+        show(3, gap, three);
+        show(0, chain, three);
+        show(1, unknown_dim, three);
+        show(4, chain, huge);
+        return 0;
+    }
+""")
+
+
+def test_workspace_plan_places_largest_first_at_the_lowest_free_offset(tmp_path):
+    source, exe = tmp_path / "plan.c", tmp_path / "plan"
+    source.write_text(PLAN_DRIVER)
+    built = subprocess.run([CC, *FLAGS, str(source), "-o", str(exe), "-lm"], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == [
+        "384 192 0 192 0",  # d, b at 0 (never live together); a above b; c above b (a is not live with it)
+        "448 0 256 0",      # r fits below q, in the bytes p used
+        "0",                # no buffers: an empty arena
+        "-1",               # a dimension the model does not have
+        "-2",               # sizes beyond int64
+    ]

@@ -357,6 +357,9 @@ def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
+# templates/bp_runtime.h's workspace plan (declared in model.h.j2 too), which runtime.native calls
+PLAN_PROTOTYPE = ("int64_t bp_plan_workspace(int64_t n, const int64_t *table, int64_t stride, const int64_t *dims, "
+                  "int64_t num_dims, int64_t itemsize, int64_t *off, int64_t *work);")
 COMMENT_SLOT = "@KERNEL_COMMENT@"  # where a kernel's comment lines go once its text is known to be new
 
 

@@ -24,10 +24,10 @@ from ..ir.dims import dim_size
 from ..train.init import initial_value
 from .buildfolder import _damaged, read_meta
 from .checkpoint import MAX_STEP, npz_arrays, process_alive, read_npz, restore, signature, write_atomic
-from .native import ALIGN, Entry, Frame, _load_module, aligned_empty, plan_offsets
+from .native import ALIGN, Entry, Frame, _load_module, aligned_empty, plan
 
 __all__ = ["ALIGN", "ARENAS_KEPT", "MAX_STEP", "CompiledModel", "Entry", "Frame", "aligned_empty", "load",
-           "plan_offsets", "process_alive", "read_meta", "write_atomic"]
+           "process_alive", "read_meta", "write_atomic"]
 
 ARENAS_KEPT = 4  # workspace arenas a thread keeps, for its most recent runtime shapes
 
@@ -46,7 +46,7 @@ class CompiledModel:
         self._ffi, self._lib = self._module.ffi, self._module.lib
         self._inputs: dict[str, dict] = {i["name"]: i for i in meta["inputs"]}
         self._dims: list[str] = meta["dims"]
-        self._entries = {name: Entry(self._lib, name, spec) for name, spec in meta["entries"].items()}
+        self._entries = {name: Entry(self._lib, name, spec, self._dims) for name, spec in meta["entries"].items()}
         self._losses: dict[str, dict] = {spec["name"]: spec for spec in meta["losses"]}
         self._only_loss = next(iter(self._losses.values()), None)
         self._params_flat = aligned_empty(meta["param_size"], self.dtype)
@@ -192,16 +192,11 @@ class CompiledModel:
 
     # --- the native call ---------------------------------------------------------------------
     def _plan(self, dims: tuple[int, ...]) -> tuple[dict[str, np.ndarray], int]:
-        plan = self._plans.get(dims)
-        if plan is None:
-            named = dict(zip(self._dims, (max(d, 1) for d in dims)))
-            offsets = {}
-            size = 0
-            for name, entry in self._entries.items():
-                offsets[name], n = plan_offsets(entry.buffers, named, self.dtype.itemsize)
-                size = max(size, n)
-            plan = self._plans[dims] = (offsets, size)
-        return plan
+        """The workspace plan for these runtime sizes (native.plan), made once per shape."""
+        found = self._plans.get(dims)
+        if found is None:
+            found = self._plans[dims] = plan(self._module, self._entries, dims, self.dtype.itemsize)
+        return found
 
     def _frame(self, entry_name: str, given: Mapping[str, Any]) -> tuple[Frame, list[np.ndarray]]:
         """The call frame for these inputs: the thread's last one for this entry when the inputs

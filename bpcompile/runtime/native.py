@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CompileError
+from ..errors import CompileError, InputError
 from . import threads
 from .buildfolder import check_files, check_record, check_target
 
@@ -64,39 +64,67 @@ def _load_module(path: Path, meta: dict) -> Any:
     return module
 
 
-def plan_offsets(buffers: list[list], dims: Mapping[str, int], itemsize: int) -> tuple[np.ndarray, int]:
-    """Byte offsets of workspace buffers: largest first, each at the lowest 64-byte-aligned
-    offset that overlaps no buffer alive at the same time. Returns (offsets, arena bytes)."""
-    sizes = []
-    for coef, names, _, _ in buffers:
-        n = coef
-        for d in names:
-            n *= dims[d]
-        sizes.append(-(-n * itemsize // ALIGN) * ALIGN)
-    offsets = np.zeros(len(buffers), dtype=np.int64)
-    placed: list[tuple[int, int, int, int]] = []  # (offset, end, start kernel, end kernel)
-    for b in sorted(range(len(buffers)), key=lambda i: (-sizes[i], i)):
-        _, _, s, e = buffers[b]
-        clashes = sorted((o, oe) for o, oe, ps, pe in placed if ps <= e and s <= pe)
-        offset = 0
-        for o, oe in clashes:
-            if offset + sizes[b] <= o:
-                break
-            offset = max(offset, oe)
-        offsets[b] = offset
-        placed.append((offset, offset + sizes[b], s, e))
-    total = max((o + sz for o, sz in zip(offsets, sizes)), default=0)
-    return offsets, int(total)
+PLAN_COLUMNS = 4  # a workspace table row: coef, first kernel, last kernel, number of dims; then the dims
+
+
+def plan_table(buffers: list[list], dim_names: list[str]) -> np.ndarray:
+    """An entry point's workspace buffers (meta.json's [coef, dims, start, end]) as the table of
+    rows bp_plan_workspace reads (templates/bp_runtime.h): coef, start, end, ndims, dim indices."""
+    index = {d: i for i, d in enumerate(dim_names)}
+    width = PLAN_COLUMNS + max((len(names) for _, names, _, _ in buffers), default=0)
+    table = np.zeros((len(buffers), width), dtype=np.int64)
+    for row, (coef, names, start, end) in zip(table, buffers):
+        unknown = [d for d in names if d not in index]
+        if unknown:
+            raise CompileError(f"a workspace buffer is sized by {unknown[0]!r}, not one of the model's "
+                               f"dimensions {dim_names}; recompile the model")
+        row[:PLAN_COLUMNS + len(names)] = [coef, start, end, len(names), *(index[d] for d in names)]
+    return table
+
+
+def plan_workspace(module: Any, table: np.ndarray, dims: np.ndarray, itemsize: int) -> tuple[np.ndarray, int]:
+    """Byte offsets of one entry point's workspace buffers for the runtime sizes `dims` (int64,
+    the model's order), and the arena's bytes: the module's own bp_plan_workspace computes them
+    (largest buffer first, each at the lowest 64-byte-aligned offset free among the buffers live
+    with it), the plan the exported C library makes too."""
+    ffi, lib = module.ffi, module.lib
+    n, stride = table.shape
+    offsets = np.zeros(max(n, 1), dtype=np.int64)
+    work = np.zeros(3 * max(n, 1), dtype=np.int64)
+    sizes = np.ascontiguousarray(dims, dtype=np.int64)
+    total = lib.bp_plan_workspace(n, ffi.from_buffer("int64_t[]", np.ascontiguousarray(table)), stride,
+                                  ffi.from_buffer("int64_t[]", sizes if sizes.size else np.zeros(1, np.int64)),
+                                  sizes.size, itemsize, ffi.from_buffer("int64_t[]", offsets),
+                                  ffi.from_buffer("int64_t[]", work))
+    if total == -2:
+        raise InputError(f"runtime sizes {sizes.tolist()} make a workspace buffer larger than 2**63 bytes")
+    if total < 0:
+        raise CompileError(f"the workspace table of {n} buffers is malformed (a dimension index outside the "
+                           f"model's {sizes.size}, or a negative size or interval); recompile the model")
+    return offsets[:n], int(total)
+
+
+def plan(module: Any, entries: Mapping[str, Entry], dims: tuple[int, ...], itemsize: int
+         ) -> tuple[dict[str, np.ndarray], int]:
+    """The workspace plan of every entry point for these runtime sizes (0 counts as 1): each
+    entry's buffer offsets, and the bytes of an arena that serves them all."""
+    sizes = np.asarray([max(d, 1) for d in dims], dtype=np.int64)
+    offsets, size = {}, 0
+    for name, entry in entries.items():
+        offsets[name], n = plan_workspace(module, entry.table, sizes, itemsize)
+        size = max(size, n)
+    return offsets, size
 
 
 class Entry:
     """One native entry point: its function, the inputs it reads and its workspace buffers."""
 
-    def __init__(self, lib: Any, name: str, spec: dict):
+    def __init__(self, lib: Any, name: str, spec: dict, dim_names: list[str]):
         self.name = name
         self.fn = getattr(lib, "bp_" + name)
         self.inputs: list[str] = spec["inputs"]
         self.buffers: list[list] = spec["buffers"]
+        self.table = plan_table(self.buffers, dim_names)  # the buffers as bp_plan_workspace reads them
         self.results: list[dict] = spec["results"]
 
 

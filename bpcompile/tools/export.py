@@ -5,10 +5,11 @@
 * `model.h`, `model.c`: the generated kernels and entry points (forward, loss, gradients and the
   fused optimizer step), followed by a small library around them (`bp_model_create`,
   `bp_model_train_*`, `bp_model_load` / `bp_model_save`, ...): it owns the flat parameter,
-  gradient and optimizer-state buffers, plans the workspace in C for the runtime sizes it is
-  given (the same greedy plan as `runtime.plan_offsets`, so any batch size works), and computes
-  the optimizer's per-step hyperparameters and learning-rate schedule (`bp_model_loss_hyper`,
-  `bp_model_loss_lr`; `bp_model_hyper`, `bp_model_lr` when one optimizer trains every loss;
+  gradient and optimizer-state buffers, plans the workspace for the runtime sizes it is given
+  (with bp_plan_workspace of templates/bp_runtime.h, the plan the Python runtime calls through
+  cffi, so any batch size works), and computes the optimizer's per-step hyperparameters and
+  learning-rate schedule (`bp_model_loss_hyper`, `bp_model_loss_lr`; `bp_model_hyper`,
+  `bp_model_lr` when one optimizer trains every loss;
   generated from the optimizers' configs by `templates/export_optim.c.j2`: every parameter
   group's in the order of `Optimizer.step_hyper`, and NAdam's momentum product, carried from
   step to step in `m->mu_product` and rebuilt from the step count after a load). A model with
