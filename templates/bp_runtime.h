@@ -1,11 +1,11 @@
 /* bpcompile's runtime support for generated modules: the vector math declarations, the scalar
- * type, the BLAS declaration, the thread pool, the matrix product and the workspace plan. Real
- * C, compiled into every generated module (and exported library) as its first part:
- * templates/module.c.j2 pastes it in after defining BP_REAL_IS_FLOAT (1: float32 model, 0:
- * float64), BP_BLAS_MIN_FLOPS and BP_PARALLEL_MIN_WORK for the model; tests/test_runtime_c.py
- * compiles it alone as well. Everything here is static but the two functions the Python runtime
- * calls (bp_set_num_threads, bp_plan_workspace; declared in model.h): each module holds its own
- * copy (and its own thread pool). */
+ * type, the BLAS declaration, the thread pool, the matrix product, random numbers and the
+ * workspace plan. Real C, compiled into every generated module (and exported library) as its
+ * first part: templates/module.c.j2 pastes it in after defining BP_REAL_IS_FLOAT (1: float32
+ * model, 0: float64), BP_BLAS_MIN_FLOPS and BP_PARALLEL_MIN_WORK for the model;
+ * tests/test_runtime_c.py compiles it alone as well. Everything here is static but the two
+ * functions the Python runtime calls (bp_set_num_threads, bp_plan_workspace; declared in
+ * model.h): each module holds its own copy (and its own thread pool). */
 #ifndef BP_RUNTIME_H
 #define BP_RUNTIME_H
 #ifndef _POSIX_C_SOURCE
@@ -435,6 +435,46 @@ static inline void bp_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
     } else {
         bp_gemm_serial(ta, tb, M, N, K, A, lda, B, ldb, C, ldc);
     }
+}
+
+/* --- random numbers ------------------------------------------------------------------------
+ * splitmix64 (Steele, Lea and Flood, 2014) and a counter-based generator built on its mixing
+ * function. The one C implementation: the dropout kernels (templates/random.c.j2) and the
+ * exported library (bp_model_splitmix64, its parameter initialization) call these; NumPy
+ * copies exist only as test oracles (bpcompile.ops.core's mix64, uniform_stream). */
+#define BP_GOLDEN 0x9E3779B97F4A7C15ULL /* 2^64 / golden ratio: splitmix64's increment */
+
+/* splitmix64's output function: a bijective mix of 64 bits. */
+static inline uint64_t bp_mix64(uint64_t x)
+{
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* The next output of the splitmix64 stream whose state is *state. */
+static inline uint64_t bp_splitmix64(uint64_t *state)
+{
+    return bp_mix64(*state += BP_GOLDEN);
+}
+
+/* A uniform double in [0, 1) from the top 53 bits of x. */
+static inline double bp_unit(uint64_t x)
+{
+    return (double)(x >> 11) * 0x1.0p-53;
+}
+
+/* The key of random stream `salt` at step `counter` of the model seeded `seed`. */
+static inline uint64_t bp_random_key(int64_t seed, uint64_t salt, int64_t counter)
+{
+    return ((uint64_t)seed * BP_GOLDEN + salt * 0xBF58476D1CE4E5B9ULL) ^ ((uint64_t)counter * 0xD1B54A32D192ED03ULL);
+}
+
+/* Element i of the stream with this key: uniform in [0, 1), two mixing rounds of splitmix64's
+ * i+1-th state, so any element is drawn without drawing the ones before it. */
+static inline double bp_random_uniform(uint64_t key, int64_t i)
+{
+    return bp_unit(bp_mix64(bp_mix64(key + (uint64_t)(i + 1) * BP_GOLDEN)));
 }
 
 /* --- the workspace plan ------------------------------------------------------------------

@@ -587,6 +587,7 @@ register("mode_select", vjp=lambda node, g: [g, None],
 # --- random numbers ------------------------------------------------------------------------
 
 _MASK = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: splitmix64's increment
 
 
 def random_uniform(shape: Shape, salt: int) -> Node:
@@ -595,18 +596,23 @@ def random_uniform(shape: Shape, salt: int) -> Node:
     return Node("random_uniform", (), {"salt": int(salt) & 0xFFFFFFFF}, tuple(shape), FLOAT)
 
 
-def uniform_stream(seed: int, counter: int, salt: int, count: int) -> np.ndarray:
-    """The generator of templates/random.c.j2 in NumPy (uint64 arithmetic wraps the same way)."""
-    key = np.uint64((seed * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9) & _MASK)
-    ctr = np.uint64((counter * 0xD1B54A32D192ED03) & _MASK)
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function on uint64 arrays (NumPy's uint64 arithmetic wraps as C's does)."""
     with np.errstate(over="ignore"):
-        x = key ^ ctr
-        x = x + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-        for _ in range(2):
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x = x ^ (x >> np.uint64(31))
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def uniform_stream(seed: int, counter: int, salt: int, count: int) -> np.ndarray:
+    """Elements 0 .. count-1 of random stream `salt` at step `counter` of the model seeded `seed`:
+    bp_random_uniform (templates/bp_runtime.h, which the dropout kernels call) in NumPy. The C is
+    the implementation; this is the reference evaluator's own, kept independent of it on purpose
+    (as every op's NumPy reference is), so the tests check the kernels' numbers against it."""
+    key = np.uint64(((seed * GOLDEN + salt * 0xBF58476D1CE4E5B9) ^ (counter * 0xD1B54A32D192ED03)) & _MASK)
+    with np.errstate(over="ignore"):
+        x = key + (np.arange(count, dtype=np.uint64) + np.uint64(1)) * np.uint64(GOLDEN)
+    return (mix64(mix64(x)) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def _random_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> np.ndarray:

@@ -68,7 +68,6 @@ MAGIC = b"BPPARAM1"
 VERSION, VERSION_LOSS_STEPS = 1, 2  # version 2: a file with loss step records
 HEADER = struct.Struct("<8sIIIIQ")
 KIND_PARAM, KIND_STATE, KIND_LOSS_STEP = 0, 1, 2
-GOLDEN = 0x9E3779B97F4A7C15
 INIT_KINDS = {"zeros": 0, "ones": 1, "uniform": 2, "glorot_uniform": 2, "normal": 3, "he_normal": 3}
 
 
@@ -269,13 +268,13 @@ def load_into_model(model: Any, path: str | os.PathLike) -> None:
 # --- synthetic data (main.c's, reproduced) ------------------------------------------------------
 
 def splitmix64(seed: int, start: int, count: int) -> np.ndarray:
-    """Outputs start+1 .. start+count of splitmix64 seeded with `seed` (as bp_model_splitmix64)."""
+    """Outputs start+1 .. start+count of splitmix64 seeded with `seed`: bp_splitmix64 of
+    templates/bp_runtime.h (the exported library's bp_model_splitmix64) in NumPy, the oracle that
+    lets tests feed a Python model the data the exported main.c trains on."""
+    from ..ops.core import GOLDEN, mix64  # the reference evaluator's mixer (and SymPy): not at import
     with np.errstate(over="ignore"):
         k = np.arange(start + 1, start + count + 1, dtype=np.uint64)
-        z = np.uint64(seed % 2**64) + k * np.uint64(GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        return mix64(np.uint64(seed % 2**64) + k * np.uint64(GOLDEN))
 
 
 def synthetic_inputs(inputs: list[dict], dims: Mapping[str, int], seed: int = 0,
