@@ -343,7 +343,8 @@ class ModuleRenderer:
 
     def header(self, entries: list[EntryCode]) -> str:
         return self._render("model.h.j2", model_name=comment_text(self.model_name), dtype=self.dtype,
-            prototypes=[entry_prototype(e.name, self.dtype) for e in entries], pool_prototype=POOL_PROTOTYPE)
+            prototypes=[entry_prototype(e.name, self.dtype) for e in entries], pool_prototype=POOL_PROTOTYPE,
+            plan_prototype=PLAN_PROTOTYPE)
 
 
 def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -> str:
@@ -357,7 +358,7 @@ def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
-# templates/bp_runtime.h's workspace plan (declared in model.h.j2 too), which runtime.native calls
+# templates/bp_runtime.h's workspace plan, which runtime.native calls: model.h and cffi's cdef print this
 PLAN_PROTOTYPE = ("int64_t bp_plan_workspace(int64_t n, const int64_t *table, int64_t stride, const int64_t *dims, "
                   "int64_t num_dims, int64_t itemsize, int64_t *off, int64_t *work);")
 COMMENT_SLOT = "@KERNEL_COMMENT@"  # where a kernel's comment lines go once its text is known to be new
