@@ -20,7 +20,6 @@ _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divi
 _BP_BINARY = {"Add": ops.add, "Sub": ops.sub, "Mul": ops.mul, "Div": ops.div, "Pow": ops.power}
 
 
-
 @_op(*_BINARY)
 def _binary(im: _Importer, args: list) -> Value:
     im.only({})
@@ -36,7 +35,6 @@ def _binary(im: _Importer, args: list) -> Value:
             return _add_mask(im, im.tensor(args[1 - i]), c if kind == "Add" or i == 0 else -c,
                              negate=kind == "Sub" and i == 0)
     return _BP_BINARY[kind](im.operand(a, b), im.operand(b, a))
-
 
 
 def _add_mask(im: _Importer, x: Node, mask: np.ndarray, negate: bool) -> Node:
@@ -56,7 +54,6 @@ def _add_mask(im: _Importer, x: Node, mask: np.ndarray, negate: bool) -> Node:
     return _widen(transformer.where(finite, x, float(infinite[0])), shape)
 
 
-
 _UNARY = {"Relu": ops.relu, "Sigmoid": ops.sigmoid, "Tanh": ops.tanh, "Softplus": ops.softplus, "Exp": ops.exp,
           "Log": ops.log, "Sqrt": ops.sqrt, "Abs": ops.abs, "Neg": ops.neg}
 _A = tuple(sp.Symbol(f"a{i}", real=True) for i in range(4))
@@ -65,10 +62,8 @@ _SYMPY_UNARY = {"Erf": sp.erf, "Sin": sp.sin, "Cos": sp.cos, "Sinh": sp.sinh, "C
                 "Sign": sp.sign, "Reciprocal": lambda a: 1 / a}
 
 
-
 def _function(name: str, expr: sp.Expr, nargs: int) -> Callable[..., Node]:
     return ops.elementwise(name, expr, *_A[:nargs])
-
 
 
 @_op(*_UNARY, *_SYMPY_UNARY)
@@ -79,7 +74,6 @@ def _unary(im: _Importer, args: list) -> Node:
     return fn(im.tensor(args[0]))
 
 
-
 @_op("Max", "Min")
 def _max_min(im: _Importer, args: list) -> Node:
     im.only({})
@@ -87,11 +81,9 @@ def _max_min(im: _Importer, args: list) -> Node:
     return _function(im.node.op_type.lower(), fn(*_A[:len(args)]), len(args))(*[im.tensor(a) for a in args])
 
 
-
 @_op("LeakyRelu")
 def _leaky_relu(im: _Importer, args: list) -> Node:
     return ops.leaky_relu(im.tensor(args[0]), float(im.only({"alpha": None}).get("alpha", 0.01)))
-
 
 
 @_op("Elu")
@@ -99,10 +91,8 @@ def _elu(im: _Importer, args: list) -> Node:
     return ops.elu(im.tensor(args[0]), float(im.only({"alpha": None}).get("alpha", 1.0)))
 
 
-
 # torch's gelu(approximate="tanh"), ONNX's Gelu(approximate="tanh") from opset 20
 _gelu_tanh = _function("gelu_tanh", _A[0] / 2 * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (_A[0] + 0.044715 * _A[0] ** 3))), 1)
-
 
 
 @_op("Gelu")
@@ -114,9 +104,7 @@ def _gelu(im: _Importer, args: list) -> Node:
     return (ops.gelu if approximate == "none" else _gelu_tanh)(im.tensor(args[0]))
 
 
-
 _REDUCE = {"ReduceMean": ops.mean, "ReduceSum": ops.sum, "ReduceMax": transformer.max, "ReduceMin": transformer.min}
-
 
 
 @_op(*_REDUCE)

@@ -166,13 +166,10 @@ class _Importer:
         return self.graph.input(value.name, tuple(dims), dtype="int32" if kind.kind in "iub" else None)
 
 
-
 _NO_FOLD = {"Identity"}  # evaluated by their own rule even on constants
 
 
-
 IMPORTERS: dict[str, Callable[[_Importer, list], Any]] = {}
-
 
 
 def _op(*names: str):
@@ -181,7 +178,6 @@ def _op(*names: str):
             IMPORTERS[name] = fn
         return fn
     return register
-
 
 
 def from_onnx(model: str | os.PathLike | Any, name: str | None = None) -> Graph:

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ... import ops as families  # the op families' functions, each found by name in its ops module
 from ...ir.graph import FLOAT, Node, broadcast_shapes, dim_factors, product_dim
 from ...ops import core as ops
-from ...ops import transformer
+from ...ops import slicing, transformer
+from ...ops.embeddings import embedding
 from ...symbolic.functions import ARGS, Fn
 from .importer import _Importer, _op
 from .masks import _condition
@@ -39,7 +39,6 @@ def _size_arithmetic(im: _Importer, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-
 def _dim(v: Any) -> int | str:
     """One element of a tensor of runtime sizes as a bpcompile dim."""
     if isinstance(v, str):
@@ -49,10 +48,8 @@ def _dim(v: Any) -> int | str:
     return int(v)
 
 
-
 def _sizes(values: np.ndarray) -> list:
     return [_dim(v) for v in np.ravel(values)]
-
 
 
 @_op("Flatten")
@@ -62,7 +59,6 @@ def _flatten(im: _Importer, args: list) -> Node:
     if axis % max(x.ndim, 1) != 1:
         raise im.fail(f"attribute axis={axis} is not supported (only 1)")
     return ops.flatten(x)
-
 
 
 @_op("Reshape")
@@ -81,7 +77,6 @@ def _reshape(im: _Importer, args: list) -> Value:
     return ops.reshape(x, tuple(x.shape[i] if d == 0 else d for i, d in enumerate(target)))
 
 
-
 def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:
     """The axes of a node, from its attribute (older opsets) or its second input (newer ones)."""
     if "axes" in attrs:
@@ -89,7 +84,6 @@ def _axes(im: _Importer, args: list, attrs: dict) -> list[int] | None:
     if len(args) > 1 and args[1] is not None:
         return im.ints(im.node.input[1], "axes")
     return None
-
 
 
 @_op("Squeeze", "Unsqueeze")
@@ -109,7 +103,6 @@ def _squeeze(im: _Importer, args: list) -> Value:
     return x.reshape(new) if isinstance(x, np.ndarray) else ops.reshape(im.tensor(x), tuple(new))
 
 
-
 @_op("Transpose")
 def _transpose(im: _Importer, args: list) -> Value:
     perm = im.only({"perm": None}).get("perm")
@@ -119,14 +112,12 @@ def _transpose(im: _Importer, args: list) -> Value:
     return ops.transpose(im.tensor(x), perm)
 
 
-
 @_op("Concat")
 def _concat(im: _Importer, args: list) -> Value:
     axis = int(im.only({"axis": None})["axis"])
     if all(isinstance(a, np.ndarray) for a in args):
         return np.concatenate(args, axis=axis)
-    return families.concat([im.tensor(a) for a in args], axis=axis)
-
+    return slicing.concat([im.tensor(a) for a in args], axis=axis)
 
 
 @_op("Slice")
@@ -152,13 +143,12 @@ def _slice(im: _Importer, args: list) -> Value:
             index[axis] = slice(start, stop, step)
             x = x[tuple(index)]
         elif step == 1:
-            x = families.slice(x, axis, start, stop)
+            x = slicing.slice(x, axis, start, stop)
         elif isinstance(x.shape[axis], int):  # every step-th entry, or reversed (torch.flip): picked
             x = _take(im, x, axis, np.arange(x.shape[axis])[start:stop:step])
         else:
             raise im.fail(f"steps other than 1 along the runtime size {x.shape[axis]!r} are not supported")
     return x.settled() if isinstance(x, _Window) else x
-
 
 
 def _cut(im: _Importer, x: Value, axis: int, start: int, end: int | str, step: int) -> Value:
@@ -176,7 +166,6 @@ def _cut(im: _Importer, x: Value, axis: int, start: int, end: int | str, step: i
     if isinstance(end, int):
         return _Window(np.take(x.values, np.arange(min(end, x.values.shape[axis])), axis=axis), x.lengths)
     return _Window(x.values, {**x.lengths, axis: end})
-
 
 
 @_op("Split")
@@ -201,10 +190,9 @@ def _split(im: _Importer, args: list) -> tuple:
         if isinstance(x, np.ndarray):
             parts.append(np.take(x, np.arange(begin, begin + size), axis=axis))
         else:
-            parts.append(families.slice(im.tensor(x), axis, begin, begin + size))
+            parts.append(slicing.slice(im.tensor(x), axis, begin, begin + size))
         begin += size
     return tuple(parts)
-
 
 
 @_op("Gather")
@@ -220,9 +208,8 @@ def _gather(im: _Importer, args: list) -> Value:
     if isinstance(indices, np.ndarray):
         return _take(im, x, axis, indices)
     if axis == 0 and isinstance(indices, Node) and indices.dtype == "int32" and x.ndim == 2:
-        return families.embedding(indices, x)
+        return embedding(indices, x)
     raise im.fail("only a row lookup of integer inputs in a 2-D table (axis 0) or constant indices are supported")
-
 
 
 def _take(im: _Importer, x: Node, axis: int, indices: np.ndarray) -> Node:
@@ -233,10 +220,10 @@ def _take(im: _Importer, x: Node, axis: int, indices: np.ndarray) -> Node:
         raise im.fail(f"indexing the runtime size {n!r} is not supported")
     picked = indices.astype(np.int64) % n
     if picked.ndim == 0:  # x[..., i, ...]: a slice without the axis
-        part = families.slice(x, axis, int(picked), int(picked) + 1)
+        part = slicing.slice(x, axis, int(picked), int(picked) + 1)
         return ops.reshape(part, tuple(d for k, d in enumerate(part.shape) if k != axis))
     if picked.ndim == 1 and picked.size and np.array_equal(picked, np.arange(picked[0], picked[0] + picked.size)):
-        return families.slice(x, axis, int(picked[0]), int(picked[0]) + picked.size)
+        return slicing.slice(x, axis, int(picked[0]), int(picked[0]) + picked.size)
     if not picked.size:
         raise im.fail("an empty list of indices is not supported")
     others = [k for k in range(x.ndim) if k != axis]
@@ -248,7 +235,6 @@ def _take(im: _Importer, x: Node, axis: int, indices: np.ndarray) -> Node:
     return out if perm == tuple(range(out.ndim)) else ops.transpose(out, perm)
 
 
-
 @_op("Shape")
 def _shape(im: _Importer, args: list) -> np.ndarray:
     attrs = im.only({"start": None, "end": None})
@@ -256,7 +242,6 @@ def _shape(im: _Importer, args: list) -> np.ndarray:
     if all(isinstance(d, int) for d in shape):
         return np.asarray(shape, dtype=np.int64)
     return np.asarray(shape, dtype=object)  # runtime sizes by name, for Gather/Concat/Reshape to pass along
-
 
 
 @_op("Constant")
@@ -273,7 +258,6 @@ def _constant(im: _Importer, args: list) -> np.ndarray:
     raise im.fail(f"attributes {sorted(attrs)} are not supported")
 
 
-
 @_op("ConstantOfShape")
 def _constant_of_shape(im: _Importer, args: list) -> Node:
     """A filled tensor of a shape holding runtime sizes (constant shapes are folded)."""
@@ -283,7 +267,6 @@ def _constant_of_shape(im: _Importer, args: list) -> Node:
         raise im.fail(f"a {value.dtype} tensor of runtime shape is not supported (only float)")
     dims = tuple(v if isinstance(v, str) else int(v) for v in np.ravel(args[0]))
     return ops.const(float(value), dims)
-
 
 
 @_op("Expand")
@@ -298,11 +281,9 @@ def _expand(im: _Importer, args: list) -> Node:
     return _widen(x, broadcast_shapes([x.shape, target], ["input", "shape"]))
 
 
-
 @_op("Range")
 def _range(im: _Importer, args: list) -> np.ndarray:
     raise im.fail("a range of runtime sizes is not supported (constant ranges are folded)")
-
 
 
 @_op("Cast")
@@ -324,7 +305,6 @@ def _cast(im: _Importer, args: list) -> Value:
     if to.kind == "f":  # int -> float: the identity as a float elementwise node (ew() would return x)
         return Node("ew", (x,), {"fn": Fn("float", ARGS[0], 1)}, x.shape, FLOAT)
     raise im.fail(f"a cast of a computed float tensor to {to} is not supported")
-
 
 
 @_op("Identity")

@@ -21,7 +21,6 @@ _COMPARE = {"Greater": sp.StrictGreaterThan, "Less": sp.StrictLessThan, "Greater
 _LOGIC = {"Not": sp.Not, "And": sp.And, "Or": sp.Or, "Xor": sp.Xor}
 
 
-
 def _condition(im: _Importer, build: Callable[..., Any], values: list, logical: bool) -> _Condition:
     """A condition `build(terms)` of graph tensors, constants and other conditions."""
     operands: list[Node] = []
@@ -56,7 +55,6 @@ def _condition(im: _Importer, build: Callable[..., Any], values: list, logical: 
     return _Condition(expr, operands)
 
 
-
 @_op(*_COMPARE)
 def _compare(im: _Importer, args: list) -> _Condition | _Infinite:
     im.only({})
@@ -72,7 +70,6 @@ def _compare(im: _Importer, args: list) -> _Condition | _Infinite:
     return _condition(im, _COMPARE[im.node.op_type], args, logical=False)
 
 
-
 def _empty_row_guard(im: _Importer, cond: _Infinite, x: Value, y: Value) -> Node:
     """Where(ReduceMax(s, -1) == -inf, 0, Softmax(s)): softmax with rows of no allowed key zeros."""
     top, p = cond.x, y
@@ -83,14 +80,12 @@ def _empty_row_guard(im: _Importer, cond: _Infinite, x: Value, y: Value) -> Node
     raise im.fail(_INFINITE)
 
 
-
 @_op(*_LOGIC)
 def _logic(im: _Importer, args: list) -> _Condition | _Causal:
     im.only({})
     if im.node.op_type == "Not" and isinstance(args[0], _Causal) and args[0].negated():
         return args[0].negated()
     return _condition(im, _LOGIC[im.node.op_type], args, logical=True)
-
 
 
 def _branch(im: _Importer, value: Value) -> Node | float:
@@ -100,7 +95,6 @@ def _branch(im: _Importer, value: Value) -> Node | float:
         if not np.isfinite(number) or value.ndim == 0:
             return number
     return im.operand(value)
-
 
 
 def _causal_where(im: _Importer, cond: _Causal, x: Value, y: Value) -> _Causal:
@@ -116,7 +110,6 @@ def _causal_where(im: _Importer, cond: _Causal, x: Value, y: Value) -> _Causal:
     if isinstance(keep, np.ndarray) and keep.size == 1 and float(keep.reshape(())) == 0.0:
         return _Causal("additive", cond.shape)
     raise im.fail(_CAUSAL)
-
 
 
 @_op("Where")
@@ -150,7 +143,6 @@ def _where(im: _Importer, args: list) -> Node:
     return _widen(_select(expr, operands, "where"), shape)
 
 
-
 @_op("Trilu")
 def _trilu(im: _Importer, args: list) -> Value:
     upper = bool(im.only({"upper": None}).get("upper", 1))
@@ -167,11 +159,9 @@ def _trilu(im: _Importer, args: list) -> Value:
     return transformer.where(keep.astype(bool), x, 0.0)
 
 
-
 def _last_axis(im: _Importer, axis: int, ndim: int) -> None:
     if axis % ndim != ndim - 1:
         raise im.fail(f"attribute axis={axis} is not supported (only the last axis)")
-
 
 
 @_op("Softmax", "LogSoftmax")
@@ -191,10 +181,8 @@ def _softmax(im: _Importer, args: list) -> Node:
     return ops.log_softmax(x)
 
 
-
 def _causal_softmax(scores: Node) -> Node:
     return transformer.masked_softmax(scores, causal=True)
-
 
 
 def _causally_masked(x: Node) -> Node | None:
@@ -226,7 +214,6 @@ def _causally_masked(x: Node) -> Node | None:
     values = mask.attrs["values"]
     allowed = values != 0 if first == ARGS[1 - m] else values == 0
     return scores if scores.shape == x.shape and _is_tril(allowed, rows, cols) else None
-
 
 
 def _is_builtin_add(x: Node) -> bool:

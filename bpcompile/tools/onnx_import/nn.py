@@ -6,10 +6,13 @@ from typing import Any
 
 import numpy as np
 
-from ... import ops as families  # the op families' functions, each found by name in its ops module
 from ...ir.graph import Node
 from ...ops import core as ops
 from ...ops import transformer
+from ...ops.conv import conv2d
+from ...ops.normalization import batch_norm
+from ...ops.pool import avg_pool2d, max_pool2d
+from ...ops.regularization import dropout
 from .importer import _Importer, _op
 from .reading import _plain
 from .values import Value
@@ -21,8 +24,7 @@ def _dropout(im: _Importer, args: list) -> Value:
     if len(args) > 2 and args[2] is not None and bool(im.constant(im.node.input[2], "Dropout's training_mode")):
         raise im.fail("training_mode=true is not supported (bpcompile's dropout is active in training calls)")
     ratio = float(im.constant(im.node.input[1], "Dropout's ratio")) if len(args) > 1 and args[1] is not None else 0.5
-    return families.dropout(im.tensor(args[0]), ratio) if ratio > 0 else args[0]
-
+    return dropout(im.tensor(args[0]), ratio) if ratio > 0 else args[0]
 
 
 @_op("MatMul")
@@ -30,7 +32,6 @@ def _matmul(im: _Importer, args: list) -> Node:
     """NumPy's matmul, batched operands broadcast (bpcompile's bmatmul)."""
     im.only({})
     return ops.matmul(im.tensor(args[0]), im.tensor(args[1]))
-
 
 
 @_op("Gemm")
@@ -51,13 +52,11 @@ def _gemm(im: _Importer, args: list) -> Node:
     return y
 
 
-
 def _pair(im: _Importer, values: Any, what: str) -> tuple[int, int]:
     values = [int(v) for v in values]
     if len(values) != 2:
         raise im.fail(f"attribute {what}={values} is not supported (2-D only)")
     return values[0], values[1]
-
 
 
 def _padding(im: _Importer, attrs: dict) -> tuple[int, int]:
@@ -69,15 +68,13 @@ def _padding(im: _Importer, attrs: dict) -> tuple[int, int]:
     return pads[0], pads[1]
 
 
-
 @_op("Conv")
 def _conv(im: _Importer, args: list) -> Node:
     attrs = im.only({"kernel_shape": None, "strides": None, "pads": None, "dilations": [1, 1], "group": 1,
                      "auto_pad": None})
     bias = im.tensor(args[2]) if len(args) > 2 and args[2] is not None else None
-    return families.conv2d(im.tensor(args[0]), im.tensor(args[1]), bias,
+    return conv2d(im.tensor(args[0]), im.tensor(args[1]), bias,
                            stride=_pair(im, attrs.get("strides", [1, 1]), "strides"), padding=_padding(im, attrs))
-
 
 
 @_op("MaxPool", "AveragePool")
@@ -89,16 +86,14 @@ def _pool(im: _Importer, args: list) -> Node:
         raise im.fail("padded pooling is not supported")
     kernel = _pair(im, attrs["kernel_shape"], "kernel_shape")
     stride = _pair(im, attrs.get("strides", kernel), "strides")
-    pool = families.max_pool2d if im.node.op_type == "MaxPool" else families.avg_pool2d
+    pool = max_pool2d if im.node.op_type == "MaxPool" else avg_pool2d
     return pool(im.tensor(args[0]), kernel, stride)
-
 
 
 @_op("GlobalAveragePool")
 def _global_average_pool(im: _Importer, args: list) -> Node:
     im.only({})
     return ops.mean(im.tensor(args[0]), axis=(2, 3), keepdims=True)
-
 
 
 @_op("BatchNormalization")
@@ -109,13 +104,12 @@ def _batch_norm(im: _Importer, args: list) -> Node:
     if gamma.op != "param":
         raise im.fail("its scale must be an initializer")
     momentum = 1.0 - float(attrs.get("momentum", 0.9))  # ONNX keeps that much of the running value
-    y = families.batch_norm(im.tensor(x), gamma, beta, momentum=momentum, eps=float(attrs.get("epsilon", 1e-5)))
+    y = batch_norm(im.tensor(x), gamma, beta, momentum=momentum, eps=float(attrs.get("epsilon", 1e-5)))
     graph = im.graph
     for stat, value in (("running_mean", mean), ("running_var", var)):  # start from the file's statistics
         source = value if isinstance(value, np.ndarray) else graph.param_init.get(value.attrs["name"])
         graph.param_init[f"{gamma.attrs['name']}.{stat}"] = np.asarray(source, dtype=np.float64)
     return y
-
 
 
 @_op("LayerNormalization")

@@ -21,14 +21,12 @@ _DATA_INPUTS = {
 }
 
 
-
 def _data_inputs(onnx: Any, node: Any) -> tuple[int, ...]:
     if node.op_type == "Cast":  # a cast to bool or int is a test, not a value
         to = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
         kind = onnx.helper.tensor_dtype_to_np_dtype(to).kind if to is not None else "f"
         return (0,) if kind == "f" else ()
     return _DATA_INPUTS.get(node.op_type, tuple(range(len(node.input))))
-
 
 
 def _differentiable(onnx: Any, graph: Any) -> set[str]:
@@ -39,7 +37,6 @@ def _differentiable(onnx: Any, graph: Any) -> set[str]:
         if any(out in live for out in node.output):
             live.update(node.input[i] for i in _data_inputs(onnx, node) if i < len(node.input))
     return live
-
 
 
 def _torch_kinds(graph: Any) -> dict[str, str]:
@@ -55,7 +52,6 @@ def _torch_kinds(graph: Any) -> dict[str, str]:
     return kinds
 
 
-
 def _settle(value: Value) -> Value:
     """Runtime sizes (an object array) that turned out to be all fixed become int64."""
     if isinstance(value, np.ndarray) and value.dtype == object and not any(isinstance(v, str) for v in value.flat):
@@ -63,11 +59,9 @@ def _settle(value: Value) -> Value:
     return value
 
 
-
 def _dim_name(text: str) -> str:
     name = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
     return name if name and not name[0].isdigit() else f"d_{name}"
-
 
 
 def _plain(value: Any) -> Any:

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ... import ops as families  # the op families' functions, each found by name in its ops module
 from ...ir.graph import Node
 from ...ops import core as ops
-from ...ops import transformer
+from ...ops import slicing, transformer
+from ...ops.recurrent import gru, lstm, rnn
 from .importer import _Importer, _op
 from .reading import _plain
 from .values import Value
@@ -19,7 +19,6 @@ from .values import Value
 # blocks i, f, c, o of its order (i, o, f, c); GRU r, z, n are blocks r, z, h of (z, r, h).
 _GATES = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
 _ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"), "RNN": ("tanh",)}
-
 
 
 @_op("LSTM", "GRU", "RNN")
@@ -48,15 +47,14 @@ def _recurrent(im: _Importer, args: list) -> tuple:
     runs = []
     for d, (reverse, relu) in enumerate(directions):
         b = _direction(bias, d, 0)
-        b_ih, b_hh = (None, None) if b is None else (families.slice(b, 0, 0, gates * hidden),
-                                                     families.slice(b, 0, gates * hidden, None))
+        b_ih, b_hh = (None, None) if b is None else (slicing.slice(b, 0, 0, gates * hidden),
+                                                     slicing.slice(b, 0, gates * hidden, None))
         weights = [_gate_order(kind, t, hidden) for t in (_direction(w, d, 0), _direction(r, d, 0), b_ih, b_hh)]
         states = [_initial_state(im, args[i] if len(args) > i else None, d, layout) for i in (5, 6)]
         source = _reversed_time(im, seq, attrs) if reverse else seq
         out, *last = _run(im, kind, relu, source, weights, states)
         runs.append((_reversed_time(im, out, attrs) if reverse else out, last))
     return _onnx_outputs(runs, layout)
-
 
 
 def _recurrent_attrs(im: _Importer, kind: str) -> dict[str, Any]:
@@ -72,7 +70,6 @@ def _recurrent_attrs(im: _Importer, kind: str) -> dict[str, Any]:
         raise im.fail(f"attribute linear_before_reset={int(attrs.get('linear_before_reset', 0))} is not supported "
                       "(only 1: the reset gate applied after the recurrent product, as PyTorch's GRU)")
     return attrs
-
 
 
 def _directions(im: _Importer, attrs: dict) -> list[tuple[bool, bool]]:
@@ -92,22 +89,19 @@ def _directions(im: _Importer, attrs: dict) -> list[tuple[bool, bool]]:
     return [(reverse, p == ("relu",)) for reverse, p in zip(reverses, per)]
 
 
-
 def _direction(t: Node | None, d: int, axis: int) -> Node | None:
     """Direction d of a tensor stacking the directions along `axis`, without that axis."""
     if t is None:
         return None
-    part = families.slice(t, axis, d, d + 1)
+    part = slicing.slice(t, axis, d, d + 1)
     return ops.reshape(part, tuple(n for i, n in enumerate(t.shape) if i != axis))
-
 
 
 def _gate_order(kind: str, t: Node | None, hidden: int) -> Node | None:
     """ONNX's gate blocks (rows of a weight, entries of a bias) in bpcompile's order."""
     if t is None or kind == "RNN":
         return t
-    return families.concat([families.slice(t, 0, k * hidden, (k + 1) * hidden) for k in _GATES[kind]], axis=0)
-
+    return slicing.concat([slicing.slice(t, 0, k * hidden, (k + 1) * hidden) for k in _GATES[kind]], axis=0)
 
 
 def _initial_state(im: _Importer, value: Value | None, d: int, layout: int) -> Node | None:
@@ -115,7 +109,6 @@ def _initial_state(im: _Importer, value: Value | None, d: int, layout: int) -> N
     if value is None or _is_zeros(value):
         return None
     return _direction(im.tensor(value), d, 0 if layout == 0 else 1)
-
 
 
 def _is_zeros(value: Value) -> bool:
@@ -128,7 +121,6 @@ def _is_zeros(value: Value) -> bool:
     return isinstance(value, Node) and value.op == "ew" and not value.inputs and value.attrs["fn"].expr == 0
 
 
-
 def _reversed_time(im: _Importer, seq: Node, attrs: dict) -> Node:
     """seq (batch, time, width) with its steps in reverse order: the product with the reversing
     permutation of a fixed length (a gather by reversed indices), exact for finite values."""
@@ -139,20 +131,18 @@ def _reversed_time(im: _Importer, seq: Node, attrs: dict) -> Node:
     return ops.matmul(transformer.constant(np.eye(steps)[::-1].copy()), seq)
 
 
-
 def _run(im: _Importer, kind: str, relu: bool, seq: Node, weights: list, states: list) -> tuple:
     """One direction: (outputs (batch, time, hidden), last h[, last c])."""
     w_ih, w_hh, b_ih, b_hh = weights
     h0, c0 = states
     if kind == "LSTM":
-        out, (h, c) = families.lstm(seq, w_ih, w_hh, b_ih, b_hh, h0, c0)
+        out, (h, c) = lstm(seq, w_ih, w_hh, b_ih, b_hh, h0, c0)
         return out, h, c
     if kind == "GRU":
-        return families.gru(seq, w_ih, w_hh, b_ih, b_hh, h0)
+        return gru(seq, w_ih, w_hh, b_ih, b_hh, h0)
     if relu:
         return _relu_rnn(im, seq, w_ih, w_hh, b_ih, b_hh, h0)
-    return families.rnn(seq, w_ih, w_hh, b_ih, b_hh, h0)
-
+    return rnn(seq, w_ih, w_hh, b_ih, b_hh, h0)
 
 
 def _relu_rnn(im: _Importer, seq: Node, w_ih: Node, w_hh: Node, b_ih: Node | None, b_hh: Node | None,
@@ -168,11 +158,10 @@ def _relu_rnn(im: _Importer, seq: Node, w_ih: Node, w_hh: Node, b_ih: Node | Non
         xp = xp if b is None else xp + b
     recurrent, h, outs = ops.transpose(w_hh), h0, []
     for t in range(steps):
-        a = ops.reshape(families.slice(xp, 1, t, t + 1), (batch, hidden))
+        a = ops.reshape(slicing.slice(xp, 1, t, t + 1), (batch, hidden))
         h = ops.relu(a if h is None else a + ops.matmul(h, recurrent))
         outs.append(ops.reshape(h, (batch, 1, hidden)))
-    return families.concat(outs, axis=1), h
-
+    return slicing.concat(outs, axis=1), h
 
 
 def _onnx_outputs(runs: list[tuple[Node, list[Node]]], layout: int) -> tuple:
@@ -182,10 +171,10 @@ def _onnx_outputs(runs: list[tuple[Node, list[Node]]], layout: int) -> tuple:
         return ops.reshape(t, t.shape[:axis] + (1,) + t.shape[axis:])
 
     if layout == 0:
-        y = families.concat([with_axis(ops.transpose(out, (1, 0, 2)), 1) for out, _ in runs], axis=1)
+        y = slicing.concat([with_axis(ops.transpose(out, (1, 0, 2)), 1) for out, _ in runs], axis=1)
     else:
-        y = families.concat([with_axis(out, 2) for out, _ in runs], axis=2)
+        y = slicing.concat([with_axis(out, 2) for out, _ in runs], axis=2)
     axis = 0 if layout == 0 else 1
-    last = [families.concat([with_axis(states[k], axis) for _, states in runs], axis=axis)
+    last = [slicing.concat([with_axis(states[k], axis) for _, states in runs], axis=axis)
             for k in range(len(runs[0][1]))]
     return (y, *last)

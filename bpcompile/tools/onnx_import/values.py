@@ -20,7 +20,6 @@ Value = Any  # a graph Node, a constant np.ndarray known at import time (an obje
 # _Condition, _Infinite, _Causal, _Window
 
 
-
 class _Condition:
     """A boolean tensor, as a SymPy condition on graph tensors (bpcompile has no boolean
     tensors): kept until a Where selects with it or a Cast turns it into 1.0 / 0.0."""
@@ -33,7 +32,6 @@ class _Condition:
         return _select(sp.Piecewise((1, self.expr), (0, True)), self.operands, "condition")
 
 
-
 class _Infinite:
     """x == ±inf. Alone it has no bpcompile form (a real never equals an infinity); in the guard
     Where(ReduceMax(s) == -inf, 0, Softmax(s)) that bp.to_onnx writes for a masked softmax's
@@ -41,7 +39,6 @@ class _Infinite:
 
     def __init__(self, x: Node, value: float):
         self.x, self.value, self.shape = x, value, x.shape
-
 
 
 class _Causal:
@@ -63,7 +60,6 @@ class _Causal:
         if scores.ndim < 2 or scores.shape[-2:] != self.shape[-2:] or any(d != 1 for d in self.shape[:-2]):
             raise im.fail(f"a causal mask of shape {self.shape} on scores of shape {scores.shape} is not supported")
         return _Causal("scores", scores.shape, scores)
-
 
 
 class _Window:
@@ -88,7 +84,6 @@ class _Window:
         return _Causal("allowed", self.shape) if ones else self
 
 
-
 _WINDOW = ("a constant buffer sliced to a runtime length is supported only as a causal mask (a lower triangle of "
            "ones sliced to [:T, :T] along its last two axes)")
 _CAUSAL = ("a causal mask of runtime size is supported only as Where(mask, scores, -inf) or scores + Where(mask, 0, "
@@ -99,9 +94,7 @@ _LOWEST = float(np.finfo(np.float32).min)
 _C = tuple(sp.Symbol(f"c{i}", real=True) for i in range(len(ARGS)))
 
 
-
 _INFINITE = "a test for inf is supported only in the guard Where(ReduceMax(s) == -inf, 0, Softmax(s))"
-
 
 
 def _select(expr: Any, operands: list[Node], name: str) -> Node:
@@ -110,11 +103,9 @@ def _select(expr: Any, operands: list[Node], name: str) -> Node:
     return ops.ew(fn, *operands)
 
 
-
 def _is_tril(values: np.ndarray, rows: int, cols: int) -> bool:
     return values.shape[-2:] == (rows, cols) and values.size == rows * cols and \
         np.array_equal(values.reshape(rows, cols), np.tril(np.ones((rows, cols), dtype=bool)))
-
 
 
 def _widen(node: Node, shape: tuple) -> Node:
