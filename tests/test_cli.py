@@ -589,6 +589,12 @@ BAD_SPECS = {
     "syntax.py": ("def build(:\n    pass\n", r"syntax\.py:1: SyntaxError"),
     "empty.py": ("x = 1\n", r"empty\.py: defines neither a module-level 'graph'"),
     "spec.txt": ("hello\n", r"spec\.txt: unknown spec type '\.txt'"),
+    # an activation is an elementwise layer or a function, not a layer with parameters
+    "activation.yaml": (GOOD_HEAD + "layers:\n  - {type: dense, units: 3, activation: lm_head}\n",
+                        r"layers\[0\]\.activation: unknown activation 'lm_head'; expected one of softmax, log_softmax, "
+                        r"relu, .*, elu$"),
+    "builtin.yaml": (GOOD_HEAD + "functions:\n  layer_norm: 'z * 2'\nlayers:\n  - layer_norm\n",
+                     r"builtin\.yaml:5: functions\.layer_norm: 'layer_norm' is a built-in layer"),
 }
 
 
@@ -634,6 +640,34 @@ def test_parse_sympy_is_safe_and_complete():
     for bad in ("z.real", "(lambda: 1)()", "[z]", "open('x')", "z if z else 1", "z +"):
         with pytest.raises(ValueError):
             parse_sympy(bad, ["z"])
+
+
+def test_a_layer_kind_is_one_entry_of_the_layer_table(tmp_path, monkeypatch):
+    """A new entry of spec.LAYERS is a layer kind of YAML specs: its settings are checked, it
+    builds, and the list of layers in error messages names it."""
+    from bpcompile.tools.spec import LAYERS, Layer, SpecError, load_spec
+
+    def scaled(stack, x, settings, at):
+        factor = stack.r.number(settings.get("factor", 2), at.where + ("factor",))
+        return stack.call(at.where, lambda: x * factor)
+
+    monkeypatch.setitem(LAYERS, "scaled", Layer({"factor": "a number (2)"}, scaled, activation=True))
+    path = tmp_path / "scaled.yaml"
+    path.write_text(GOOD_HEAD + "input: x\nlayers:\n  - {type: scaled, factor: 3}\n"
+                    "  - {type: dense, units: 2, activation: scaled}\n")
+    graph = load_spec(path).graph
+    x = np.arange(16.0).reshape(2, 8)
+    params = {n: np.full(p.shape, 0.5) for n, p in graph.params.items()}
+    out = bp.evaluate([graph.outputs["output"]], {"x": x}, params)[0]
+    np.testing.assert_allclose(out, 2 * (3 * x @ params["W1"] + params["b1"]))
+    path.write_text(GOOD_HEAD + "layers:\n  - {type: scaled, factr: 3}\n")
+    with pytest.raises(SpecError, match=r"layers\[0\]\.factr: unknown key 'factr' \(did you mean 'factor'\?\); "
+                                        r"expected one of type, factor$"):
+        load_spec(path)
+    path.write_text(GOOD_HEAD + "layers:\n  - scaledd\n")
+    with pytest.raises(SpecError, match=r"unknown layer 'scaledd' \(did you mean 'scaled'\?\); expected one of "
+                                        r"dense, .*, elu, scaled$"):
+        load_spec(path)
 
 
 def test_explanation_uses_autodiff_nodes():

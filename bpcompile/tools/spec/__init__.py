@@ -45,7 +45,7 @@ from pathlib import Path
 
 from .common import DTYPES, Spec, SpecError
 from .expressions import parse_sympy
-from .layers import DENSE_KEYS, NAME_KEY, PARAMETRIC, SHAPED, TRANSFORMER_KEYS, UNARY
+from .layers import LAYERS, Layer
 from .limits import (
     MAX_ELEMENTS,
     MAX_EXPR_CHARS,
@@ -59,10 +59,9 @@ from .onnx_file import ONNX_LOSSES, _load_onnx, onnx_loss
 from .python_file import _load_python
 from .yaml_file import FUNCTION_KEYS, INPUT_KEYS, LOSSES, TOP_KEYS, _load_yaml
 
-__all__ = ["DENSE_KEYS", "DTYPES", "FUNCTION_KEYS", "INPUT_KEYS", "LOSSES", "MAX_ELEMENTS", "MAX_EXPR_CHARS",
-           "MAX_EXPR_DEPTH", "MAX_NUMBER_BITS", "MAX_SEED", "MAX_SYMBOLIC_EXPONENT", "MAX_UNITS", "NAME_KEY",
-           "ONNX_LOSSES", "PARAMETRIC", "SHAPED", "TOP_KEYS", "TRANSFORMER_KEYS", "UNARY", "Spec", "SpecError",
-           "load_spec", "onnx_loss", "parse_sympy"]
+__all__ = ["DTYPES", "FUNCTION_KEYS", "INPUT_KEYS", "LAYERS", "LOSSES", "MAX_ELEMENTS", "MAX_EXPR_CHARS",
+           "MAX_EXPR_DEPTH", "MAX_NUMBER_BITS", "MAX_SEED", "MAX_SYMBOLIC_EXPONENT", "MAX_UNITS", "ONNX_LOSSES",
+           "TOP_KEYS", "Layer", "Spec", "SpecError", "load_spec", "onnx_loss", "parse_sympy"]
 
 
 def load_spec(path: str | Path, loss: str | None = None) -> Spec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import bpcompile as bp
 from ...errors import BPError
 from .common import DTYPES, Spec, SpecError
 from .expressions import _SYMPY_CONSTANTS, parse_sympy
-from .layers import DENSE_KEYS, PARAMETRIC, SHAPED, TRANSFORMER_KEYS, UNARY
+from .layers import LAYERS, Place
 from .limits import MAX_SEED
 from .reader import _describe, _import_yaml, _Reader, _yaml_lines
 
@@ -51,6 +52,7 @@ class _YamlBuilder:
         self.r, self.path, self.doc = r, path, doc
         self.functions: dict[str, Callable] = {}
         self.function_nargs: dict[str, list[str]] = {}
+        self.embedding: Any = None  # the last embedding layer's bp.nn.Embedding, for a tied lm_head
 
     def spec(self) -> Spec:
         r, doc = self.r, self.doc
@@ -121,7 +123,7 @@ class _YamlBuilder:
         for name, value in spec.items():
             where = ("functions", name)
             r.name(name, where, "a function name")
-            if name in UNARY or name in PARAMETRIC or name in SHAPED or name in ("dense", "dropout", "batch_norm"):
+            if name in LAYERS:
                 raise r.error(where, f"{name!r} is a built-in layer; choose another name for your function")
             if isinstance(value, str):
                 value = {"expr": value}
@@ -179,152 +181,56 @@ class _YamlBuilder:
         return inputs[floats[0]]
 
     def layer_kinds(self) -> list[str]:
-        return ["dense", "dropout", "batch_norm", *TRANSFORMER_KEYS, *SHAPED, *UNARY, *PARAMETRIC, *self.functions]
+        """The layer kinds a spec may name: the built-in ones of LAYERS, then its own functions."""
+        return [*LAYERS, *self.functions]
+
+    def activation_kinds(self) -> list[str]:
+        """The kinds a dense layer's `activation` may name: elementwise layers and functions."""
+        return [kind for kind, layer in LAYERS.items() if layer.activation] + list(self.functions)
 
     def layers(self, g, x) -> Any:
         r = self.r
         layers = self.doc["layers"]
         if not isinstance(layers, list) or not layers:
             raise r.error(("layers",), f"expected a non-empty list of layers, got {_describe(layers)}")
-        dense = norms = 0
+        counts: Counter[str] = Counter()
         for i, layer in enumerate(layers):
             where = ("layers", i)
             kind, settings, _ = r.settings(layer, where, "layer")
             r.choice(kind, where + ("type",) if isinstance(layer, dict) else where, self.layer_kinds(), "layer")
-            if kind == "dense":
-                dense += 1
-                x = self.dense(g, x, settings, where, dense)
-            elif kind == "dropout":
-                r.mapping(settings, where, {"type": "dropout", "p": "the probability of zeroing an element"},
-                          required=("p",))
-                p = r.number(settings["p"], where + ("p",))
-                x = self.call(where + ("p",), lambda x=x, p=p: bp.dropout(x, p))
-            elif kind == "batch_norm":
-                norms += 1
-                x = self.batch_norm(g, x, settings, where, norms)
-            elif kind in TRANSFORMER_KEYS:
-                x = self.transformer_layer(g, x, kind, settings, where, i)
-            else:
-                x = self.apply(kind, settings, x, where)
+            counts[kind] += 1
+            x = self.layer(kind, settings, x, Place(g, kind, where, i, counts[kind]))
         return x
 
-    def dense(self, g, x, settings: dict, where: tuple, k: int) -> Any:
-        r = self.r
-        r.mapping(settings, where, {"type": "dense", **DENSE_KEYS}, required=("units",))
-        if x.ndim < 1 or not isinstance(x.shape[-1], int):
-            raise r.error(where, f"shape mismatch: a dense layer needs a fixed last dimension, its input has shape "
-                          f"{tuple(x.shape)}")
-        units = r.units(settings["units"], where + ("units",), x.shape[-1])
-        prefix = settings.get("name")
-        if prefix is not None:
-            r.name(prefix, where + ("name",), "a parameter name prefix")
-        w_name, b_name = (f"{prefix}_W", f"{prefix}_b") if prefix else (f"W{k}", f"b{k}")
-        bias = r.boolean(settings.get("bias", True), where + ("bias",))
-        init = settings.get("init")
-        if init is not None:
-            r.name(init, where + ("init",), "an initializer name")
-        w = self.call(where + ("init",), lambda: g.param(w_name, (x.shape[-1], units), init=init))
-        y = self.call(where, lambda: x @ w)
-        if bias:
-            b_init = settings.get("bias_init")
-            if b_init is not None:
-                r.name(b_init, where + ("bias_init",), "an initializer name")
-            b = self.call(where + ("bias_init",), lambda: g.param(b_name, (units,), init=b_init))
-            y = self.call(where, lambda: y + b)
-        if settings.get("activation") is not None:
-            act_where = where + ("activation",)
-            kind, act_settings, _ = r.settings(settings["activation"], act_where, "activation")
-            r.choice(kind, act_where, [k for k in self.layer_kinds()
-                                       if k not in ("dense", "flatten", "dropout", "batch_norm")], "activation")
-            y = self.apply(kind, act_settings, y, act_where)
-        return y
-
-    def transformer_layer(self, g, x, kind: str, settings: dict, where: tuple, i: int) -> Any:
-        """embedding (+ positions), layer_norm, transformer_block, lm_head (tied by default)."""
-        r = self.r
-        r.mapping(settings, where, {"type": kind, **TRANSFORMER_KEYS[kind]},
-                  required={"embedding": ("vocab", "dim"), "transformer_block": ("heads",)}.get(kind, ()))
-        name = r.name(settings.get("name", {"embedding": "wte", "lm_head": "lm_head"}.get(kind, f"{kind}{i}")),
-                      where + ("name",), "a parameter name prefix")
-        needs_int = kind == "embedding"
-        if (x.dtype == "int32") != needs_int:
-            raise r.error(where, f"shape mismatch: {kind} needs {'int32 token ids' if needs_int else 'a float tensor'}"
-                          f", its input is {x.dtype} {tuple(x.shape)}")
-        if not needs_int and (x.ndim < 1 or not isinstance(x.shape[-1], int)):
-            raise r.error(where, f"shape mismatch: {kind} needs a fixed last dimension, its input has shape "
-                          f"{tuple(x.shape)}")
-        if kind == "embedding":
-            vocab = r.integer(settings["vocab"], where + ("vocab",))
-            dim = r.units(settings["dim"], where + ("dim",), vocab)
-            self.embedding = self.call(where, lambda: bp.nn.Embedding(g, vocab, dim, name=name))
-            x = self.call(where, lambda: self.embedding(x))
-            if "positions" in settings:
-                steps = r.units(settings["positions"], where + ("positions",), dim)
-                wpe = self.call(where, lambda: g.param(f"{name}_positions", (steps, dim), init="normal"))
-                x = self.call(where + ("positions",), lambda: x + wpe, mismatch=True)
-            return x
-        if kind == "layer_norm":
-            eps = {"eps": r.number(settings["eps"], where + ("eps",))} if "eps" in settings else {}
-            return self.call(where, lambda: bp.nn.LayerNorm(g, x.shape[-1], name=name, **eps)(x))
-        if kind == "transformer_block":
-            options = {"heads": r.integer(settings["heads"], where + ("heads",)),
-                       "mlp_ratio": r.units(settings.get("mlp_ratio", 4), where + ("mlp_ratio",),
-                                          x.shape[-1], x.shape[-1]),
-                       "dropout": r.number(settings.get("dropout", 0.0), where + ("dropout",)),
-                       "causal": r.boolean(settings.get("causal", True), where + ("causal",))}
-            return self.call(where, lambda: bp.nn.TransformerBlock(g, x.shape[-1], name=name, **options)(x),
-                             mismatch=True)
-        if "units" in settings:
-            units = r.units(settings["units"], where + ("units",), x.shape[-1])
-            return self.call(where, lambda: bp.nn.Linear(g, x.shape[-1], units, bias=False, name=name)(x))
-        table = getattr(self, "embedding", None)
-        if table is None:
-            raise r.error(where, "an lm_head without 'units' is tied to an embedding layer, and there is none "
-                          "before it")
-        return self.call(where, lambda: x @ bp.transpose(table.weight), mismatch=True)
-
-    def batch_norm(self, g, x, settings: dict, where: tuple, k: int) -> Any:
-        r = self.r
-        r.mapping(settings, where, {"type": "batch_norm", "momentum": "a number in [0, 1] (0.1)",
-                                    "eps": "a positive number (1e-5)", "name": "a prefix for its parameter names"})
-        prefix = r.name(settings.get("name", f"bn{k}"), where + ("name",), "a parameter name prefix")
-        if x.ndim not in (2, 4) or not isinstance(x.shape[1], int):
-            raise r.error(where, f"shape mismatch: batch_norm needs (N, C) or (N, C, H, W) with a fixed C, its input "
-                          f"has shape {tuple(x.shape)}")
-        options = {key: r.number(settings[key], where + (key,)) for key in ("momentum", "eps") if key in settings}
-        gamma = self.call(where, lambda: g.param(f"{prefix}_gamma", (x.shape[1],), init="ones"))
-        beta = self.call(where, lambda: g.param(f"{prefix}_beta", (x.shape[1],), init="zeros"))
-        return self.call(where, lambda: bp.batch_norm(x, gamma, beta, **options))
-
-    def apply(self, kind: str, settings: dict, x, where: tuple) -> Any:
-        r = self.r
-        if kind in PARAMETRIC:
-            key, fname = PARAMETRIC[kind]
-            r.mapping(settings, where, {"type": kind, key: "a number"})
-            value = {key: r.number(settings[key], where + (key,))} if key in settings else {}
-            return self.call(where, lambda: getattr(bp, fname)(x, **value))
+    def layer(self, kind: str, settings: dict, x, at: Place) -> Any:
+        """One layer (or activation) of a known kind: a function of `functions`, or the LAYERS
+        entry's builder once the settings' keys are checked against the entry."""
         if kind in self.functions:
-            symbols = self.function_nargs[kind]
-            r.mapping(settings, where, {"type": kind, "args": f"constants for {symbols[1:]}" if symbols[1:]
-                                        else "(no arguments)"})
-            args = settings.get("args") or {}
-            if not isinstance(args, dict):
-                raise r.error(where + ("args",), "expected a mapping of symbol names to numbers, got "
-                              f"{_describe(args)}")
-            for key in args:
-                if key not in symbols[1:]:
-                    raise r.error(where + ("args", key), f"unknown argument {key!r}; {kind} takes the layer input as "
-                                  f"{symbols[0]!r}" + (f" and constants for {symbols[1:]}" if symbols[1:] else ""))
-            missing = [s for s in symbols[1:] if s not in args]
-            if missing:
-                raise r.error(where, f"missing key 'args' values for {missing}: {kind} is a function of {symbols}; "
-                              "the layer input is the first and the others need constants")
-            consts = [r.number(args[s], where + ("args", s)) for s in symbols[1:]]
-            return self.call(where, lambda: self.functions[kind](x, *consts))
-        r.mapping(settings, where, {"type": kind})
-        if kind in SHAPED:
-            return self.call(where, lambda: getattr(bp, SHAPED[kind])(x))
-        return self.call(where, lambda: getattr(bp.ops, kind)(x))
+            return self.function_layer(kind, settings, x, at.where)
+        layer = LAYERS[kind]
+        self.r.mapping(settings, at.where, {"type": kind, **layer.settings}, required=layer.required)
+        return layer.build(self, x, settings, at)
+
+    def function_layer(self, kind: str, settings: dict, x, where: tuple) -> Any:
+        """A function of the spec's `functions`: the stack is its first symbol, `args` the others."""
+        r = self.r
+        symbols = self.function_nargs[kind]
+        r.mapping(settings, where, {"type": kind, "args": f"constants for {symbols[1:]}" if symbols[1:]
+                                    else "(no arguments)"})
+        args = settings.get("args") or {}
+        if not isinstance(args, dict):
+            raise r.error(where + ("args",), "expected a mapping of symbol names to numbers, got "
+                          f"{_describe(args)}")
+        for key in args:
+            if key not in symbols[1:]:
+                raise r.error(where + ("args", key), f"unknown argument {key!r}; {kind} takes the layer input as "
+                              f"{symbols[0]!r}" + (f" and constants for {symbols[1:]}" if symbols[1:] else ""))
+        missing = [s for s in symbols[1:] if s not in args]
+        if missing:
+            raise r.error(where, f"missing key 'args' values for {missing}: {kind} is a function of {symbols}; "
+                          "the layer input is the first and the others need constants")
+        consts = [r.number(args[s], where + ("args", s)) for s in symbols[1:]]
+        return self.call(where, lambda: self.functions[kind](x, *consts))
 
     def loss(self, g, x, inputs: dict[str, Any]) -> None:
         r = self.r
