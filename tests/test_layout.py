@@ -121,6 +121,16 @@ def test_every_module_is_in_a_known_stage():
     assert stages <= set(PIPELINE) | set(SIDE) | set(FRONTEND) | {"bpcompile", "__main__"}, stages
 
 
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml lists the packages a wheel holds: every folder of bpcompile with an
+    __init__.py is one of them (a package left out imports in the repository, not once installed)."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    missing = sorted(packages - listed)
+    assert not missing, f"packages missing from pyproject.toml's [tool.setuptools] packages: {missing}"
+
+
 def test_imports_go_in_the_pipeline_direction():
     found = {(m, i) for m in MODULES for i in imports(m, top_level_only=False)
              if i in MODULES and not allowed(m, i)}
