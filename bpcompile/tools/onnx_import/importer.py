@@ -20,6 +20,9 @@ from .values import _CAUSAL, _INFINITE, _WINDOW, Value, _Causal, _Condition, _In
 
 
 class _Importer:
+    """One import: the ONNX model, the Graph being built, the value of every ONNX tensor so far
+    (`env`) and the node being imported, which the rules read and report errors against."""
+
     def __init__(self, proto: Any, name: str | None):
         self.onnx = _onnx()
         self.proto = proto
@@ -169,10 +172,12 @@ class _Importer:
 _NO_FOLD = {"Identity"}  # evaluated by their own rule even on constants
 
 
+# ONNX operator -> its rule: (the importer, the node's input values) -> its output value(s)
 IMPORTERS: dict[str, Callable[[_Importer, list], Any]] = {}
 
 
-def _op(*names: str):
+def _op(*names: str) -> Callable[[Callable], Callable]:
+    """Register the decorated function as the rule of these ONNX operators."""
     def register(fn):
         for name in names:
             IMPORTERS[name] = fn
