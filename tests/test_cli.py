@@ -592,7 +592,7 @@ BAD_SPECS = {
     # an activation is an elementwise layer or a function, not a layer with parameters
     "activation.yaml": (GOOD_HEAD + "layers:\n  - {type: dense, units: 3, activation: lm_head}\n",
                         r"layers\[0\]\.activation: unknown activation 'lm_head'; expected one of softmax, log_softmax, "
-                        r"relu, .*, elu$"),
+                        r"abs, .*relu, .*tanh, leaky_relu, elu$"),
     "builtin.yaml": (GOOD_HEAD + "functions:\n  layer_norm: 'z * 2'\nlayers:\n  - layer_norm\n",
                      r"builtin\.yaml:5: functions\.layer_norm: 'layer_norm' is a built-in layer"),
 }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import bpcompile as bp
+from bpcompile.symbolic.functions import BUILTIN
 
 if TYPE_CHECKING:
     from .yaml_file import _YamlBuilder
@@ -169,7 +170,8 @@ def _elementwise(stack: _YamlBuilder, x: Any, settings: dict, at: Place) -> Any:
     return stack.call(at.where, lambda: getattr(bp.ops, at.kind)(x))
 
 
-UNARY = ("relu", "sigmoid", "tanh", "softplus", "gelu", "silu", "exp", "log", "sqrt", "square", "abs", "neg")
+# the elementwise layers: every one-argument built-in function of bpcompile.symbolic, by its name
+UNARY = sorted(name for name, spec in BUILTIN.items() if spec[1] == 1)
 
 LAYERS: dict[str, Layer] = {
     "dense": Layer({"units": "the number of outputs", "activation": "an elementwise op", "init": "the weight init",
