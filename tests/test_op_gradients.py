@@ -106,9 +106,31 @@ ROWS: list[Row] = [
     Row("attention", lambda q, k, v: bp.attention(q, k, v), {"q": (2, 3, 4), "k": (2, 5, 4), "v": (2, 5, 3)}),
     Row("attention-causal", lambda q, k, v: bp.attention(q, k, v, causal=True),
         {"q": (2, 2, 4, 3), "k": (2, 2, 4, 3), "v": (2, 2, 4, 3)}),
+    Row("attention-qkv-heads", lambda a: _gpt_attention(a * a, 2, causal=True), {"a": (2, 5, 12)}),
+    Row("attention-qkv-batch", lambda x, a: _gpt_attention(x + a, 2, causal=False), {"a": (3, 12)},
+        {"x": ("batch", 3, 12)}),
+    Row("attention-heads-separate", lambda q, k, v: bp.attention(_heads(q, 2), _heads(k, 2), _heads(v, 2)),
+        {"q": (2, 3, 4), "k": (2, 5, 4), "v": (2, 5, 6)}),
+    Row("attention-self", lambda a: bp.attention(a, a, a, causal=True, scale=0.6), {"a": (3, 4, 5)}),
+    Row("attention-one-query", lambda q, k, v: bp.attention(q, k, v, causal=True),
+        {"q": (1, 3), "k": (4, 3), "v": (4, 2)}),
     Row("attention-mask-full-row", lambda q, k, v: bp.attention(q, k, v, mask=MASK_ROW_1_OFF),
         {"q": (2, 3, 2), "k": (2, 4, 2), "v": (2, 4, 3)}),
 ]
+
+
+def _heads(x: bp.Tensor, heads: int) -> bp.Tensor:
+    """(B, T, C) -> (B, heads, T, C // heads), as a transformer splits its heads."""
+    b, t, c = x.shape
+    return bp.transpose(bp.reshape(x, (b, t, heads, c // heads)), (0, 2, 1, 3))
+
+
+def _gpt_attention(qkv: bp.Tensor, heads: int, causal: bool) -> bp.Tensor:
+    """Attention over the heads of a fused (B, T, 3C) projection, merged back to (B, T, C)."""
+    b, t, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = (_heads(bp.slice(qkv, 2, i * c, (i + 1) * c), heads) for i in range(3))
+    return bp.reshape(bp.transpose(bp.attention(q, k, v, causal=causal), (0, 2, 1, 3)), (b, t, c))
 
 
 def _param_data(shape: tuple, kind: str, rng: np.random.Generator) -> np.ndarray:

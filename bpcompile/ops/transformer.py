@@ -285,6 +285,11 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
         raise ValueError(f"attention: scale must be finite, got {scale}")
     if scale <= 0:
         raise ValueError(f"attention: scale must be positive, got {scale}")
+    if mask is None and not dropout:
+        from .attention import fused_attention
+        fused = fused_attention(q, k, v, causal, scale)
+        if fused is not None:
+            return fused
     scores = bmatmul(q, k, tb=True)  # kᵀ read by the GEMM, never copied; the softmax kernel scales
     if mask is not None:
         mask = _as_condition(mask)

@@ -1,0 +1,287 @@
+"""Fused scaled dot-product attention: one kernel for softmax(scale · q kᵀ, causal) @ v and one
+for its backward (dq, dk, dv), used by `transformer.attention` when it applies (no mask, no
+dropout, fixed lengths and head dims, the same leading dims on q, k and v).
+
+Operands are strided views: each of q, k, v is a base tensor read through the layout steps
+(slice of the last axis, reshape splitting the last axis, transpose) that made it, so the
+heads of a fused (B, T, 3C) qkv projection are read in place, never copied. The steps are
+kept in the node (`views`), so the reference, the ONNX export and the C strides all derive
+from the same description. When q was split into heads ((B, T, H, d) transposed to
+(B, H, T, d)), the node writes its output as (B, T, H, dv), the layout the head merge wants,
+and `attention` returns it transposed back (a transpose of that transpose folds away).
+
+The forward keeps each query's log-sum-exp (aux "attention_lse"); the backward recomputes the
+probabilities from it, row by row, with every inner product a loop over a compile-time size:
+    p = exp(scale · q kᵀ - lse),  D = rowsum(dO ⊙ O),  ds = scale · p ⊙ (dO vᵀ - D),
+    dq = ds k,  dk = dsᵀ q,  dv = pᵀ dO.
+Each (batch, head) pair is one unit of work on the thread pool; it writes its own rows of
+dq, dk and dv only (the views of one base tile it, or each operand has its own base).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..ir.graph import FLOAT, Node, Shape
+from ..ir.kernel import Kernel, Mono, contiguous_strides
+from .core import _no_grad, concrete, register, register_kernel, register_rewrite, reshape, transpose
+from .slicing import slice
+
+if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
+    from ..codegen.module import Context
+
+__all__ = ["fused_attention", "decompose"]
+
+ROW_LIMIT = 1 << 15  # (d + dv) * keys elements of the per-thread kᵀ / vᵀ buffers on the stack
+
+Step = tuple  # ("slice", begin, stop) of the last axis | ("reshape", shape) | ("transpose", axes)
+
+
+# --- views: a base tensor and the layout steps that made the operand ------------------------------
+
+def _peel(x: Node, slices: bool) -> tuple[Node, tuple[Step, ...]]:
+    """The base `x` is a view of and the steps from it to `x`: reshapes splitting the last axis,
+    transposes, and (with `slices`) one slice of the base's last axis, taken first."""
+    steps: list[Step] = []
+    while True:
+        src = x.inputs[0] if x.inputs else None
+        if x.op == "transpose":
+            steps.insert(0, ("transpose", tuple(x.attrs["axes"])))
+        elif x.op == "reshape" and src.shape[:-1] == x.shape[:-2] and isinstance(src.shape[-1], int) and \
+                all(isinstance(d, int) for d in x.shape[-2:]) and x.shape[-2] * x.shape[-1] == src.shape[-1]:
+            steps.insert(0, ("reshape", tuple(x.shape)))
+        elif slices and x.op == "slice" and x.attrs["axis"] == src.ndim - 1 and isinstance(src.shape[-1], int):
+            steps.insert(0, ("slice", x.attrs["begin"], x.attrs["begin"] + x.shape[-1]))
+            x = src
+            break
+        else:
+            break
+        x = src
+    return x, tuple(steps)
+
+
+def _strides(base: Shape, steps: tuple[Step, ...]) -> tuple[list[Mono], Mono]:
+    """Element strides of the view's axes in the base's storage, and its offset."""
+    strides, offset = contiguous_strides(base), Mono(0)
+    for step in steps:
+        if step[0] == "slice":
+            offset = Mono(step[1]) * strides[-1]
+        elif step[0] == "reshape":
+            inner = step[1][-1]
+            strides = strides[:-1] + [strides[-1] * Mono(inner), strides[-1]]
+        else:
+            strides = [strides[a] for a in step[1]]
+    return strides, offset
+
+
+def _covers(steps: list[tuple[Step, ...]], width: int) -> bool:
+    """Whether the last-axis windows of views of one base tile that axis exactly."""
+    windows = sorted((s[0][1], s[0][2]) for s in steps)
+    return windows[0][0] == 0 and windows[-1][1] == width and all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+
+
+def _views(q: Node, k: Node, v: Node) -> tuple[tuple[Node, ...], tuple[tuple[int, tuple[Step, ...]], ...]]:
+    """The node's inputs (bases) and, per operand, (base index, steps): one packed base when
+    q, k, v are windows tiling the last axis of one tensor (a fused qkv projection), else one
+    base per operand (reshapes and transposes only: each view covers its base once)."""
+    peeled = [_peel(x, slices=True) for x in (q, k, v)]
+    bases = {b for b, _ in peeled}
+    if len(bases) == 1 and all(s and s[0][0] == "slice" for _, s in peeled) and \
+            _covers([s for _, s in peeled], peeled[0][0].shape[-1]) and _unit_inner(peeled):
+        return (peeled[0][0],), tuple((0, s) for _, s in peeled)
+    peeled = [_peel(x, slices=False) for x in (q, k, v)]
+    peeled = [(b, s) if _unit_inner([(b, s)]) else (x, ()) for (b, s), x in zip(peeled, (q, k, v))]
+    return tuple(b for b, _ in peeled), tuple((i, s) for i, (_, s) in enumerate(peeled))
+
+
+def _unit_inner(peeled: list[tuple[Node, tuple[Step, ...]]]) -> bool:
+    return all(_strides(b.shape, s)[0][-1] == Mono(1) for b, s in peeled)
+
+
+def _heads_perm(steps: tuple[Step, ...]) -> tuple[int, ...] | None:
+    """The transpose swapping the last two axes but one after a split of the last axis (heads
+    moved in front of the sequence), when q's view ends with one."""
+    if len(steps) >= 2 and steps[-1][0] == "transpose" and steps[-2][0] == "reshape":
+        n = len(steps[-1][1])
+        if n >= 3 and steps[-1][1] == tuple(range(n - 3)) + (n - 2, n - 3, n - 1):
+            return steps[-1][1]
+    return None
+
+
+def fused_attention(q: Node, k: Node, v: Node, causal: bool, scale: float) -> Node | None:
+    """softmax(scale · q kᵀ) @ v as one fused node (see the module docstring), or None when the
+    fused kernels do not apply (leading dims differ, a length or head dim is a runtime size,
+    the per-thread buffers would not fit)."""
+    lead = q.shape[:-2]
+    if k.shape[:-2] != lead or v.shape[:-2] != lead:
+        return None
+    sizes = (q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
+    if not all(isinstance(n, int) for n in sizes) or (sizes[2] + sizes[3]) * sizes[1] > ROW_LIMIT:
+        return None
+    bases, views = _views(q, k, v)
+    perm = _heads_perm(views[0][1])
+    logical = lead + (q.shape[-2], v.shape[-1])
+    shape = tuple(logical[a] for a in perm) if perm else logical
+    node = Node("attention", bases, {"views": views, "causal": bool(causal), "scale": float(scale),
+                                     "perm": perm}, shape, FLOAT)
+    return transpose(node, perm) if perm else node
+
+
+def _fold_double_transpose(node: Node) -> Node | None:
+    """transpose(transpose(attention, a), b) -> one transpose, or none: the head merge of a
+    fused attention output (already in (B, T, H, dv)) is no copy."""
+    if node.op != "transpose" or node.inputs[0].op != "transpose" or node.inputs[0].inputs[0].op != "attention":
+        return None
+    inner = node.inputs[0]
+    axes = tuple(inner.attrs["axes"][a] for a in node.attrs["axes"])
+    x = inner.inputs[0]
+    return x if axes == tuple(range(x.ndim)) else transpose(x, axes)
+
+
+register_rewrite(_fold_double_transpose)
+
+
+# --- replaying the views: graph nodes (decompose) and NumPy arrays (reference) --------------------
+
+def _replay(x: Any, steps: tuple[Step, ...], graph: bool, dims: dict[str, int] | None = None) -> Any:
+    for step in steps:
+        if step[0] == "slice":
+            x = slice(x, -1, step[1], step[2]) if graph else x[..., step[1]:step[2]]
+        elif step[0] == "reshape":
+            x = reshape(x, step[1]) if graph else x.reshape(concrete(step[1], dims))
+        else:
+            x = transpose(x, step[1]) if graph else np.transpose(x, step[1])
+    return x
+
+
+def operands(node: Node) -> list[Node]:
+    """q, k, v of a fused attention node as graph nodes (the layout ops it reads through)."""
+    return [_replay(node.inputs[i], steps, True) for i, steps in node.attrs["views"]]
+
+
+def decompose(node: Node) -> Node:
+    """The fused node as bmatmul, attention_softmax and bmatmul, in its own layout (what the
+    ONNX export writes)."""
+    from .batched import bmatmul
+    from .transformer import masked_softmax
+    q, k, v = operands(node)
+    out = masked_softmax(bmatmul(q, k, tb=True), node.attrs["scale"], node.attrs["causal"]) @ v
+    perm = node.attrs["perm"]
+    return transpose(out, perm) if perm else out
+
+
+def _forward_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> tuple[np.ndarray, ...]:
+    """(out in the node's layout, lse, p, q, k, v) in float64."""
+    q, k, v = (np.asarray(_replay(args[i], steps, False, dims), dtype=np.float64) for i, steps in node.attrs["views"])
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * node.attrs["scale"]
+    if node.attrs["causal"]:
+        s = np.where(np.tril(np.ones(s.shape[-2:], dtype=bool)), s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    lse = m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
+    p = np.exp(s - lse)
+    out = np.matmul(p, v)
+    perm = node.attrs["perm"]
+    return (np.transpose(out, perm) if perm else out), lse[..., 0], p, q, k, v
+
+
+def _grad_ref(node: Node, args: list[np.ndarray], dims: dict[str, int]) -> list[np.ndarray]:
+    """The gradient of every base of the forward node, in float64."""
+    fwd = node.inputs[-2]
+    out, _, p, q, k, v = _forward_ref(fwd, args[1:-2], dims)
+    perm = fwd.attrs["perm"]
+    g = np.transpose(args[0], perm) if perm else args[0]
+    o = np.transpose(out, perm) if perm else out
+    dv = np.matmul(np.swapaxes(p, -1, -2), g)
+    dp = np.matmul(g, np.swapaxes(v, -1, -2))
+    ds = p * (dp - (g * o).sum(axis=-1, keepdims=True)) * fwd.attrs["scale"]
+    dq, dk = np.matmul(ds, k), np.matmul(np.swapaxes(ds, -1, -2), q)
+    grads = [np.zeros(np.shape(a), dtype=np.float64) for a in args[1:-2]]
+    for (i, steps), d in zip(fwd.attrs["views"], (dq, dk, dv)):
+        window = _replay(grads[i], steps, False, dims)  # a NumPy view of grads[i]
+        if not np.shares_memory(window, grads[i]):
+            raise AssertionError("a fused attention view is not a view of its base")
+        window += d
+    return grads
+
+
+# --- the ops --------------------------------------------------------------------------------------
+
+def _lse_aux(node: Node) -> list[Node]:
+    return [Node("attention_lse", (node, *node.inputs), {}, _logical_lead(node), FLOAT)]
+
+
+def _logical_lead(node: Node) -> Shape:
+    """The (..., T) shape of one value per query: the output's logical shape without dv."""
+    perm = node.attrs["perm"]
+    shape = tuple(node.shape[a] for a in np.argsort(perm)) if perm else node.shape
+    return tuple(shape[:-1])
+
+
+def _attention_vjp(node: Node, g: Node) -> list[Node]:
+    (lse,) = _lse_aux(node)
+    first = Node("attention_grad", (g, *node.inputs, node, lse), {}, node.inputs[0].shape, FLOAT)
+    return [first] + _grad_aux(first)
+
+
+def _grad_aux(first: Node) -> list[Node]:
+    bases = first.inputs[1:-2]
+    return [Node("attention_grad_aux", (first, *first.inputs), {"which": i}, b.shape, FLOAT)
+            for i, b in enumerate(bases) if i > 0]
+
+
+register("attention", vjp=_attention_vjp, kernel="attention", aux=_lse_aux,
+         ref=lambda node, args, dims: _forward_ref(node, args, dims)[0])
+register("attention_lse", vjp=_no_grad("attention_lse"), kernel="aux",
+         ref=lambda node, args, dims: _forward_ref(node.inputs[0], args[1:], dims)[1])
+register("attention_grad", vjp=_no_grad("attention_grad"), kernel="attention", aux=_grad_aux,
+         ref=lambda node, args, dims: _grad_ref(node, args, dims)[0])
+register("attention_grad_aux", vjp=_no_grad("attention_grad_aux"), kernel="aux",
+         ref=lambda node, args, dims: _grad_ref(node.inputs[0], args[1:], dims)[node.attrs["which"]])
+
+
+# --- lowering -------------------------------------------------------------------------------------
+
+def _operand(ctx: Context, array: str, strides: list[Mono], offset: Mono) -> dict[str, Any]:
+    """An operand's pointer and strides: per leading dim, then the row (query/key) stride."""
+    return {"array": array, "offset": ctx.c(offset) if offset.coef else "",
+            "lead": [ctx.c(s) if s.coef else "" for s in strides[:-2]], "row": ctx.c(strides[-2])}
+
+
+def _attention_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
+    node = k.nodes[0]
+    grad = node.op == "attention_grad"
+    fwd = node.inputs[-2] if grad else node
+    bases = fwd.inputs
+    first = 1 if grad else 0  # kernel inputs: (g, bases..., out, lse) or (bases...)
+    perm = fwd.attrs["perm"]
+    lead = _logical_lead(fwd)[:-1]
+    views = []
+    for i, steps in fwd.attrs["views"]:
+        strides, offset = _strides(bases[i].shape, steps)
+        views.append((i, strides, offset))
+    out_strides = contiguous_strides(fwd.shape)
+    if perm:
+        out_strides = [out_strides[a] for a in perm]
+    lse_strides = contiguous_strides(_logical_lead(fwd)) + [Mono(1)]
+    ops = {name: _operand(ctx, f"in{first + i}", st, off) for name, (i, st, off) in zip("qkv", views)}
+    if grad:
+        ops["o"] = _operand(ctx, f"in{first + len(bases)}", out_strides, Mono(0))
+        ops["g"] = _operand(ctx, "in0", out_strides, Mono(0))
+        ops["lse"] = _operand(ctx, f"in{first + len(bases) + 1}", lse_strides, Mono(0))
+        for name, (i, st, off) in zip(("dq", "dk", "dv"), views):
+            ops[name] = _operand(ctx, f"out{i}", st, off)
+    else:
+        ops["o"] = _operand(ctx, "out0", out_strides, Mono(0))
+        ops["lse"] = _operand(ctx, "out1", lse_strides, Mono(0))
+    q, k, _ = operands(fwd)
+    T, S, D, DV = q.shape[-2], k.shape[-2], q.shape[-1], fwd.shape[-1]
+    count = ctx.c(Mono.of(lead))
+    return {"grad": grad, "causal": fwd.attrs["causal"], "scale": repr(fwd.attrs["scale"]),
+            "T": T, "S": S, "D": D, "DV": DV, "count": count, "ops": ops,
+            "lead": [ctx.c(Mono.of((d,))) for d in lead],
+            "split": {"what": "its (batch, head) pairs", "work": f"({count})*{T * S * (D + DV) // 16}"}}
+
+
+register_kernel("attention", _attention_builder)
