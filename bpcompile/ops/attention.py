@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imp
 
 __all__ = ["fused_attention", "decompose"]
 
-ROW_LIMIT = 1 << 15  # (d + dv) * keys elements of the per-thread kᵀ / vᵀ buffers on the stack
+SCORES_LIMIT = 1 << 14  # queries * keys: the per-thread score buffers live on the stack
 
 Step = tuple  # ("slice", begin, stop) of the last axis | ("reshape", shape) | ("transpose", axes)
 
@@ -118,7 +118,7 @@ def fused_attention(q: Node, k: Node, v: Node, causal: bool, scale: float) -> No
     if k.shape[:-2] != lead or v.shape[:-2] != lead:
         return None
     sizes = (q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1])
-    if not all(isinstance(n, int) for n in sizes) or (sizes[2] + sizes[3]) * sizes[1] > ROW_LIMIT:
+    if not all(isinstance(n, int) for n in sizes) or sizes[0] * sizes[1] > SCORES_LIMIT:
         return None
     bases, views = _views(q, k, v)
     perm = _heads_perm(views[0][1])

@@ -10,7 +10,8 @@ Conv, pools as MaxPool / AveragePool, batch norm and dropout through their evalu
 The transformer ops: constant -> a Constant node (float initializers are the parameters only),
 layer_norm with the weight and bias after it -> one LayerNormalization (from opset 17; its
 decomposition before), amax / amin -> ReduceMax / ReduceMin (axes an input from opset 18),
-bmatmul's transposed operands -> Transpose + MatMul, attention_softmax -> Mul by the scale, the
+bmatmul's transposed operands -> Transpose + MatMul, fused attention -> what it fuses (the layout ops
+of its operands, MatMul, the softmax, MatMul), attention_softmax -> Mul by the scale, the
 causal mask as Where (a constant, or Trilu of the runtime length), Softmax, and zeros for rows
 with no allowed key when a mask may leave one. Recurrent layers (bp.lstm / bp.gru / bp.rnn) ->
 one ONNX LSTM / GRU / RNN node each, not unrolled: X is the layer's input (time first), W, R and
@@ -367,6 +368,11 @@ class _Exporter:
         top = self.reduce("ReduceMax", s, [-1], True, "row_max")
         empty = self.emit("Equal", [top, self.constant(-np.inf)], "empty_row")
         return self.emit("Where", [empty, self.constant(0.0), p], "attention")
+
+    def op_attention(self, node: Node) -> str:
+        """The fused attention node as the bmatmul / attention_softmax / bmatmul it computes."""
+        from ..ops.attention import decompose
+        return self.value(decompose(node))
 
     def _causal(self, s: str, shape: tuple) -> str:
         """The boolean (T, S) mask of keys j <= i: a constant, or Trilu of ones of s's last two
