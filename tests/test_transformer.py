@@ -371,7 +371,7 @@ def test_show_grad_explains_layer_norm_and_attention(capsys) -> None:
     # attention is one fused node reading the qkv projection (Z) in place, its backward one more
     # (their display as the softmax Jacobian-vector product waits for display rules in the op registry)
     assert re.search(r"T\d+ +\= attention\(Z\d+\)", out.split("Backward pass")[0])
-    assert re.search(r"dZ(\d+) +\= attention_grad\(dT(\d+), Z\1, T\2, attention_lse\(T\2, Z\1\)\)", backward)
+    assert re.search(r"dZ(\d+) +\= attention_grad\(dT(\d+), Z\1, T\2, attention_probs\(T\2, Z\1\)\)", backward)
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None, reason="needs a C compiler and make")
