@@ -12,11 +12,13 @@ Each follows ops/core.py's pattern (shape rule, VJP in graph ops, NumPy referenc
 - `layer_norm` is one fused kernel writing x̂ = (x - mean) / std and 1/std per row; the affine
   part (x̂ w + b) is elementwise. Its backward is one fused kernel,
   dx = (1/std) (g - mean(g) - x̂ mean(g x̂)).
-- `attention` is q @ kᵀ (a batched GEMM reading k transposed), the mask as
-  `where(mask, s, -inf)`, a fused kernel for softmax(scale · s) with the causal mask (only
-  j <= i is read; a row with no allowed key gives zeros, as torch's
-  scaled_dot_product_attention does), and @ v. Its backward is the batched-GEMM and
-  softmax rules, all graph ops.
+- `attention` without a mask or dropout, on fixed lengths and head dims, is one fused node
+  each way (ops/attention.py: q, k, v read in place from the tensors they were sliced,
+  reshaped or transposed out of). Otherwise it is q @ kᵀ (a batched GEMM reading k
+  transposed), the mask as `where(mask, s, -inf)`, a fused kernel for softmax(scale · s) with
+  the causal mask (only j <= i is read; a row with no allowed key gives zeros, as torch's
+  scaled_dot_product_attention does), and @ v; its backward is the batched-GEMM and softmax
+  rules, all graph ops.
 """
 
 from __future__ import annotations
