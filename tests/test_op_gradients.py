@@ -114,7 +114,11 @@ ROWS: list[Row] = [
     Row("attention-self", lambda a: bp.attention(a, a, a, causal=True, scale=0.6), {"a": (3, 4, 5)}),
     Row("attention-one-query", lambda q, k, v: bp.attention(q, k, v, causal=True),
         {"q": (1, 3), "k": (4, 3), "v": (4, 2)}),
-    Row("attention-long-causal", lambda q, k, v: bp.attention(q, k, v, causal=True),  # BLAS products (K >= 16)
+    Row("attention-long-causal", lambda q, k, v: bp.attention(q, k, v, causal=True),  # BLAS products (K >= 16),
+        {"q": (2, 45, 16), "k": (2, 40, 16), "v": (2, 40, 18)}),                    # two blocks of queries
+    Row("attention-more-keys-causal", lambda q, k, v: bp.attention(q, k, v, causal=True, scale=0.3),
+        {"q": (1, 40, 16), "k": (1, 70, 16), "v": (1, 70, 5)}),  # keys no query reaches
+    Row("attention-long", lambda q, k, v: bp.attention(q, k, v),
         {"q": (2, 17, 16), "k": (2, 19, 16), "v": (2, 19, 18)}),
     Row("attention-mask-full-row", lambda q, k, v: bp.attention(q, k, v, mask=MASK_ROW_1_OFF),
         {"q": (2, 3, 2), "k": (2, 4, 2), "v": (2, 4, 3)}),

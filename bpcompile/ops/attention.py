@@ -15,7 +15,9 @@ The forward keeps the probabilities (aux "attention_probs", (..., T, S)): at a G
 thread: 19.5 against 19.9 ms a step). The backward is then
     D = rowsum(dO ⊙ O),  ds = scale · p ⊙ (dO vᵀ - D),  dq = ds k,  dk = dsᵀ q,  dv = pᵀ dO.
 Every product is one small GEMM of a (batch, head) pair: BLAS when its inner length is at least
-16 (faster than generated loops even at 64 x 64 x 32), else plain loops of constant sizes.
+16 (faster than generated loops even at 64 x 64 x 32), else plain loops of constant sizes. With
+`causal`, queries and keys go in blocks of CAUSAL_BLOCK, and no product reads the masked
+blocks above the diagonal.
 Each (batch, head) pair is one unit of work on the thread pool; it writes its own rows of
 dq, dk and dv only (the views of one base tile it, or each operand has its own base).
 """
@@ -37,6 +39,8 @@ if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imp
 __all__ = ["fused_attention", "decompose"]
 
 SCORES_LIMIT = 1 << 14  # queries * keys: the per-thread score buffers live on the stack
+CAUSAL_BLOCK = 32  # causal attention works in blocks of queries (and keys): a block's products skip
+                   # the keys after its last query (W7: 6% faster than whole 64 x 64 products; 16: the same)
 
 Step = tuple  # ("slice", begin, stop) of the last axis | ("reshape", shape) | ("transpose", axes)
 
@@ -283,6 +287,7 @@ def _attention_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
     count = ctx.c(Mono.of(lead))
     return {"grad": grad, "causal": fwd.attrs["causal"], "scale": repr(fwd.attrs["scale"]),
             "T": T, "S": S, "D": D, "DV": DV, "count": count, "ops": ops,
+            "QB": CAUSAL_BLOCK if fwd.attrs["causal"] else T,
             "lead": [ctx.c(Mono.of((d,))) for d in lead],
             "split": {"what": "its (batch, head) pairs", "work": f"({count})*{T * S * (D + DV) // 16}"}}
 
