@@ -10,9 +10,9 @@ from the same description. When q was split into heads ((B, T, H, d) transposed 
 (B, H, T, d)), the node writes its output as (B, T, H, dv), the layout the head merge wants,
 and `attention` returns it transposed back (a transpose of that transpose folds away).
 
-The forward keeps the probabilities (aux "attention_probs", (..., T, S)): at a GPT's sizes
-(T 64, head 32) reading them back is faster than recomputing them from a log-sum-exp (W7, one
-thread: 19.5 against 19.9 ms a step). The backward is then
+The forward keeps the probabilities (aux "attention_probs", (..., T, S), in the workspace): at a
+GPT's sizes (T 64, head 32) reading them back is faster than recomputing them from a
+log-sum-exp (W7, one thread: 19.5 against 19.9 ms a step). The backward is then
     D = rowsum(dO ⊙ O),  ds = scale · p ⊙ (dO vᵀ - D),  dq = ds k,  dk = dsᵀ q,  dv = pᵀ dO.
 Every product is one small GEMM of a (batch, head) pair: BLAS when its inner length is at least
 16 (faster than generated loops even at 64 x 64 x 32), else plain loops of constant sizes. With
@@ -38,9 +38,10 @@ if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imp
 
 __all__ = ["fused_attention", "decompose"]
 
-SCORES_LIMIT = 1 << 14  # queries * keys: the per-thread score buffers live on the stack
-CAUSAL_BLOCK = 32  # causal attention works in blocks of queries (and keys): a block's products skip
-                   # the keys after its last query (W7: 6% faster than whole 64 x 64 products; 16: the same)
+SCORES_LIMIT = 1 << 14  # queries * keys: the backward's per-thread buffer of ds lives on the stack
+CAUSAL_BLOCK = 32  # causal attention works in blocks of queries (and keys): a block's products skip the
+                   # keys after its last query (attention at W7's sizes: 6% faster than whole 64 x 64
+                   # products; blocks of 16: the same as 32)
 
 Step = tuple  # ("slice", begin, stop) of the last axis | ("reshape", shape) | ("transpose", axes)
 
