@@ -368,10 +368,14 @@ def test_show_grad_explains_layer_norm_and_attention(capsys) -> None:
     backward = out.split("Backward pass")[1]
     # layer norm's backward as written by hand
     assert re.search(r"\(1/std\(T\d+\)\) ⊙ \(dT\d+ - mean\(dT\d+\) - T\d+ ⊙ mean\(dT\d+ ⊙ T\d+\)\)", backward)
-    # attention is one fused node reading the qkv projection (Z) in place, its backward one more
-    # (their display as the softmax Jacobian-vector product waits for display rules in the op registry)
-    assert re.search(r"T\d+ +\= attention\(Z\d+\)", out.split("Backward pass")[0])
-    assert re.search(r"dZ(\d+) +\= attention_grad\(dT(\d+), Z\1, T\2, attention_probs\(T\2, Z\1\)\)", backward)
+    # attention is one fused node reading q, k and v as slices of the qkv projection (Z) in place,
+    # scale 1/sqrt(16); its backward writes dZ side by side: dS k, dSᵀ q, Pᵀ dO, with dS the softmax
+    # Jacobian-vector product of the probabilities P the forward kept
+    forward = out.split("Backward pass")[0]
+    assert re.search(r"T(\d+) +\= softmax_causal\(0\.25·Z(\d+)\[…, 0:64\] · Z\2\[…, 64:128\]ᵀ\) · Z\2\[…, 128:192\]",
+                     forward)
+    assert re.search(r"dZ(\d+) +\= \[dS · Z\1\[…, 64:128\], dSᵀ · Z\1\[…, 0:64\], P\(T(\d+)\)ᵀ · dT\2\] with "
+                     r"dS = 0\.25·P\(T\2\) ⊙ \(dT\2 · Z\1\[…, 128:192\]ᵀ - rowsum\(dT\2 ⊙ T\2\)\)", backward)
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None, reason="needs a C compiler and make")

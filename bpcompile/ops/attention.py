@@ -24,6 +24,7 @@ dq, dk and dv only (the views of one base tile it, or each operand has its own b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 from ..ir.graph import FLOAT, Node, Shape
 from ..ir.kernel import Kernel, Mono, contiguous_strides
 from .core import _no_grad, concrete, register, register_kernel, register_rewrite, reshape, transpose
+from .display import ADD, ATOM, MUL, Notation, Shown, number
 from .slicing import slice
 
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
@@ -239,14 +241,59 @@ def _grad_aux(first: Node) -> list[Node]:
             for i, b in enumerate(bases) if i > 0]
 
 
+# --- display: attention as a person writes it -------------------------------------------------
+
+def _view_texts(fwd: Node, bases: Sequence[Shown], n: Notation) -> list[str]:
+    """q, k and v as written: each its base, with the columns it takes when it is a slice."""
+    out = []
+    for i, steps in fwd.attrs["views"]:
+        text = n.at_least(bases[i], ATOM)
+        for step in steps:
+            if step[0] == "slice":
+                text += f"[…, {step[1]}:{step[2]}]"
+        out.append(text)
+    return out
+
+
+def _softmax_name(fwd: Node) -> str:
+    return "softmax_causal" if fwd.attrs["causal"] else "softmax"
+
+
+def _attention_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
+    """softmax_causal(scale·q kᵀ) · v, per head, with q, k, v read from their bases."""
+    q, k, v = _view_texts(node, args, n)
+    scores = f"{number(node.attrs['scale'])}·{q}{n.DOT}{k}{n.TOP}"
+    return n.product(n.call(_softmax_name(node), scores), v), MUL
+
+
+def _base_grad(fwd: Node, base: int, args: Sequence[Shown], n: Notation) -> Shown:
+    """The gradient of one base: dq = dS · k, dk = dSᵀ · q, dv = Pᵀ · dO for the views it holds
+    (side by side when q, k and v are its slices), dS = scale·P ⊙ (dO vᵀ - rowsum(dO ⊙ O)),
+    softmax's Jacobian-vector product."""
+    g, *bases, out, probs = args
+    g, out, probs = (n.at_least(x, ATOM) for x in (g, out, probs))
+    q, k, v = _view_texts(fwd, bases, n)
+    pieces = {0: n.product("dS", k), 1: n.product("dS" + n.TOP, q), 2: n.product(probs + n.TOP, g)}
+    mine = [pieces[j] for j, (i, _) in enumerate(fwd.attrs["views"]) if i == base]
+    text = mine[0] if len(mine) == 1 else "[" + ", ".join(mine) + "]"
+    if "dS" in text:
+        ds = (f"{number(fwd.attrs['scale'])}·{probs}{n.ODOT}"
+              + n.group(f"{g}{n.DOT}{v}{n.TOP} - {n.call('rowsum', g + n.ODOT + out)}"))
+        text += (r"\ \text{with}\ dS = " if n.tex else " with dS = ") + ds
+    return text, ADD
+
+
 register("attention", vjp=_attention_vjp, kernel="attention", aux=_probs_aux,
-         ref=lambda node, args, dims: _forward_ref(node, args, dims)[0])
+         ref=lambda node, args, dims: _forward_ref(node, args, dims)[0], display=_attention_display)
 register("attention_probs", vjp=_no_grad("attention_probs"), kernel="aux",
-         ref=lambda node, args, dims: _forward_ref(node.inputs[0], args[1:], dims)[1])
+         ref=lambda node, args, dims: _forward_ref(node.inputs[0], args[1:], dims)[1],
+         display=lambda node, args, n: (n.call("P", args[0][0]), ATOM))  # the probabilities attention T kept
 register("attention_grad", vjp=_no_grad("attention_grad"), kernel="attention", aux=_grad_aux,
-         ref=lambda node, args, dims: _grad_ref(node, args, dims)[0])
+         ref=lambda node, args, dims: _grad_ref(node, args, dims)[0],
+         display=lambda node, args, n: _base_grad(node.inputs[-2], 0, args, n))
 register("attention_grad_aux", vjp=_no_grad("attention_grad_aux"), kernel="aux",
-         ref=lambda node, args, dims: _grad_ref(node.inputs[0], args[1:], dims)[node.attrs["which"]])
+         ref=lambda node, args, dims: _grad_ref(node.inputs[0], args[1:], dims)[node.attrs["which"]],
+         display=lambda node, args, n: _base_grad(node.inputs[0].inputs[-2], node.attrs["which"], args[1:], n))
 
 
 # --- lowering -------------------------------------------------------------------------------------
