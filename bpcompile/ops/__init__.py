@@ -4,7 +4,7 @@ module per model family: `slicing` (slice, concat), `conv` (conv2d, im2col), `po
 `embeddings`, `regularization` (dropout), `normalization` (batch norm), `recurrent` (LSTM, GRU,
 RNN), with the helpers they share in `shared`; `batched`: the batched matmul; `transformer`:
 constant, where/masked_fill, max/min, layer norm, attention, with the fused attention in its own module
-(`attention.py`, which `transformer` loads), and the NumPy reference evaluator
+(`attention_fused.py`, which `transformer` loads), and the NumPy reference evaluator
 (`reference`, behind `bp.evaluate`). The family modules and `reference` load on first use of one
 of their names, so using the core ops does not load the C code generator."""
 

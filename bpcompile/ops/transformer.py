@@ -13,7 +13,7 @@ Each follows ops/core.py's pattern (shape rule, VJP in graph ops, NumPy referenc
   part (x̂ w + b) is elementwise. Its backward is one fused kernel,
   dx = (1/std) (g - mean(g) - x̂ mean(g x̂)).
 - `attention` without a mask or dropout, on fixed lengths and head dims, is one fused node
-  each way (ops/attention.py: q, k, v read in place from the tensors they were sliced,
+  each way (ops/attention_fused.py: q, k, v read in place from the tensors they were sliced,
   reshaped or transposed out of). Otherwise it is q @ kᵀ (a batched GEMM reading k
   transposed), the mask as `where(mask, s, -inf)`, a fused kernel for softmax(scale · s) with
   the causal mask (only j <= i is read; a row with no allowed key gives zeros, as torch's
@@ -288,7 +288,7 @@ def attention(q: Node, k: Node, v: Node, causal: bool = False, mask: Any = None,
     if scale <= 0:
         raise ValueError(f"attention: scale must be positive, got {scale}")
     if mask is None and not dropout:
-        from .attention import fused_attention
+        from .attention_fused import fused_attention
         fused = fused_attention(q, k, v, causal, scale)
         if fused is not None:
             return fused

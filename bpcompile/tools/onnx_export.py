@@ -371,7 +371,7 @@ class _Exporter:
 
     def op_attention(self, node: Node) -> str:
         """The fused attention node as the bmatmul / attention_softmax / bmatmul it computes."""
-        from ..ops.attention import decompose
+        from ..ops.attention_fused import decompose
         return self.value(decompose(node))
 
     def _causal(self, s: str, shape: tuple) -> str:
