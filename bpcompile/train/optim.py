@@ -1,10 +1,11 @@
 """Optimizers, with PyTorch's update formulas, fused into the native train step.
 
 An optimizer is data: its per-element state slots, the scalar hyperparameters it needs each
-step (computed here in Python: learning rate, bias corrections), and its update written as
-SymPy expressions of p, g, the slots and the hyperparameters. The code generator prints those
-expressions into one loop over the flat parameter buffer. This module imports SymPy only when
-an update is generated, so a built model loads without it.
+step (learning rate, bias corrections: `hyper_formula`, written once over the namespaces of
+`bpcompile.train.formula`, evaluated here in Python each step and printed to C by the export),
+and its update written as SymPy expressions of p, g, the slots and the hyperparameters. The code
+generator prints those expressions into one loop over the flat parameter buffer. This module
+imports SymPy only when an update or a formula is generated, so a built model loads without it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .formula import NUMERIC
 from .schedules import Schedule, as_schedule, schedule_from_config
 
 Exprs = Any  # sympy expressions (SymPy is imported lazily)
 
 
 class Optimizer:
-    """Base class: subclasses set `kind`, `slots` and implement `hyper` and `update`."""
+    """Base class: subclasses set `kind`, `slots` and implement `hyper_formula` and `update`."""
 
     kind = ""
     slots: tuple[str, ...] = ()
@@ -34,6 +36,7 @@ class Optimizer:
             raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.param_groups = _param_groups(param_groups, self.weight_decay)
+        self.products: dict[str, tuple[int, float]] = {}  # running products (formula.Numeric.product)
 
     # --- parameter groups ----------------------------------------------------------------
     def group_of(self, names: list[str]) -> dict[str, int]:
@@ -74,6 +77,11 @@ class Optimizer:
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         """Scalar hyperparameters of step `step` (counted from 1), passed to C each call."""
+        return self.hyper_formula(step, lr, NUMERIC)
+
+    def hyper_formula(self, step: Any, lr: Any, m: Any) -> dict[str, Any]:
+        """The hyperparameters of step `step` at rate `lr` in the math of namespace `m`
+        (formula.NUMERIC: floats; formula.symbolic(): SymPy expressions)."""
         return {"lr": lr}
 
     def update(self, p, g, state: dict, h: dict) -> tuple[Exprs, dict]:
@@ -172,11 +180,11 @@ class SGD(Optimizer):
         self.slots = ("buf",) if self.momentum else ()
         self.step_dependent = bool(self.momentum)  # the first step starts the buffer
 
-    def hyper(self, step: int, lr: float) -> dict[str, float]:
+    def hyper_formula(self, step, lr, m):
         if not self.momentum:
             return {"lr": lr}
         first = step <= 1  # PyTorch starts the buffer at the first gradient, undamped
-        return {"lr": lr, "mom": 0.0 if first else self.momentum, "damp": 1.0 if first else 1.0 - self.dampening}
+        return {"lr": lr, "mom": m.where(first, 0.0, self.momentum), "damp": m.where(first, 1.0, 1.0 - self.dampening)}
 
     def update(self, p, g, state, h):
         g = self.regularized(p, g)
@@ -207,9 +215,9 @@ class Adam(Optimizer):
         self.amsgrad = bool(amsgrad)
         self.slots = ("m", "v", "vmax") if self.amsgrad else ("m", "v")
 
-    def hyper(self, step: int, lr: float) -> dict[str, float]:
+    def hyper_formula(self, step, lr, m):
         b1, b2 = self.betas
-        h = {"lr": lr, "step_size": lr / (1 - b1**step), "sqrt_bc2": math.sqrt(1 - b2**step)}
+        h = {"lr": lr, "step_size": lr / (1 - b1**step), "sqrt_bc2": m.sqrt(1 - b2**step)}
         if self.decoupled:
             h["decay"] = 1 - lr * self.weight_decay
         return h
@@ -291,7 +299,7 @@ class Adagrad(Optimizer):
         self.eps = _non_negative(eps, "eps")
         self.step_dependent = bool(self.lr_decay)
 
-    def hyper(self, step: int, lr: float) -> dict[str, float]:
+    def hyper_formula(self, step, lr, m):
         return {"clr": lr / (1 + (step - 1) * self.lr_decay)}
 
     def update(self, p, g, state, h):
@@ -343,7 +351,7 @@ class Adamax(Optimizer):
         self.betas = (_unit(betas[0], "betas[0]"), _unit(betas[1], "betas[1]"))
         self.eps = _non_negative(eps, "eps")
 
-    def hyper(self, step: int, lr: float) -> dict[str, float]:
+    def hyper_formula(self, step, lr, m):
         return {"step_size": lr / (1 - self.betas[0] ** step)}
 
     def update(self, p, g, state, h):
@@ -374,14 +382,14 @@ class NAdam(Optimizer):
         self.momentum_decay = _non_negative(momentum_decay, "momentum_decay")
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
 
-    def _mu(self, step: int) -> float:
+    def _mu(self, step: Any, m: Any) -> Any:
+        """The momentum of step `step`: beta1 (1 - 0.5 * 0.96^(step * momentum_decay))."""
         return self.betas[0] * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
 
-    def hyper(self, step: int, lr: float) -> dict[str, float]:
-        mu_product = 1.0
-        for k in range(1, step + 1):  # torch keeps this product as per-parameter state
-            mu_product *= self._mu(k)
-        mu, mu_next = self._mu(step), self._mu(step + 1)
+    def hyper_formula(self, step, lr, m):
+        mu, mu_next = self._mu(step, m), self._mu(step + 1, m)
+        # mu_1 ... mu_step, which torch keeps as per-parameter state: carried from step to step
+        mu_product = m.product(self.products, "mu_product", self._mu, step)
         h = {"g_coef": lr * (1.0 - mu) / (1.0 - mu_product),
              "m_coef": lr * mu_next / (1.0 - mu_product * mu_next), "bc2": 1 - self.betas[1] ** step}
         if self.decoupled_weight_decay:

@@ -1,5 +1,8 @@
 """Learning-rate schedules: lr as a function of the step (counted from 1). Changing the rate
-needs no recompilation: it is passed to the native train step on every call."""
+needs no recompilation: it is passed to the native train step on every call.
+
+Each schedule writes its rate once, as `formula(step, m)` over the namespaces of
+`bpcompile.train.formula`: evaluated in Python at run time, printed to C by the export."""
 
 from __future__ import annotations
 
@@ -7,12 +10,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .formula import NUMERIC
+
 
 class Schedule:
     """lr(step) for step = 1, 2, ..."""
 
     def __call__(self, step: int) -> float:
-        raise NotImplementedError
+        return float(self.formula(step, NUMERIC))
+
+    def formula(self, step: Any, m: Any) -> Any:
+        """The rate at `step` in the math of namespace `m` (a float, or a SymPy expression)."""
+        raise NotImplementedError(f"learning-rate schedule {type(self).__name__} has no formula(step, m)")
 
     def config(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, **vars(self)}
@@ -24,7 +33,7 @@ class Constant(Schedule):
             raise ValueError(f"learning rate must be a finite number >= 0, got {lr!r}")
         self.lr = float(lr)
 
-    def __call__(self, step: int) -> float:
+    def formula(self, step: Any, m: Any) -> Any:
         return self.lr
 
 
@@ -36,8 +45,8 @@ class StepDecay(Schedule):
         if self.step_size < 1:
             raise ValueError(f"step_size must be >= 1, got {step_size!r}")
 
-    def __call__(self, step: int) -> float:
-        return self.lr * self.gamma ** ((step - 1) // self.step_size)
+    def formula(self, step: Any, m: Any) -> Any:
+        return self.lr * self.gamma ** m.floor_div(step - 1, self.step_size)
 
 
 class Cosine(Schedule):
@@ -48,9 +57,9 @@ class Cosine(Schedule):
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
 
-    def __call__(self, step: int) -> float:
-        t = min(step - 1, self.total_steps) / self.total_steps
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
+    def formula(self, step: Any, m: Any) -> Any:
+        t = m.min(step - 1, self.total_steps) / self.total_steps
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + m.cos(m.pi * t))
 
 
 class LinearWarmup(Schedule):
@@ -60,9 +69,9 @@ class LinearWarmup(Schedule):
         self.schedule = as_schedule(schedule)
         self.warmup_steps = int(warmup_steps)
 
-    def __call__(self, step: int) -> float:
-        base = self.schedule(step)
-        return base * min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else base
+    def formula(self, step: Any, m: Any) -> Any:
+        base = self.schedule(step) if m is NUMERIC else self.schedule.formula(step, m)  # a user's __call__ too
+        return base * m.min(1.0, step / self.warmup_steps) if self.warmup_steps > 0 else base
 
     def config(self) -> dict[str, Any]:
         return {"kind": "LinearWarmup", "schedule": self.schedule.config(), "warmup_steps": self.warmup_steps}
@@ -76,6 +85,11 @@ class FromFunction(Schedule):
 
     def __call__(self, step: int) -> float:
         return float(self.fn(step))
+
+    def formula(self, step: Any, m: Any) -> Any:
+        if m is NUMERIC:
+            return self(step)
+        raise NotImplementedError("a learning rate given as a Python function has no formula to print")
 
     def config(self) -> dict[str, Any]:
         return {"kind": "Constant", "lr": float(self.fn(1))}
