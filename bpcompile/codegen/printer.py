@@ -52,6 +52,14 @@ class CPrinter(C99CodePrinter):
 
     _print_Pi = _print_Exp1 = _print_NumberSymbol
 
+    def _print_floor(self, expr) -> str:
+        """floor(a / q) of an integer a as floor((double)(a) / q): SymPy's a * (1.0 / q) can round
+        an exact quotient (StepDecay's (step - 1) / step_size) below the integer it is."""
+        num, den = sp.fraction(sp.together(expr.args[0]))
+        if den.is_Integer and den > 1 and num.is_integer:
+            return f"floor((double)({self._print(num)}) / {self._print(sp.Float(den))})"
+        return self._print_Function(expr)
+
     def _print_Heaviside(self, expr) -> str:
         return f"(({self._print(expr.args[0])}) > 0 ? {self.one} : {self.zero})"
 
