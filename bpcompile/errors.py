@@ -32,3 +32,7 @@ class CompileError(BPError, RuntimeError):
 
 class CheckpointError(BPError, ValueError):
     """A checkpoint that does not belong to this model, or that is damaged."""
+
+
+class ExportError(BPError, ValueError):
+    """A model the standalone C export cannot express (an optimizer without a formula, a missing size)."""

@@ -283,7 +283,7 @@ def test_per_loss_nadam_follows_each_losss_step_count(build_dir, tmp_path, which
 
 
 class Warped(bp.optim.SGD):
-    """An optimizer with a per-step hyperparameter export_optim.c.j2 has no formula for."""
+    """An optimizer whose hyper() computes a value its hyper_formula() does not declare."""
 
     kind = "warped"
 

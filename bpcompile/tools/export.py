@@ -10,9 +10,9 @@
   cffi, so any batch size works), and computes the optimizer's per-step hyperparameters and
   learning-rate schedule (`bp_model_loss_hyper`, `bp_model_loss_lr`; `bp_model_hyper`,
   `bp_model_lr` when one optimizer trains every loss;
-  generated from the optimizers' configs by `templates/export_optim.c.j2`: every parameter
-  group's in the order of `Optimizer.step_hyper`, and NAdam's momentum product, carried from
-  step to step in `m->mu_product` and rebuilt from the step count after a load). A model with
+  printed by `export_optim` from the formulas the runtime evaluates: every parameter group's in
+  the order of `Optimizer.step_hyper`, and a running product such as NAdam's momentum product,
+  carried from step to step in `m->mu_product` and rebuilt from the step count after a load). A model with
   several named losses keeps each loss's step count (`m->loss_steps`), and each loss's train
   step runs its own optimizer (`bp.optim.PerLoss`, a dict of optimizers by loss) or the shared one;
 * `Makefile`: `make` builds `libmodel.a` and `./main`; GEMM is a portable loop unless
@@ -60,7 +60,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import BPError, CheckpointError
+from ..errors import CheckpointError, ExportError
 from ..ir.graph import size_factors
 from ..runtime.model import process_alive, write_atomic
 
@@ -69,10 +69,6 @@ VERSION, VERSION_LOSS_STEPS = 1, 2  # version 2: a file with loss step records
 HEADER = struct.Struct("<8sIIIIQ")
 KIND_PARAM, KIND_STATE, KIND_LOSS_STEP = 0, 1, 2
 INIT_KINDS = {"zeros": 0, "ones": 1, "uniform": 2, "glorot_uniform": 2, "normal": 3, "he_normal": 3}
-
-
-class ExportError(BPError, ValueError):
-    """A model the standalone export cannot express (an unknown optimizer formula, a missing size)."""
 
 
 # --- the parameter file ---------------------------------------------------------------------
@@ -322,68 +318,6 @@ def _init_scale(init: Any, shape: tuple[int, ...]) -> tuple[int, float, str]:
     return INIT_KINDS[init], scale, init
 
 
-def _optimizer_contexts(optimizer: Any, losses: list[dict], optim_macros: Any,
-                        notes: list[str]) -> tuple[list[dict], list[dict]]:
-    """The template contexts of the distinct optimizers (the C of their per-step hyperparameters
-    and learning-rate schedule) and of the named losses (index, C name, optimizer index).
-
-    Losses sharing one optimizer object share its C functions, never its step count. A model
-    without an optimizer gets one placeholder (rate 0, no hyperparameters)."""
-    if optimizer is None:
-        return [{"kind": "no", "doc": "no optimizer", "hyper": [], "formulas": [], "groups": [],
-                 "cfg": {"kind": "none"}, "schedule": {"kind": "Constant", "lr": 0.0},
-                 "schedule_doc": "no optimizer"}], []
-    chosen = [optimizer.for_loss(spec["name"]) for spec in losses] or [optimizer]
-    distinct = list({id(o): o for o in chosen}.values())
-    contexts = [_optimizer_context(o, optim_macros, notes) for o in distinct]
-    losses_ctx = [{"name": spec["name"], "c": spec["entries"]["loss"][len("loss_"):], "index": k,
-                   "optimizer": next(i for i, o in enumerate(distinct) if o is chosen[k])}
-                  for k, spec in enumerate(losses)]
-    return contexts, losses_ctx
-
-
-def _optimizer_context(optimizer: Any, optim_macros: Any, notes: list[str]) -> dict[str, Any]:
-    """One optimizer's settings for the templates; refuses what export_optim.c.j2 cannot print."""
-    name = type(optimizer).__name__
-    cfg = optimizer.config()
-    hyper, groups = _hyper_context(optimizer)
-    for h in hyper:
-        if not str(optim_macros.hyper_formula(h["formula"], h["cfg"], h["lr"])).strip():
-            raise ExportError(f"optimizer {name}: hyperparameter {h['name']!r} has no C formula in "
-                              "templates/export_optim.c.j2")
-    if not str(optim_macros.lr_expr(cfg["lr"])).strip():
-        raise ExportError(f"learning-rate schedule {cfg['lr'].get('kind')!r} has no C formula in "
-                          "templates/export_optim.c.j2; use a constant rate or Constant, StepDecay, Cosine, "
-                          "LinearWarmup")
-    if type(optimizer.lr).__name__ == "FromFunction":
-        notes.append(f"the learning rate of {name} is a Python function: the library uses its first value, "
-                     f"{cfg['lr']['lr']!r}, for every step (set m.lr to change it)")
-    return {"kind": name, "doc": optimizer.describe(), "hyper": [h["name"] for h in hyper], "formulas": hyper,
-            "groups": groups, "cfg": cfg, "schedule": cfg["lr"], "schedule_doc": str(cfg["lr"])}
-
-
-def _hyper_context(optimizer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The optimizer's per-step hyperparameters in the order of the C hyper array (as
-    Optimizer.step_hyper: its own, then each parameter group's, named `<name>_g<k>`), each with
-    the formula to print, the settings of its group and the C variable of that group's learning
-    rate; and the parameter groups (the lr_scale of each learning-rate variable)."""
-    hyper, groups = [], []
-    for k in range(len(optimizer.param_groups) + 1):
-        member = optimizer.group(k)
-        suffix = f"_g{k}" if k else ""
-        cfg = member.config()
-        hyper += [{"name": h + suffix, "formula": h, "cfg": cfg, "lr": "lr" + suffix} for h in member.hyper(1, 1.0)]
-        if k:
-            group = optimizer.param_groups[k - 1]
-            groups.append({"lr": "lr" + suffix, "lr_scale": group["lr_scale"], "index": k - 1,
-                           "doc": f"{group['params']}, weight_decay {group['weight_decay']!r}"})
-    names = list(optimizer.hyper_names())
-    if [h["name"] for h in hyper] != names:
-        raise ExportError(f"optimizer {type(optimizer).__name__}: hyperparameters {names} are not its groups' "
-                          f"in order ({[h['name'] for h in hyper]}); the export cannot lay out the hyper array")
-    return hyper, groups
-
-
 def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32", optimizer: Any = None,
                  seed: int = 0, dims: Mapping[str, int] | None = None, batch: int = 32, steps: int = 10,
                  blas_min_flops: int | None = None, force: bool = False) -> ExportResult:
@@ -401,6 +335,7 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     from ..codegen import module as codegen
     from ..train.init import initial_value
     from ..train.optim import SGD, as_optimizer
+    from .export_optim import optimizer_contexts
 
     if optimizer is None and graph.losses:
         optimizer = SGD(lr=0.01)
@@ -414,7 +349,6 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
     env.filters["c_double"] = lambda x: repr(float(x))
     env.globals["c_string"] = _c_string
     env.globals["c_comment"] = codegen.comment_text
-    optim_macros = env.get_template("export_optim.c.j2").module
 
     # runtime sizes main.c starts with
     names = list(meta["dims"])
@@ -477,7 +411,7 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         if len(meta["losses"]) > 1:
             notes.append("main.c trains the losses in turn, " + ", ".join(repr(s["name"]) for s in meta["losses"])
                          + " (-loss NAME for one); each has its own bp_model_train_* function and step count")
-    optimizers_ctx, losses_ctx = _optimizer_contexts(optimizer, meta["losses"], optim_macros, notes)
+    optimizers_ctx, losses_ctx = optimizer_contexts(optimizer, meta["losses"], notes)
 
     forward_results = []
     if "forward" in meta["entries"]:
@@ -494,7 +428,7 @@ def export_model(graph: Any, out_dir: str | os.PathLike, dtype: str = "float32",
         "param_count": sum(p["size"] for p in params_ctx),
         "slots": list(optimizer.slots) if optimizer is not None else [],
         "optimizers": optimizers_ctx, "losses": losses_ctx, "several_losses": len(losses_ctx) > 1,
-        "running_product": any(o["cfg"].get("kind") == "nadam" for o in optimizers_ctx),
+        "running_product": any(o["product"] for o in optimizers_ctx),
         "num_hyper": max(len(o["hyper"]) for o in optimizers_ctx),
         "optimizer_kind": optimizers_ctx[0]["kind"] if len(optimizers_ctx) == 1 else "its own optimizer's",
         "entries": entries_ctx, "buffers": buffers, "total_buffers": len(buffers),
