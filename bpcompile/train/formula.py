@@ -46,11 +46,17 @@ class Numeric:
         latest one not past `step`, so a run costs one factor a step, and so do losses that
         share one optimizer with step counts of their own."""
         known = cache.get(name, ())
-        done, value = max((e for e in known if e[0] <= step), default=(0, 1.0))
+        if known and known[0][0] == step - 1:  # the latest, one step back: a count stepping on
+            value = known[0][1] * factor(step, NUMERIC)
+            cache[name] = ((step, value), *known[1:])
+            return value
+        start = max((e for e in known if e[0] <= step), default=(0, 1.0))
+        done, value = start
+        if done == step:
+            return value
         for k in range(done + 1, step + 1):
             value *= factor(k, NUMERIC)
-        if done != step:
-            cache[name] = ((step, value),) + tuple(e for e in known if e[0] != step)[:PRODUCTS_KEPT - 1]
+        cache[name] = ((step, value), *(e for e in known if e is not start))[:PRODUCTS_KEPT]
         return value
 
 

@@ -66,7 +66,10 @@ class Optimizer:
     def step_hyper(self, step: int, lr: float) -> dict[str, float]:
         """Every hyperparameter of step `step` in the order of the C `hyper` array: the
         optimizer's own, then each group's (named `<name>_g<k>`, with its lr_scale and weight decay)."""
-        h = dict(self.hyper(step, lr))
+        h = self.hyper(step, lr)
+        if not self.param_groups:
+            return h
+        h = dict(h)
         for k, group in enumerate(self.param_groups, 1):
             h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper(step, lr * group["lr_scale"]).items()})
         return h
