@@ -18,11 +18,12 @@ import sympy as sp
 from .autodiff import reverse as autodiff
 from .build import cffi_build as build
 from .codegen import module as codegen
-from .codegen.printer import print_formulas
+from .codegen.printer import CPrinter, print_formulas
 from .ir.graph import Graph, Node, named_dims, topo_order
 from .passes import pipeline as passes
 from .passes.pipeline import Storage
 from .runtime.model import CompiledModel
+from .train import formula
 from .train.optim import SGD, Optimizer, PerLoss, as_optimizer
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
@@ -104,10 +105,11 @@ def _entry_plans(graph: Graph, offsets: dict[str, int], optimizer: Optimizer | P
 def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offsets: dict[str, int],
                     param_size: int, renderer: codegen.ModuleRenderer) -> dict[str, Any]:
     """The update loop's template context: ranges of the flat buffer, slots, printed formulas,
-    one set per parameter group (each group's constants are its own hyperparameters)."""
+    one set per parameter group (each group's constants are its own hyperparameters), and the
+    hyperparameters it reads, printed from Optimizer.hyper_formula as C of the `hyper` array's
+    step, learning rate and running products."""
     p, g = sp.Symbol("p", real=True), sp.Symbol("g", real=True)
     slots = {s: sp.Symbol(f"s_{s}", real=True) for s in optimizer.slots}
-    all_names = list(optimizer.hyper_names())
     group_of = optimizer.group_of(list(graph.params))
     printer = renderer.context().printer()
     groups, used, formulas = [], set(), []
@@ -128,15 +130,34 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
         groups.append({"ranges": ranges, "temps": temps, "new_param": values[-1],
                        "slots": [{"name": f"s_{s}", "offset": j * param_size, "value": values[j]}
                                  for j, s in enumerate(optimizer.slots)]})
-    hyper_names = [h for h in all_names if sp.Symbol(h, real=True) in used]
+    inputs, hyper_temps, hyper = _hyper_code(optimizer, {sym.name for sym in used})
     return {
         "doc": codegen.comment_text(optimizer.describe()),
         "formulas": [codegen.comment_text(f) for f in formulas],
-        "hyper": [{"name": h, "index": all_names.index(h)} for h in hyper_names],
+        "inputs": inputs, "hyper_temps": hyper_temps, "hyper": hyper,
         "clip": repr(optimizer.clip_norm) if optimizer.clip_norm else None,
         "ranges": [r for grp in groups for r in grp["ranges"]],
         "groups": groups,
     }
+
+
+def _hyper_code(optimizer: Optimizer, used: set[str]) -> tuple[list[dict], list[tuple[str, str]], list[dict]]:
+    """The C (in double) of the hyperparameters named in `used`, from the `hyper` array's entries
+    (Optimizer.hyper_names: step, learning rate, running products): the entries read, common
+    subexpressions, and each hyperparameter with its formula (for the comment)."""
+    m = formula.symbolic()
+    exprs = optimizer.all_hyper(m.step, m.lr, m)
+    names = [h for h in exprs if h in used]
+    entries = {m.step: "step", m.lr: "lr", **{sp.Symbol(n, positive=True): n for n in optimizer.running_products()}}
+    c_names = {sym: f"hyper_{name}" for sym, name in entries.items()}
+    outputs = [sp.sympify(exprs[h]) for h in names]
+    temps, values = print_formulas(outputs, CPrinter("float64", dict(c_names)), prefix="hyper_x")
+    read = set().union(set(), *(e.free_symbols for e in outputs))
+    order = list(optimizer.hyper_names())
+    inputs = [{"c": c, "index": order.index(entries[sym])} for sym, c in c_names.items() if sym in read]
+    hyper = [{"name": h, "value": v, "formula": codegen.comment_text(f"{h} = {sp.sstr(e)}")}
+             for h, v, e in zip(names, values, outputs, strict=True)]
+    return inputs, temps, hyper
 
 
 def _next_offset(name: str, graph: Graph, offsets: dict[str, int], param_size: int) -> int:

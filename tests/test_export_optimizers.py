@@ -176,7 +176,7 @@ def test_c_training_equals_the_module_and_resumes_both_ways(exported):
 
 
 def test_hyperparameters_and_loads_mid_run_follow_the_step_count(exported):
-    """bp_model_hyper gives Optimizer.step_hyper's values (every parameter group's); loading a
+    """bp_model_hyper gives Optimizer.step_hyper's values (step, rate, NAdam's product); loading a
     later file, then the initial one, into a model that trained, continues from each file's step
     count (NAdam's running product too) as the Python module does."""
     case, folder = exported
@@ -295,7 +295,12 @@ class Warped(bp.optim.SGD):
 
 
 def test_a_hyperparameter_without_a_c_formula_is_refused_by_name(build_dir, tmp_path):
+    """The update computes its hyperparameters in C from hyper_formula: an optimizer computing
+    them another way is refused when compiled and when exported, naming what to define."""
     groups = [{"params": ["b1"], "lr_scale": 0.5}]
-    with pytest.raises(export.ExportError, match=r"optimizer Warped: hyperparameter 'warp' has no C formula"):
+    message = r"optimizer Warped overrides hyper\(\); its hyperparameters are printed to C from hyper_formula"
+    with pytest.raises(ValueError, match=message):
+        bp.compile(mlp(), "float64", optimizer=Warped(lr=0.1, param_groups=groups))
+    with pytest.raises(ValueError, match=message):
         export.export_model(mlp(), tmp_path / "lib", "float64", Warped(lr=0.1, param_groups=groups))
     assert not (tmp_path / "lib").exists()

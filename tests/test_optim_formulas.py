@@ -1,7 +1,7 @@
 """One formula per schedule and per optimizer hyperparameter (bpcompile.train.formula): the floats
-the runtime computes each step equal the SymPy expressions the export prints, and the printed C
-computes them too; `step_dependent` says whether the step appears; NAdam's momentum product costs
-one factor a step."""
+Python computes equal the SymPy expressions printed to C, and the printed C (the update kernel's
+hyperparameters, the export's schedule and running product) computes them too; `step_dependent`
+says whether the step appears; NAdam's momentum product costs one factor a step."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
+from bpcompile import compiler
 from bpcompile.tools import export_optim
 from bpcompile.train import formula, optim
 from bpcompile.train.optim import OPTIMIZERS
@@ -56,8 +57,7 @@ def test_every_schedule_and_optimizer_has_a_case():
 
 def symbolic_hyper(optimizer: optim.Optimizer) -> tuple[formula.Symbolic, dict[str, sp.Expr]]:
     m = formula.symbolic()
-    names, exprs = export_optim._hyper_exprs(optimizer, m)
-    return m, dict(zip(names, exprs, strict=True))
+    return m, {k: sp.sympify(v) for k, v in optimizer.all_hyper(m.step, m.lr, m).items()}
 
 
 def value_at(expr: sp.Expr, m: formula.Symbolic, step: int, lr: float) -> float:
@@ -81,7 +81,7 @@ def test_hyperparameter_floats_are_their_sympy_expressions(make):
     optimizer = make()
     m, exprs = symbolic_hyper(optimizer)
     for step in (*range(1, 8), 30, 3):  # and back to an earlier step: a load
-        values = optimizer.step_hyper(step, 0.01)
+        values = optimizer.all_hyper(step, 0.01, formula.NUMERIC)
         assert list(values) == list(exprs)
         for name, expr in exprs.items():
             assert values[name] == pytest.approx(value_at(expr, m, step, 0.01), rel=1e-13), (name, step)
@@ -132,13 +132,14 @@ int main(void)
     for (int64_t step = 1; step <= %(steps)d; ++step) {
         const double lr = lr_of(step);
         mu_product *= factor(step);
+        const double hyper[%(inputs)d] = {%(inputs_values)s};  /* the hyper array of a train step */
 %(hyper_body)s
+        const double values[%(count)d] = {%(values)s};
         printf("%%.17g", lr);
         for (int k = 0; k < %(count)d; ++k)
-            printf(" %%.17g", hyper[k]);
+            printf(" %%.17g", values[k]);
         printf("\\n");
     }
-    (void)mu_product;
     return 0;
 }
 """
@@ -151,24 +152,30 @@ def _body(temps: list[tuple[str, str]], ret: str, indent: str = "    ") -> str:
 @pytest.mark.skipif(shutil.which(CC) is None, reason="needs a C compiler")
 @pytest.mark.parametrize("case", OPTIMIZER_CASES, ids=OPTIMIZER_CASES)
 def test_printed_c_computes_the_runtimes_values(tmp_path, case):
-    """The C the export prints (its functions' bodies, compiled at -Wall -Wextra -Werror) gives the
-    Python values step for step, under each schedule."""
+    """The printed C (compiled at -Wall -Wextra -Werror) gives the Python values step for step,
+    under each schedule: the export's schedule and running product fill the hyper array as
+    Optimizer.step_hyper does, from which the update kernel's code computes every hyperparameter."""
     schedule = list(SCHEDULE_CASES.values())[list(OPTIMIZER_CASES).index(case) % len(SCHEDULE_CASES)]  # each once
     optimizer = OPTIMIZER_CASES[case]()
     optimizer.lr = schedule
     (ctx,), _ = export_optim.optimizer_contexts(optimizer, [], [])
     product = ctx["product"] or {"temps": [], "value": "1.0"}
-    hyper = [f"        const double {n} = {v};" for n, v in ctx["hyper_temps"]]
-    hyper += [f"        const double hyper[{len(ctx['formulas'])}] = {{"
-              + ", ".join(h["value"] for h in ctx["formulas"]) + "};"]
+    names = list(optimizer.all_hyper(1, 1.0, formula.NUMERIC))
+    inputs, temps, hyper = compiler._hyper_code(optimizer, set(names))
+    assert [h["name"] for h in hyper] == names
+    body = [f"        const double {i['c']} = hyper[{i['index']}];" for i in inputs]
+    body += [f"        const double {n} = {v};" for n, v in temps]
     source = PROGRAM % {"lr_body": _body(ctx["lr"]["temps"], f"(void)step;\n    return {ctx['lr']['value']};"),
                         "factor_body": _body(product["temps"], f"return {product['value']};"),
-                        "hyper_body": "\n".join(hyper), "steps": STEPS, "count": len(ctx["formulas"])}
+                        "inputs": len(ctx["formulas"]), "inputs_values": ", ".join(h["value"] for h in ctx["formulas"]),
+                        "hyper_body": "\n".join(body), "count": len(hyper),
+                        "values": ", ".join(h["value"] for h in hyper), "steps": STEPS}
     (tmp_path / "hyper.c").write_text(source)
-    subprocess.run([CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-o", "hyper", "hyper.c", "-lm"],
-                   cwd=tmp_path, check=True, capture_output=True, text=True)
+    built = subprocess.run([CC, "-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-o", "hyper", "hyper.c", "-lm"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     lines = subprocess.run(["./hyper"], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.split("\n")
     printed = np.array([[float(v) for v in line.split()] for line in lines if line])
-    expected = np.array([[optimizer.lr_at(s), *optimizer.step_hyper(s, optimizer.lr_at(s)).values()]
+    expected = np.array([[optimizer.lr_at(s), *optimizer.all_hyper(s, optimizer.lr_at(s), formula.NUMERIC).values()]
                          for s in range(1, STEPS + 1)])
     np.testing.assert_allclose(printed, expected, rtol=1e-14, atol=1e-300)

@@ -7,12 +7,13 @@
   `bp_model_train_*`, `bp_model_load` / `bp_model_save`, ...): it owns the flat parameter,
   gradient and optimizer-state buffers, plans the workspace for the runtime sizes it is given
   (with bp_plan_workspace of templates/bp_runtime.h, the plan the Python runtime calls through
-  cffi, so any batch size works), and computes the optimizer's per-step hyperparameters and
-  learning-rate schedule (`bp_model_loss_hyper`, `bp_model_loss_lr`; `bp_model_hyper`,
-  `bp_model_lr` when one optimizer trains every loss;
-  printed by `export_optim` from the formulas the runtime evaluates: every parameter group's in
-  the order of `Optimizer.step_hyper`, and a running product such as NAdam's momentum product,
-  carried from step to step in `m->mu_product` and rebuilt from the step count after a load). A model with
+  cffi, so any batch size works), and computes the optimizer's learning-rate schedule and the
+  hyper array its update reads (`bp_model_loss_hyper`, `bp_model_loss_lr`; `bp_model_hyper`,
+  `bp_model_lr` when one optimizer trains every loss; printed by `export_optim` from the
+  formulas the runtime evaluates, in the order of `Optimizer.step_hyper`: the step, the rate and
+  a running product such as NAdam's momentum product, carried from step to step in
+  `m->mu_product` and rebuilt from the step count after a load; the update computes the
+  hyperparameters from them, in the module's C). A model with
   several named losses keeps each loss's step count (`m->loss_steps`), and each loss's train
   step runs its own optimizer (`bp.optim.PerLoss`, a dict of optimizers by loss) or the shared one;
 * `Makefile`: `make` builds `libmodel.a` and `./main`; GEMM is a portable loop unless

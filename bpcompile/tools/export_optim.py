@@ -1,7 +1,8 @@
-"""The optimizers of the standalone C export: each optimizer's learning-rate schedule and per-step
-hyperparameters printed to C by the SymPy printer from the formulas the runtime evaluates
-(`Schedule.formula`, `Optimizer.hyper_formula`, over the namespaces of `bpcompile.train.formula`),
-so that the library and the Python module compute the same values from one definition."""
+"""The optimizers of the standalone C export: each optimizer's learning-rate schedule and running
+products (NAdam's momentum product) printed to C by the SymPy printer from the formulas the
+runtime evaluates (`Schedule.formula`, `Optimizer.running_products`, over the namespaces of
+`bpcompile.train.formula`). The hyperparameters themselves need nothing here: the update kernel,
+the module's and the library's alike, computes them from the step, the rate and the products."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..train.schedules import FromFunction, Schedule, schedule_from_config
 
 # what a model without an optimizer gets: rate 0, no hyperparameters
 NO_OPTIMIZER = {"kind": "no", "doc": "no optimizer", "hyper": [], "schedule_doc": "no optimizer",
-                "lr": {"temps": [], "value": "0.0"}, "product": None, "hyper_temps": [], "formulas": []}
+                "lr": {"temps": [], "value": "0.0"}, "product": None, "formulas": []}
 
 
 def optimizer_contexts(optimizer: Any, losses: list[dict], notes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -35,50 +36,30 @@ def optimizer_contexts(optimizer: Any, losses: list[dict], notes: list[str]) -> 
 
 
 def _optimizer_context(optimizer: Optimizer, notes: list[str]) -> dict[str, Any]:
-    """One optimizer's printed C; refuses an optimizer or schedule whose Python values do not
-    come from a formula (an overridden `hyper` or `__call__`)."""
+    """One optimizer's printed C: its schedule, and what its train entry points read from the
+    hyper array (Optimizer.step_hyper: the step, the learning rate and each running product,
+    carried from step to step; the update computes the hyperparameters from them)."""
     name = type(optimizer).__name__
     if isinstance(optimizer.lr, FromFunction):
         notes.append(f"the learning rate of {name} is a Python function: the library uses its first value, "
                      f"{optimizer.lr.config()['lr']!r}, for every step (set m.lr to change it)")
     m = symbolic()
-    names, exprs = _hyper_exprs(optimizer, m)
-    if len(m.products) > 1:
+    products = optimizer.running_products()
+    if len(products) > 1:
         raise ExportError(f"optimizer {name}: the export carries one running product per optimizer, this one has "
-                          f"{sorted(m.products)}")
-    temps, values = _print(exprs)
+                          f"{sorted(products)}")
     product = None
-    for pname, factor in m.products.items():
-        factor_temps, (factor_value,) = _print([factor])
+    for pname, factor in products.items():
+        factor_temps, (factor_value,) = _print([m.sp.sympify(factor(m.step, m))])
         product = {"name": pname, "temps": factor_temps, "value": factor_value}
+    values = {"step": "(double)step", "lr": "lr", **{p: p for p in products}}
+    names = list(optimizer.hyper_names())
+    if set(names) != set(values):
+        raise ExportError(f"optimizer {name}: its hyper array {names} holds values the export does not compute")
     lr_temps, (lr_value,) = _print([_lr_expr(optimizer.lr, m)])
     return {"kind": name, "doc": optimizer.describe(), "hyper": names, "schedule_doc": str(optimizer.lr.config()),
-            "lr": {"temps": lr_temps, "value": lr_value}, "product": product, "hyper_temps": temps,
-            "formulas": [{"name": n, "value": v} for n, v in zip(names, values, strict=True)]}
-
-
-def _hyper_exprs(optimizer: Optimizer, m: Symbolic) -> tuple[list[str], list[Any]]:
-    """The hyperparameters of Optimizer.step_hyper (its own, then each parameter group's, named
-    `<name>_g<k>`, at its lr_scale) as SymPy expressions of `step` and `lr`."""
-    name = type(optimizer).__name__
-    names = list(optimizer.hyper_names())
-    exprs: dict[str, Any] = {}
-    for k in range(len(optimizer.param_groups) + 1):
-        member = optimizer.group(k)
-        scale = optimizer.param_groups[k - 1]["lr_scale"] if k else 1.0
-        try:
-            values = member.hyper_formula(m.step, m.lr if scale == 1.0 else m.lr * scale, m)
-        except (TypeError, ValueError, NotImplementedError) as e:
-            raise ExportError(f"optimizer {name}: its hyper_formula has no symbolic form to print ({e})") from e
-        exprs.update({h + (f"_g{k}" if k else ""): v for h, v in values.items()})
-    missing = [h for h in names if h not in exprs]
-    if missing or type(optimizer).hyper is not Optimizer.hyper:
-        what = f"hyperparameter {missing[0]!r} has" if missing else "its hyper() overrides hyper_formula() and has"
-        raise ExportError(f"optimizer {name}: {what} no C formula (the export prints hyper_formula(step, lr, m))")
-    if list(exprs) != names:
-        raise ExportError(f"optimizer {name}: hyperparameters {names} are not its groups' in order "
-                          f"({list(exprs)}); the export cannot lay out the hyper array")
-    return names, [m.sp.sympify(exprs[h]) for h in names]
+            "lr": {"temps": lr_temps, "value": lr_value}, "product": product,
+            "formulas": [{"name": n, "value": values[n]} for n in names]}
 
 
 def _lr_expr(schedule: Schedule, m: Symbolic) -> Any:

@@ -1,14 +1,16 @@
 """The scalar math of optimizer hyperparameters and learning-rate schedules, written once for two
 readers. A formula is a Python function of the step, the learning rate and a namespace `m`
 giving its functions (`m.cos`, `m.min`, `m.where`, ...): called with `NUMERIC` it computes a
-float per training step without SymPy (the runtime); called with `symbolic()` on SymPy symbols
-it gives the SymPy expression that the C printer prints into the exported library. The two
-readers cannot drift apart, because there is one formula.
+float without SymPy (the runtime's learning rate and running products, each training step);
+called with `symbolic()` on SymPy symbols it gives the SymPy expression that the C printer
+prints (an update kernel's hyperparameters, the exported library's schedule). The two readers
+cannot drift apart, because there is one formula.
 
 Running products over steps (NAdam's mu_1 ... mu_t) are `m.product(name, factor, step)`: the
 numeric namespace multiplies them in step order, carried from step to step in a cache that
-restarts when the step goes back (a load); the symbolic one returns a symbol `name` and keeps
-the factor's expression, for the C library to carry the same product from step to step.
+restarts when the step goes back (a load); the symbolic one returns a symbol `name` (an entry of
+the update's hyper array) and keeps the factor's expression, for the C library to carry the same
+product from step to step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ PRODUCTS_KEPT = 4  # (step, product) pairs a running product keeps
 
 
 class Numeric:
-    """Formulas evaluated as Python floats (the runtime's per-step hyperparameters)."""
+    """Formulas evaluated as Python floats (the runtime's per-step learning rate and products)."""
 
     pi = math.pi
     cos = staticmethod(math.cos)

@@ -2,7 +2,8 @@
 
 An optimizer is data: its per-element state slots, the scalar hyperparameters it needs each
 step (learning rate, bias corrections: `hyper_formula`, written once over the namespaces of
-`bpcompile.train.formula`, evaluated here in Python each step and printed to C by the export),
+`bpcompile.train.formula` and printed to C into the update, which computes them from the step,
+the learning rate and any running product that Python passes it each call),
 and its update written as SymPy expressions of p, g, the slots and the hyperparameters. The code
 generator prints those expressions into one loop over the flat parameter buffer. This module
 imports SymPy only when an update or a formula is generated, so a built model loads without it.
@@ -26,7 +27,8 @@ class Optimizer:
 
     kind = ""
     slots: tuple[str, ...] = ()
-    step_dependent = False  # whether hyper() changes with the step at a fixed learning rate
+    step_dependent = False  # whether the hyperparameters change with the step at a fixed rate (then the
+    # runtime refills the hyper array every step; tests/test_optim_formulas.py checks it against the formulas)
 
     def __init__(self, lr: float | Schedule | Callable[[int], float], weight_decay: float = 0.0,
                  clip_norm: float | None = None, param_groups: list[dict[str, Any]] | None = None):
@@ -64,22 +66,40 @@ class Optimizer:
         return clone
 
     def step_hyper(self, step: int, lr: float) -> dict[str, float]:
-        """Every hyperparameter of step `step` in the order of the C `hyper` array: the
-        optimizer's own, then each group's (named `<name>_g<k>`, with its lr_scale and weight decay)."""
-        h = self.hyper(step, lr)
-        if not self.param_groups:
-            return h
-        h = dict(h)
+        """What the native update reads from its `hyper` array at step `step`: the step, the
+        learning rate and the running products (`running_products`); the update computes its
+        hyperparameters from them in C, printed from `hyper_formula` (see `all_hyper`)."""
+        h = {"step": float(step), "lr": float(lr)}
+        for name, factor in self.running_products().items():
+            h[name] = NUMERIC.product(self.products, name, factor, step)
+        return h
+
+    def hyper_names(self) -> tuple[str, ...]:
+        """The names of the C `hyper` array, as `step_hyper` fills it."""
+        return ("step", "lr", *self.running_products())
+
+    def running_products(self) -> dict[str, Callable[[Any, Any], Any]]:
+        """The products over steps 1 .. t that hyper_formula reads with `m.product` ({name:
+        factor(k, m)}): carried from step to step in Python and passed to C."""
+        return {}
+
+    def all_hyper(self, step: Any, lr: Any, m: Any) -> dict[str, Any]:
+        """Every hyperparameter of step `step` in namespace `m`: the optimizer's own, then each
+        group's (named `<name>_g<k>`, with its lr_scale and weight decay)."""
+        if type(self).hyper is not Optimizer.hyper:
+            raise ValueError(f"optimizer {type(self).__name__} overrides hyper(); its hyperparameters are printed "
+                             "to C from hyper_formula(step, lr, m), so define that instead")
+        h = dict(self.hyper_formula(step, lr, m))
         for k, group in enumerate(self.param_groups, 1):
-            h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper(step, lr * group["lr_scale"]).items()})
+            rate = lr if group["lr_scale"] == 1.0 else lr * group["lr_scale"]
+            h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper_formula(step, rate, m).items()})
         return h
 
     # --- what the generated code needs ---------------------------------------------------
-    def hyper_names(self) -> tuple[str, ...]:
-        return tuple(self.step_hyper(1, 1.0))
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
-        """Scalar hyperparameters of step `step` (counted from 1), passed to C each call."""
+        """Scalar hyperparameters of step `step` (counted from 1) as floats (the native update
+        computes the same in C; this is for reading them)."""
         return self.hyper_formula(step, lr, NUMERIC)
 
     def hyper_formula(self, step: Any, lr: Any, m: Any) -> dict[str, Any]:
@@ -389,9 +409,11 @@ class NAdam(Optimizer):
         """The momentum of step `step`: beta1 (1 - 0.5 * 0.96^(step * momentum_decay))."""
         return self.betas[0] * (1.0 - 0.5 * 0.96 ** (step * self.momentum_decay))
 
+    def running_products(self):
+        return {"mu_product": self._mu}  # mu_1 ... mu_t, which torch keeps as per-parameter state
+
     def hyper_formula(self, step, lr, m):
         mu, mu_next = self._mu(step, m), self._mu(step + 1, m)
-        # mu_1 ... mu_step, which torch keeps as per-parameter state: carried from step to step
         mu_product = m.product(self.products, "mu_product", self._mu, step)
         h = {"g_coef": lr * (1.0 - mu) / (1.0 - mu_product),
              "m_coef": lr * mu_next / (1.0 - mu_product * mu_next), "bc2": 1 - self.betas[1] ** step}
@@ -448,7 +470,7 @@ class PerLoss:
         return max((o.slots for o in self.optimizers.values()), key=len)
 
     def hyper_names(self) -> tuple[str, ...]:
-        return max((o.hyper_names() for o in self.optimizers.values()), key=len)
+        return max((o.hyper_names() for o in self.optimizers.values()), key=len)  # each loss's own array
 
     def check_losses(self, losses: dict[str, list[str]]) -> None:
         """Every loss of the graph ({name: trained params}) has an optimizer, no optimizer is for
