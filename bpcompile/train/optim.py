@@ -65,6 +65,7 @@ class Optimizer:
         clone.param_groups = []
         return clone
 
+    # --- what the generated code needs ---------------------------------------------------
     def step_hyper(self, step: int, lr: float) -> dict[str, float]:
         """What the native update reads from its `hyper` array at step `step`: the step, the
         learning rate and the running products (`running_products`); the update computes its
@@ -94,8 +95,6 @@ class Optimizer:
             rate = lr if group["lr_scale"] == 1.0 else lr * group["lr_scale"]
             h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper_formula(step, rate, m).items()})
         return h
-
-    # --- what the generated code needs ---------------------------------------------------
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         """Scalar hyperparameters of step `step` (counted from 1) as floats (the native update
