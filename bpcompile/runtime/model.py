@@ -198,24 +198,24 @@ class CompiledModel:
             found = self._plans[dims] = plan(self._module, self._entries, dims, self.dtype.itemsize)
         return found
 
-    def _frame(self, entry_name: str, given: Mapping[str, Any]) -> tuple[Frame, list[np.ndarray]]:
-        """The call frame for these inputs: the thread's last one for this entry when the inputs
-        have the same names, dtypes, shapes and layout (a cheap check), else a newly validated one."""
+    def _ready(self, entry_name: str, given: Mapping[str, Any]) -> Frame:
+        """The call frame for these inputs, pointed at them: the thread's last one for this entry
+        when they match it exactly (Frame.accepts, a cheap check), else after validating and
+        converting them (_prepare); a new frame only when the runtime sizes changed."""
         try:
-            frames = self._tls.frames
-        except AttributeError:
-            frames = self._tls.frames = {}
-        frame = frames.get(entry_name)
-        if frame is not None:
-            arrays = frame.accepts(given)
-            if arrays is not None:
-                return frame, arrays
+            frame = self._tls.frames[entry_name]
+        except (AttributeError, KeyError):
+            frame = None
+        else:
+            if frame.accepts(given):
+                return frame
         entry = self._entries[entry_name]
         arrays, dims = self._prepare(entry, given)
-        frame = Frame(self, entry, arrays, dims)
+        frames = self._tls.__dict__.setdefault("frames", {})
+        if frame is None or frame.dims != dims:  # same dims: the same dtypes and shapes
+            frame = frames[entry_name] = Frame(self, entry, arrays, dims)
         frame.bind(arrays)
-        frames[entry_name] = frame
-        return frame, arrays
+        return frame
 
     def _arena(self, dims: tuple[int, ...], size: int) -> np.ndarray:
         """This thread's workspace arena for one runtime shape: allocated once and reused, the
@@ -231,34 +231,29 @@ class CompiledModel:
         return arena
 
     def _run(self, entry_name: str, given: Mapping[str, Any], outputs: list[np.ndarray] | None = None,
-             grads: np.ndarray | None = None, counter: int | None = None,
-             hyper: tuple[Any, int, float] | None = None) -> Frame:
-        """One native call of an entry point; returns the frame (its `scalar_c[0]` holds a loss).
-        `hyper` is (optimizer, step, learning rate): the step's hyperparameters, recomputed only
-        when they can differ from the last call's."""
-        frame, arrays = self._frame(entry_name, given)
-        if hyper is not None:
-            optimizer, step, rate = hyper
-            key = (step, rate) if optimizer.step_dependent else rate
-            if key != frame.hyper_key:
-                hyper_c = frame.hyper_c
-                for i, value in enumerate(optimizer.step_hyper(step, rate).values()):
-                    hyper_c[i] = value
-                frame.hyper_key = key
-        from_buffer = self._ffi.from_buffer
+             grads: np.ndarray | None = None, counter: int | None = None) -> Frame:
+        """One native call of an entry point, writing `outputs` (and the gradients into `grads`
+        instead of the model's buffer); returns the frame (its `scalar_c[0]` holds a loss)."""
+        frame = self._ready(entry_name, given)
         if outputs is not None:
+            out_ptrs, from_buffer = frame.out_ptrs, self._ffi.from_buffer
             for i, o in enumerate(outputs):
-                frame.out_ptrs[i] = from_buffer(o)
-        frame.dims_c[frame.counter_index] = self.step if counter is None else counter
-        args = frame.args
-        if grads is not None:
-            args = list(args)
-            args[4] = from_buffer(self._ctype, grads)
-        if frame.fn(*args) != 0:
-            raise InputError(self._label_error(frame.entry, arrays))
+                out_ptrs[i] = from_buffer(o)
+        if grads is None:
+            status = frame.run(self._step if counter is None else counter)
+        else:
+            args = list(frame.args)
+            args[4] = self._ffi.from_buffer(self._ctype, grads)
+            status = frame.run(self._step if counter is None else counter, tuple(args))
+        if status:
+            raise self._rejected(frame)
         return frame
 
-    def _label_error(self, entry: Entry, arrays: list[np.ndarray]) -> str:
+    def _rejected(self, frame: Frame) -> InputError:
+        """The error for a native call that refused its input data (label values out of range)."""
+        return InputError(self._label_error(frame.entry, frame.bound))
+
+    def _label_error(self, entry: Entry, arrays: list[np.ndarray | None]) -> str:
         for name, array in zip(entry.inputs, arrays):
             spec = self._inputs[name]
             if spec["dtype"] == "int32" and array.size:
@@ -296,7 +291,7 @@ class CompiledModel:
         if arrays:
             inputs = self._named("forward", "forward", arrays, inputs)
         entry = self._entries["forward"]
-        named = dict(zip(self._dims, self._frame("forward", inputs)[0].dims))  # validated once per signature
+        named = dict(zip(self._dims, self._ready("forward", inputs).dims))  # validated once per signature
         outputs = [np.empty([dim_size(d, named) for d in r["shape"]], dtype=self.dtype)
                    for r in entry.results]
         self._run("forward", inputs, outputs)
@@ -374,15 +369,21 @@ class CompiledModel:
         if self.optimizer is None:
             raise InputError(f"model {self.name!r} was compiled without an optimizer (optimizer=None): it has the "
                              "forward, loss and gradient calls only; compile it with an optimizer to train it")
-        optimizer = self.optimizer.for_loss(spec["name"])
-        entry = spec["entries"][kind]
-        with self._train_lock:
-            step = self.loss_steps[spec["name"]] + 1
-            rate = optimizer.lr_at(step) if lr is None else float(lr)
-            value = self._run(entry, inputs, counter=self.step + 1, hyper=(optimizer, step, rate)).scalar_c[0]
+        name = spec["name"]
+        optimizer = self.optimizer.for_loss(name)
+        frame = self._ready(spec["entries"][kind], inputs)  # the thread's own: validated before locking
+        lock = self._train_lock
+        lock.acquire()  # not `with`: half its cost, on the path of every step
+        try:
+            step = self.loss_steps[name] + 1
+            frame.set_hyper(optimizer, step, optimizer.lr_at(step) if lr is None else float(lr))
+            if frame.run(self._step + 1):
+                raise self._rejected(frame)
             self._step += 1
-            self.loss_steps[spec["name"]] = step
-        return value
+            self.loss_steps[name] = step
+        finally:
+            lock.release()
+        return frame.scalar_c[0]
 
     # --- training loop (bpcompile.training) ----------------------------------------------
     def fit(self, data: Mapping[str, Any], epochs: int = 1, batch_size: int = 32, shuffle: bool = True,

@@ -128,15 +128,6 @@ class Entry:
         self.results: list[dict] = spec["results"]
 
 
-def _contiguous_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """NumPy's strides of a C-contiguous array of this shape."""
-    strides, step = [], itemsize
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
 class Frame:
     """What one native call of an entry point needs, for one input signature and one thread:
     pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
@@ -145,9 +136,10 @@ class Frame:
     def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
         ffi = model._ffi
         self.entry = entry
-        self.signature = [(name, a.dtype, a.shape, _contiguous_strides(a.shape, a.dtype.itemsize))
-                          for name, a in zip(entry.inputs, arrays)]
+        # (slot, name, dtype, shape) of each input: what accepts() compares a call's arrays with
+        self.slots = tuple((i, name, a.dtype, a.shape) for i, (name, a) in enumerate(zip(entry.inputs, arrays)))
         self.bound: list[np.ndarray | None] = [None] * len(arrays)  # the arrays in_ptrs points at
+        self.bound_strides: list[tuple[int, ...] | None] = [None] * len(arrays)  # their strides when bound
         self.from_buffer = ffi.from_buffer
         offsets, size = model._plan(dims)
         self.dims = dims
@@ -172,31 +164,50 @@ class Frame:
                      ffi.from_buffer(real, model._grads_flat), ffi.from_buffer(real, model._state_flat),
                      self.in_ptrs, self.out_ptrs, self.hyper_c)
 
-    def accepts(self, given: Mapping[str, Any]) -> list[np.ndarray] | None:
-        """The input arrays in entry order if they match this frame exactly, now pointed at by
-        the native call's input pointers; else None (the caller then validates everything,
-        extra names included)."""
-        if len(given) != len(self.signature):  # with every name below found: no extra names
-            return None
-        arrays = []
+    def accepts(self, given: Mapping[str, Any]) -> bool:
+        """Whether these inputs match this frame exactly (the same names, no others, and NumPy
+        arrays of its dtypes and shapes, C-contiguous and aligned); if so the native call's input
+        pointers now point at them. An array of the last call is re-checked by its shape, dtype
+        and strides (the ways it can change in place); another one fully. When False the caller
+        validates everything (runtime.model's _prepare), extra names included."""
+        if len(given) != len(self.slots):  # with every name below found: no extra names
+            return False
         bound = self.bound
-        for i, (name, dtype, shape, strides) in enumerate(self.signature):
+        for i, name, dtype, shape in self.slots:
             a = given.get(name)
+            if a is bound[i] and a.dtype is dtype and a.shape == shape and a.strides == self.bound_strides[i]:
+                continue
             if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
-                return None
-            if a is not bound[i]:
-                flags = a.flags
-                if not (flags.c_contiguous and flags.aligned):
-                    return None
-                self.in_ptrs[i] = self.from_buffer(a)
-                bound[i] = a
-            elif a.strides != strides and not a.flags.c_contiguous:  # the last call's array, reshaped since
-                return None
-            arrays.append(a)
-        return arrays
+                return False
+            flags = a.flags
+            if not (flags.c_contiguous and flags.aligned):
+                return False
+            self.point(i, a)
+        return True
+
+    def set_hyper(self, optimizer: Any, step: int, rate: float) -> None:
+        """The optimizer's hyperparameters of this step at learning rate `rate`, into the
+        native call's `hyper` array; recomputed only when they can differ from the last call's."""
+        key = (step, rate) if optimizer.step_dependent else rate
+        if key != self.hyper_key:
+            hyper_c = self.hyper_c
+            for i, value in enumerate(optimizer.step_hyper(step, rate).values()):
+                hyper_c[i] = value
+            self.hyper_key = key
+
+    def run(self, counter: int, args: tuple | None = None) -> int:
+        """The native call with the random streams' step counter `counter` (and other
+        arguments than the frame's own); its status: 0, or nonzero for refused input data."""
+        self.dims_c[self.counter_index] = counter
+        return self.fn(*(self.args if args is None else args))
+
+    def point(self, i: int, a: np.ndarray) -> None:
+        """Point input `i` of the native call at the (validated) array `a`."""
+        self.in_ptrs[i] = self.from_buffer(a)
+        self.bound[i] = a
+        self.bound_strides[i] = a.strides
 
     def bind(self, arrays: list[np.ndarray]) -> None:
         """Point the native call at these (validated) input arrays."""
         for i, a in enumerate(arrays):
-            self.in_ptrs[i] = self.from_buffer(a)
-            self.bound[i] = a
+            self.point(i, a)
