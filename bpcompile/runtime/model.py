@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError, InputError
-from ..ir.dims import dim_size
 from ..train.init import initial_value
 from .buildfolder import _damaged, read_meta
 from .checkpoint import MAX_STEP, npz_arrays, process_alive, read_npz, restore, signature, write_atomic
@@ -234,7 +233,11 @@ class CompiledModel:
              grads: np.ndarray | None = None, counter: int | None = None) -> Frame:
         """One native call of an entry point, writing `outputs` (and the gradients into `grads`
         instead of the model's buffer); returns the frame (its `scalar_c[0]` holds a loss)."""
-        frame = self._ready(entry_name, given)
+        return self._call(self._ready(entry_name, given), outputs, grads, counter)
+
+    def _call(self, frame: Frame, outputs: list[np.ndarray] | None = None, grads: np.ndarray | None = None,
+              counter: int | None = None) -> Frame:
+        """The native call of a ready frame (see _run)."""
         if outputs is not None:
             out_ptrs, from_buffer = frame.out_ptrs, self._ffi.from_buffer
             for i, o in enumerate(outputs):
@@ -290,12 +293,11 @@ class CompiledModel:
             raise InputError(f"model {self.name!r} declares no outputs (use g.output(name, tensor))")
         if arrays:
             inputs = self._named("forward", "forward", arrays, inputs)
-        entry = self._entries["forward"]
-        named = dict(zip(self._dims, self._ready("forward", inputs).dims))  # validated once per signature
-        outputs = [np.empty([dim_size(d, named) for d in r["shape"]], dtype=self.dtype)
-                   for r in entry.results]
-        self._run("forward", inputs, outputs)
-        return {r["name"]: o for r, o in zip(entry.results, outputs)}
+        frame = self._ready("forward", inputs)
+        dtype = self.dtype
+        outputs = [np.empty(shape, dtype) for shape in frame.result_shapes]
+        self._call(frame, outputs)
+        return dict(zip(frame.result_names, outputs))
 
     def _loss_spec(self, loss: str | None) -> dict:
         if loss is None and len(self._losses) == 1:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import CompileError, InputError
+from ..ir.dims import dim_size
 from . import threads
 from .buildfolder import check_files, check_record, check_target
 
@@ -152,6 +153,9 @@ class Frame:
         self.scalar_c = ffi.from_buffer(model._ctype, self.scalar)
         self.hyper_key: Any = None  # what the hyperparameters in `hyper` were computed for
         self.fn = entry.fn
+        named = dict(zip(model._dims, dims))
+        self.result_names = [r["name"] for r in entry.results]
+        self.result_shapes = [tuple(dim_size(d, named) for d in r["shape"]) for r in entry.results]
         self.in_ptrs = ffi.new("void *[]", max(len(arrays), 1))
         self.out_ptrs = ffi.new("void *[]", max(len(entry.results), 1))
         self.out_ptrs[0] = ffi.from_buffer(self.scalar)
