@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .formula import NUMERIC
-from .schedules import Schedule, as_schedule, schedule_from_config
+from .schedules import Constant, Schedule, as_schedule, schedule_from_config
 
 Exprs = Any  # sympy expressions (SymPy is imported lazily)
 
@@ -127,7 +127,9 @@ class Optimizer:
         return {}
 
     def lr_at(self, step: int) -> float:
-        return float(self.lr(step))
+        """The learning rate of step `step` (a constant one read directly: this runs every step)."""
+        lr = self.lr
+        return lr.lr if type(lr) is Constant else float(lr(step))
 
     def for_loss(self, loss: str) -> Optimizer:
         """The optimizer that trains on `loss`: this one (see PerLoss)."""
