@@ -105,3 +105,23 @@ def test_a_refused_step_leaves_the_count_and_the_lock(clf):
         np.testing.assert_array_equal(clf.params[k], v)
     clf.train_step(x=X, y=Y)
     assert clf.step == step + 1
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint32, np.uint64])
+def test_labels_beyond_int32_are_refused(clf, dtype):
+    X, Y = data(5)
+    big = Y.astype(dtype)
+    big[2] = 2**31  # one past int32's range, only in a type wider than int32
+    with pytest.raises(bp.InputError, match="do not fit in int32"):
+        clf.loss(x=X, y=big)
+    if np.dtype(dtype).kind == "i":
+        big[2] = -2**31 - 1
+        with pytest.raises(bp.InputError, match="do not fit in int32"):
+            clf.loss(x=X, y=big)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, bool])
+def test_labels_of_any_integer_type_that_fit_give_the_int32_result(clf, dtype):
+    X, Y = data(5)
+    Y = Y.clip(0, 1)  # 0 and 1: valid in every listed type, bool included
+    assert clf.loss(x=X, y=Y.astype(dtype)) == clf.loss(x=X, y=Y)

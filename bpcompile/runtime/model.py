@@ -167,7 +167,9 @@ class CompiledModel:
             if kind not in "iub":
                 raise InputError(f"input {name!r}: expected integer labels (int32), got {array.dtype}; "
                                  "convert with .astype(int) if the values are whole numbers")
-            if array.size and kind in "iu" and (array.min() < -2**31 or array.max() >= 2**31):
+            size = array.dtype.itemsize
+            wider = size > 4 or (size == 4 and kind == "u")  # else every value fits
+            if wider and array.size and (array.min() < -2**31 or array.max() >= 2**31):
                 raise InputError(f"input {name!r}: values do not fit in int32")
             target = np.int32
         else:
@@ -187,7 +189,8 @@ class CompiledModel:
             elif want != got:
                 raise InputError(f"input {name!r}: expected shape {tuple(shape)}, got {array.shape} "
                                  f"(axis {axis} is {got}, expected {want})")
-        return np.require(array, dtype=target, requirements=["C_CONTIGUOUS", "ALIGNED"])
+        converted = np.asarray(array, dtype=target, order="C")  # a third of np.require's time
+        return converted if converted.flags.aligned else converted.copy()
 
     # --- the native call ---------------------------------------------------------------------
     def _plan(self, dims: tuple[int, ...]) -> tuple[dict[str, np.ndarray], int]:
