@@ -132,7 +132,8 @@ class Entry:
 class Frame:
     """What one native call of an entry point needs, for one input signature and one thread:
     pointer arrays, the runtime dims, the arena and the optimizer's hyperparameter slots.
-    Built (with full validation) when the signature changes; reused while it does not."""
+    Built (after full validation) when the runtime sizes change; reused while they do not, its
+    input pointers moved to each call's arrays (accepts, or bind after validation)."""
 
     def __init__(self, model: CompiledModel, entry: Entry, arrays: list[np.ndarray], dims: tuple[int, ...]):
         ffi = model._ffi
