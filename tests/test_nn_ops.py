@@ -59,6 +59,10 @@ ROWS: list[Row] = [
         {"x": ("batch", 3, 5, 7)}),
     Row("conv-batch1-1x1", lambda x, w, b: bp.conv2d(x, w, b), {"w": (3, 2, 1, 1), "b": (3,)},
         {"x": ("batch", 2, 3, 3)}, batch=1),
+    # few channels at stride 1 lower to the direct kernels (conv_lowering); wide or strided ones to im2col + GEMM
+    Row("conv-direct-rect-pad", lambda x, w, b: bp.conv2d(x, w, b, padding=(0, 1)), {"w": (3, 2, 2, 3), "b": (3,)},
+        {"x": ("batch", 2, 5, 4)}),
+    Row("conv-gemm-wide", lambda x, w: bp.conv2d(x, w, padding=1), {"w": (5, 5, 3, 3)}, {"x": ("batch", 5, 4, 3)}),
     Row("conv-input-grad", lambda a, w: bp.relu(bp.conv2d(a, w, padding=1)), {"a": (2, 1, 5, 5), "w": (2, 1, 3, 3)}),
     Row("conv-stacked", lambda x, w1, w2: bp.conv2d(bp.tanh(bp.conv2d(x, w1, padding=1)), w2, stride=2),
         {"w1": (3, 1, 3, 3), "w2": (2, 3, 2, 2)}, {"x": ("batch", 1, 6, 6)}),

@@ -1,6 +1,14 @@
-"""2-D convolution: conv2d = im2col (an op of its own) -> GEMM (matmul with the weight
-transposed) -> NHWC->NCHW transpose -> bias broadcast add. The input gradient is col2im of
-the GEMM's, the weight gradient a GEMM; im2col and col2im share the `im2col` kernel kind."""
+"""2-D convolution, lowered one of two ways chosen per shape (`conv_lowering`):
+
+- direct (few channels): `conv2d_direct` loops over the image itself; its input gradient is a
+  direct transposed convolution (`conv2d_input_grad`), its weight gradient a direct sum over
+  the batch (`conv2d_weight_grad`). No column buffer is written. The three ops share the
+  `conv` kernel kind (templates/conv.c.j2) and are each other's VJPs.
+- GEMM (many channels): im2col (an op of its own) -> GEMM (matmul with the weight transposed)
+  -> NHWC->NCHW transpose. The input gradient is col2im of the GEMM's, the weight gradient a
+  GEMM; im2col and col2im share the `im2col` kernel kind.
+
+Either way the bias is a broadcast add, which fuses with the activation that follows."""
 
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ from .shared import _c, _check_nchw, _conv_geometry, _pair
 if TYPE_CHECKING:  # kernel builders are handed a codegen.Context; ops never imports codegen
     from ..codegen.module import Context
 
-__all__ = ["conv2d", "im2col", "col2im"]
+__all__ = ["conv2d", "im2col", "col2im", "conv_lowering"]
 
 
 def im2col(x: Node, kernel: Any, stride: Any = 1, padding: Any = 0) -> Node:
@@ -93,9 +101,121 @@ def _im2col_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 register_kernel("im2col", _im2col_builder)
 
 
+# The direct kernels win while the GEMM's inner dimension (C*kh*kw) and its width (out
+# channels) are too small for BLAS to reach its speed (measured on W5's layers): GEMM keeps the
+# wide layers, strided ones, and images whose padded planes would not fit the kernel's stack.
+DIRECT_MAX_K = 144  # C*kh*kw
+DIRECT_MAX_OUT = 32
+DIRECT_MAX_STACK = 256 * 1024  # bytes of padded planes and partial sums (templates/conv.c.j2)
+
+
+def conv_lowering(image: tuple[int, int, int], out_ch: int, kernel: tuple[int, int], stride: Any = 1,
+                  padding: Any = 0) -> str:
+    """'direct' or 'gemm': how conv2d lowers a layer of this (C, H, W) image, out channels and geometry."""
+    c, h, w = image
+    kernel, stride, padding = _pair(kernel, "kernel"), _pair(stride, "stride"), _pair(padding, "padding", 0)
+    small = (stride == (1, 1) and c * kernel[0] * kernel[1] <= DIRECT_MAX_K and out_ch <= DIRECT_MAX_OUT
+             and _plan(c, h, w, out_ch, kernel, padding)["stack"] <= DIRECT_MAX_STACK)
+    return "direct" if small else "gemm"
+
+
+def _conv_attrs(kernel: Any, stride: Any, padding: Any, image: tuple[int, ...]) -> dict[str, Any]:
+    return {"kernel": _pair(kernel, "kernel"), "stride": _pair(stride, "stride"),
+            "padding": _pair(padding, "padding", 0), "image": tuple(image)}
+
+
+def conv2d_direct(x: Node, w: Node, stride: Any = 1, padding: Any = 0) -> Node:
+    """The convolution of NCHW `x` with `w` (out, in, kh, kw), computed in place of im2col+GEMM."""
+    attrs = _conv_attrs(w.shape[2:], stride, padding, x.shape[1:])
+    oh, ow = _conv_geometry(x.shape, attrs["kernel"], attrs["stride"], attrs["padding"], "conv2d")
+    return Node("conv2d_direct", (x, w), attrs, (x.shape[0], w.shape[0], oh, ow), FLOAT)
+
+
+def conv2d_input_grad(g: Node, w: Node, attrs: dict[str, Any]) -> Node:
+    """The transposed convolution of `g` (N, out, OH, OW) with `w`: the input gradient, (N, *image)."""
+    return Node("conv2d_input_grad", (g, w), dict(attrs), (g.shape[0], *attrs["image"]), FLOAT)
+
+
+def conv2d_weight_grad(g: Node, x: Node, attrs: dict[str, Any]) -> Node:
+    """sum over images and output pixels of `g` times the input pixels each tap read: (out, in, kh, kw)."""
+    return Node("conv2d_weight_grad", (g, x), dict(attrs), (g.shape[1], x.shape[1], *attrs["kernel"]), FLOAT)
+
+
+def _direct_forward(node: Node, x: Node, w: Node) -> Node:
+    a = node.attrs
+    return conv2d_direct(x, w, a["stride"], a["padding"])
+
+
+# Each op is bilinear; its VJPs are the other two (<h, conv(x, w)> = <x, input_grad(h, w)> = <w, weight_grad(h, x)>)
+register("conv2d_direct", ref=lambda node, args, dims: _conv_ref(node, *args),
+         vjp=lambda node, g: [conv2d_input_grad(g, node.inputs[1], node.attrs),
+                              conv2d_weight_grad(g, node.inputs[0], node.attrs)],
+         kernel="conv", display=called())
+register("conv2d_input_grad", ref=lambda node, args, dims: _input_grad_ref(node, *args),
+         vjp=lambda node, h: [_direct_forward(node, h, node.inputs[1]),
+                              conv2d_weight_grad(node.inputs[0], h, node.attrs)],
+         kernel="conv", display=called())
+register("conv2d_weight_grad", ref=lambda node, args, dims: _weight_grad_ref(node, *args),
+         vjp=lambda node, h: [_direct_forward(node, node.inputs[1], h),
+                              conv2d_input_grad(node.inputs[0], h, node.attrs)],
+         kernel="conv", display=called())
+
+
+def _conv_ref(node: Node, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    cols = _im2col_ref(x, *_geom(node))  # (N, OH, OW, C*kh*kw)
+    return (cols @ w.reshape(w.shape[0], -1).T).transpose(0, 3, 1, 2)
+
+
+def _input_grad_ref(node: Node, g: np.ndarray, w: np.ndarray) -> np.ndarray:
+    cols = g.transpose(0, 2, 3, 1) @ w.reshape(w.shape[0], -1)
+    return _col2im_ref(cols, node.attrs["image"], *_geom(node))
+
+
+def _weight_grad_ref(node: Node, g: np.ndarray, x: np.ndarray) -> np.ndarray:
+    cols = _im2col_ref(x, *_geom(node))
+    return np.einsum("nohw,nhwk->ok", g, cols).reshape(node.shape)
+
+
+VECTOR = 16  # partial sums per weight-gradient tap: one AVX-512 register, two AVX2 ones, of float32
+
+
+def _plan(c: int, h: int, w: int, o: int, kernel: tuple[int, int], padding: tuple[int, int]) -> dict[str, int]:
+    """The padded-plane geometry of a stride-1 direct kernel (templates/conv.c.j2) and the bytes of
+    float64 stack buffers its weight gradient, the largest of the three, needs."""
+    (kh, kw), (ph, pw) = kernel, padding
+    hp, wp = h + 2 * ph, w + 2 * pw
+    length = (hp - kh + 1) * wp
+    lv = -(-length // VECTOR) * VECTOR
+    xp = hp * wp + kw - 1 + lv - length
+    stack = 8 * (c * xp + o * lv + o * c * kh * kw * VECTOR)
+    return {"HP": hp, "WP": wp, "L": length, "LV": lv, "XP": xp, "V": VECTOR, "stack": stack}
+
+
+def _conv_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
+    node = k.nodes[0]
+    (kh, kw), stride, (ph, pw) = _geom(node)
+    assert stride == (1, 1), "direct convolution kernels are stride 1 (conv_lowering)"
+    c, h, w = node.attrs["image"]
+    mode = {"conv2d_direct": "forward", "conv2d_input_grad": "input", "conv2d_weight_grad": "weight"}[node.op]
+    grad = node.inputs[0] if mode != "forward" else node  # the (N, O, OH, OW) operand
+    n, o, oh, ow = grad.shape
+    plan = _plan(c, h, w, o, (kh, kw), (ph, pw))
+    batch = _c(ctx, n)
+    titles = {"forward": "Direct convolution", "input": "Convolution input gradient: a direct transposed convolution",
+              "weight": "Convolution weight gradient: summed over the batch, no column buffer"}
+    work = f"({batch})*{o * c * kh * kw * plan['L']}"
+    return {"mode": mode, "title": titles[mode], "batch": batch, "C": c, "H": h, "W": w, "O": o, "OH": oh, "OW": ow,
+            "KH": kh, "KW": kw, "PH": ph, "PW": pw, **plan, "XC": c if mode == "weight" else 1, "GC": o,
+            "split": {"what": "its output channels" if mode == "weight" else "its images", "work": work}}
+
+
+register_kernel("conv", _conv_builder)
+
+
 def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: Any = 0) -> Node:
     """2-D convolution (cross-correlation, as PyTorch) of NCHW `x` with `w` of shape
-    (out, in, kh, kw) and optional bias `b` (out,): im2col, one GEMM, a layout transpose."""
+    (out, in, kh, kw) and optional bias `b` (out,): a direct kernel for few channels, else
+    im2col, one GEMM and a layout transpose (`conv_lowering` decides)."""
     _check_nchw(x, "conv2d")
     _check_tensor(w, "conv2d")
     if w.ndim != 4 or not all(isinstance(d, int) for d in w.shape):
@@ -104,9 +224,12 @@ def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: An
         raise ShapeError(f"conv2d: input {shape_str(x.shape)} has {x.shape[1]} channels but weight "
                          f"{shape_str(w.shape)} expects {w.shape[1]}")
     out_ch = w.shape[0]
-    cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
-    wmat = reshape(w, (out_ch, cols.shape[-1]))
-    y = transpose(matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
+    if conv_lowering(x.shape[1:], out_ch, (w.shape[2], w.shape[3]), stride, padding) == "direct":
+        y = conv2d_direct(x, w, stride, padding)
+    else:
+        cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
+        wmat = reshape(w, (out_ch, cols.shape[-1]))
+        y = transpose(matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
     if b is not None:
         _check_tensor(b, "conv2d bias")
         if b.shape != (out_ch,):
