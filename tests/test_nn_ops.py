@@ -140,7 +140,22 @@ def test_nn_op_gradient(row: Row, build_dir) -> None:
     check_model_gradients(model, graph, inputs)
 
 
-@pytest.mark.parametrize("name", ["conv-stride2-pad1", "max_pool-overlap", "lstm", "gru", "batch_norm-4d"])
+def test_conv_lowering_by_shape() -> None:
+    """Few input channels at stride 1 take the direct kernels; wide, strided or huge layers GEMM."""
+    lowering = bp.ops.conv.conv_lowering
+    assert lowering((1, 28, 28), 8, (3, 3), 1, 1) == "direct"  # W5's first layer
+    assert lowering((8, 14, 14), 16, (3, 3), 1, 1) == "gemm"  # W5's second: C*kh*kw = 72
+    assert lowering((1, 28, 28), 8, (3, 3), 2, 1) == "gemm"
+    assert lowering((1, 28, 28), 64, (3, 3), 1, 1) == "gemm"
+    assert lowering((1, 512, 512), 8, (3, 3), 1, 1) == "gemm"  # padded planes too big for the stack
+    g = bp.Graph("lowering")
+    x = g.input("x", ("batch", 2, 6, 5))
+    ops = {n.op for n in bp.ir.topo_order([bp.conv2d(x, g.param("w", (4, 2, 3, 3)))])}
+    assert "conv2d_direct" in ops and "im2col" not in ops
+
+
+@pytest.mark.parametrize("name", ["conv-stride2-pad1", "conv-input-grad", "max_pool-overlap", "lstm", "gru",
+                                  "batch_norm-4d"])
 def test_nn_op_float32_matches_reference(name: str, build_dir) -> None:
     row = next(r for r in ROWS if r.name == name)
     graph, inputs = build(row, np.random.default_rng(3))

@@ -101,10 +101,13 @@ def _im2col_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 register_kernel("im2col", _im2col_builder)
 
 
-# The direct kernels win while the GEMM's inner dimension (C*kh*kw) and its width (out
-# channels) are too small for BLAS to reach its speed (measured on W5's layers): GEMM keeps the
-# wide layers, strided ones, and images whose padded planes would not fit the kernel's stack.
-DIRECT_MAX_K = 144  # C*kh*kw
+# The direct kernels win while the GEMM's inner dimension (C*kh*kw) is too small for BLAS and
+# im2col's copy is most of the work. Measured on W5 (one thread, CPU time, medians of 5, in one
+# run): with the 1-channel layer (K = 9) direct, a step takes 0.73x the all-GEMM time; making
+# the 8-channel layer (K = 72) direct as well is slower than leaving it to BLAS (0.86x: its
+# weight gradient is the cost), so it keeps GEMM, as do strided layers, wide ones and images
+# whose padded planes would not fit the kernel's stack.
+DIRECT_MAX_K = 36  # C*kh*kw
 DIRECT_MAX_OUT = 32
 DIRECT_MAX_STACK = 256 * 1024  # bytes of padded planes and partial sums (templates/conv.c.j2)
 
@@ -176,19 +179,24 @@ def _weight_grad_ref(node: Node, g: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.einsum("nohw,nhwk->ok", g, cols).reshape(node.shape)
 
 
-VECTOR = 16  # partial sums per weight-gradient tap: one AVX-512 register, two AVX2 ones, of float32
+VECTOR = 32  # plane values a forward or input-gradient block sums in registers (four AVX2 registers of float32)
+WEIGHT_VECTOR = 16  # partial sums per weight-gradient tap (one AVX-512 register of float32)
 
 
 def _plan(c: int, h: int, w: int, o: int, kernel: tuple[int, int], padding: tuple[int, int]) -> dict[str, int]:
-    """The padded-plane geometry of a stride-1 direct kernel (templates/conv.c.j2) and the bytes of
-    float64 stack buffers its weight gradient, the largest of the three, needs."""
+    """The padded-plane geometry of the stride-1 direct kernels (templates/conv.c.j2) and the most
+    bytes of stack buffers one of them needs (at float64)."""
     (kh, kw), (ph, pw) = kernel, padding
     hp, wp = h + 2 * ph, w + 2 * pw
-    length = (hp - kh + 1) * wp
+    length = (hp - kh + 1) * wp  # an output plane in padded row width
     lv = -(-length // VECTOR) * VECTOR
-    xp = hp * wp + kw - 1 + lv - length
-    stack = 8 * (c * xp + o * lv + o * c * kh * kw * VECTOR)
-    return {"HP": hp, "WP": wp, "L": length, "LV": lv, "XP": xp, "V": VECTOR, "stack": stack}
+    jv = -(-hp * wp // VECTOR) * VECTOR  # a padded image plane, rounded up
+    front = (kh - 1) * wp + kw - 1  # the largest tap offset
+    xp = max(front + lv, jv)
+    gp = max(lv, front + jv)
+    stack = 8 * (c * xp + o * gp + o * c * kh * kw * WEIGHT_VECTOR)
+    return {"HP": hp, "WP": wp, "L": length, "LV": lv, "JV": jv, "F": front, "XP": xp, "GP": gp, "V": VECTOR,
+            "WV": WEIGHT_VECTOR, "stack": stack}
 
 
 def _conv_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
@@ -205,7 +213,7 @@ def _conv_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
               "weight": "Convolution weight gradient: summed over the batch, no column buffer"}
     work = f"({batch})*{o * c * kh * kw * plan['L']}"
     return {"mode": mode, "title": titles[mode], "batch": batch, "C": c, "H": h, "W": w, "O": o, "OH": oh, "OW": ow,
-            "KH": kh, "KW": kw, "PH": ph, "PW": pw, **plan, "XC": c if mode == "weight" else 1, "GC": o,
+            "KH": kh, "KW": kw, "PH": ph, "PW": pw, **plan, "XC": 1 if mode == "input" else c,
             "split": {"what": "its output channels" if mode == "weight" else "its images", "work": work}}
 
 
