@@ -1,14 +1,13 @@
-"""2-D convolution, lowered one of two ways chosen per shape (`conv_lowering`):
+"""2-D convolution. conv2d builds im2col (an op of its own) -> GEMM (matmul with the weight
+transposed) -> NHWC->NCHW transpose -> bias broadcast add; its input gradient is col2im of the
+GEMM's, its weight gradient a GEMM (im2col and col2im share the `im2col` kernel kind). That is
+the form the graph, autodiff, `show --grad` and ONNX export see.
 
-- direct (few channels): `conv2d_direct` loops over the image itself; its input gradient is a
-  direct transposed convolution (`conv2d_input_grad`), its weight gradient a direct sum over
-  the batch (`conv2d_weight_grad`). No column buffer is written. The three ops share the
-  `conv` kernel kind (templates/conv.c.j2) and are each other's VJPs.
-- GEMM (many channels): im2col (an op of its own) -> GEMM (matmul with the weight transposed)
-  -> NHWC->NCHW transpose. The input gradient is col2im of the GEMM's, the weight gradient a
-  GEMM; im2col and col2im share the `im2col` kernel kind.
-
-Either way the bias is a broadcast add, which fuses with the activation that follows."""
+Where `conv_lowering` picks them (few input channels, stride 1), a simplify rewrite
+(`_direct_rewrite`) replaces those pieces by direct kernels that write no column buffer:
+`conv2d_direct`, its input gradient as a direct transposed convolution (`conv2d_input_grad`)
+and its weight gradient summed over the batch (`conv2d_weight_grad`). The three share the
+`conv` kernel kind (templates/conv.c.j2) and are each other's VJPs."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import numpy as np
 from ..errors import ShapeError
 from ..ir.graph import FLOAT, Node, shape_str
 from ..ir.kernel import Kernel
-from .core import _check_tensor, matmul_node, register, register_kernel, reshape, transpose
+from .core import _check_tensor, matmul_node, register, register_kernel, register_rewrite, reshape, transpose
 from .display import called
 from .shared import _c, _check_nchw, _conv_geometry, _pair
 
@@ -109,7 +108,7 @@ register_kernel("im2col", _im2col_builder)
 # whose padded planes would not fit the kernel's stack.
 DIRECT_MAX_K = 36  # C*kh*kw
 DIRECT_MAX_OUT = 32
-DIRECT_MAX_STACK = 256 * 1024  # bytes of padded planes and partial sums (templates/conv.c.j2)
+DIRECT_MAX_STACK = 128 * 1024  # bytes of the kernels' stack buffers: well inside any thread's stack (macOS: 512 KiB)
 
 
 def conv_lowering(image: tuple[int, int, int], out_ch: int, kernel: tuple[int, int], stride: Any = 1,
@@ -220,10 +219,58 @@ def _conv_builder(k: Kernel, ctx: Context) -> dict[str, Any]:
 register_kernel("conv", _conv_builder)
 
 
+def _nhwc_of(node: Node) -> Node | None:
+    """g where node = transpose(g, (0, 2, 3, 1)): an NCHW gradient read as GEMM rows."""
+    return node.inputs[0] if node.op == "transpose" and tuple(node.attrs["axes"]) == (0, 2, 3, 1) else None
+
+
+def _weight_of(wmat: Node, cols: Node) -> Node | None:
+    """w where wmat = reshape(w, (out, C*kh*kw)) of a 4-D weight matching these columns' geometry."""
+    if wmat.op != "reshape" or wmat.inputs[0].ndim != 4:
+        return None
+    w = wmat.inputs[0]
+    c = cols.attrs["image"][0]
+    return w if w.shape[1:] == (c, *cols.attrs["kernel"]) else None
+
+
+def _direct(cols: Node, out_ch: int) -> bool:
+    a = cols.attrs
+    return conv_lowering(a["image"], out_ch, a["kernel"], a["stride"], a["padding"]) == "direct"
+
+
+def _direct_rewrite(node: Node) -> Node | None:
+    """The im2col + GEMM pieces of conv2d and of its two gradients, where `conv_lowering` picks the
+    direct kernels, as one direct op each (the graph keeps conv2d's GEMM form until this pass):
+      transpose(im2col(x) · wmatᵀ, (0, 3, 1, 2))  -> conv2d_direct(x, w)
+      col2im(nhwc(g) · wmat)                    -> conv2d_input_grad(g, w)
+      nhwc(g)ᵀ · im2col(x)                      -> reshape(conv2d_weight_grad(g, x), wmat's shape)"""
+    if node.op == "transpose" and tuple(node.attrs["axes"]) == (0, 3, 1, 2) and node.inputs[0].op == "matmul":
+        product = node.inputs[0]
+        cols, wmat = product.inputs
+        if (cols.op == "im2col" and not product.attrs["ta"] and product.attrs["tb"]
+                and (w := _weight_of(wmat, cols)) is not None and _direct(cols, w.shape[0])):
+            return conv2d_direct(cols.inputs[0], w, cols.attrs["stride"], cols.attrs["padding"])
+    if node.op == "col2im" and node.inputs[0].op == "matmul":
+        product = node.inputs[0]
+        g, wmat = _nhwc_of(product.inputs[0]), product.inputs[1]
+        if (g is not None and not product.attrs["ta"] and not product.attrs["tb"]
+                and (w := _weight_of(wmat, node)) is not None and _direct(node, w.shape[0])):
+            return conv2d_input_grad(g, w, node.attrs)
+    if node.op == "matmul" and node.attrs["ta"] and not node.attrs["tb"]:
+        g, cols = _nhwc_of(node.inputs[0]), node.inputs[1]
+        if g is not None and cols.op == "im2col" and _direct(cols, g.shape[1]):
+            return reshape(conv2d_weight_grad(g, cols.inputs[0], cols.attrs), node.shape)
+    return None
+
+
+register_rewrite(_direct_rewrite)
+
+
 def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: Any = 0) -> Node:
     """2-D convolution (cross-correlation, as PyTorch) of NCHW `x` with `w` of shape
-    (out, in, kh, kw) and optional bias `b` (out,): a direct kernel for few channels, else
-    im2col, one GEMM and a layout transpose (`conv_lowering` decides)."""
+    (out, in, kh, kw) and optional bias `b` (out,): im2col, one GEMM, a layout transpose (the
+    form the graph, its gradients and ONNX see; `_direct_rewrite` lowers few channels to the
+    direct kernels)."""
     _check_nchw(x, "conv2d")
     _check_tensor(w, "conv2d")
     if w.ndim != 4 or not all(isinstance(d, int) for d in w.shape):
@@ -232,12 +279,9 @@ def conv2d(x: Node, w: Node, b: Node | None = None, stride: Any = 1, padding: An
         raise ShapeError(f"conv2d: input {shape_str(x.shape)} has {x.shape[1]} channels but weight "
                          f"{shape_str(w.shape)} expects {w.shape[1]}")
     out_ch = w.shape[0]
-    if conv_lowering(x.shape[1:], out_ch, (w.shape[2], w.shape[3]), stride, padding) == "direct":
-        y = conv2d_direct(x, w, stride, padding)
-    else:
-        cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
-        wmat = reshape(w, (out_ch, cols.shape[-1]))
-        y = transpose(matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
+    cols = im2col(x, (w.shape[2], w.shape[3]), stride, padding)
+    wmat = reshape(w, (out_ch, cols.shape[-1]))
+    y = transpose(matmul_node(cols, wmat, False, True), (0, 3, 1, 2))  # (N, OH, OW, O) -> (N, O, OH, OW)
     if b is not None:
         _check_tensor(b, "conv2d bias")
         if b.shape != (out_ch,):
