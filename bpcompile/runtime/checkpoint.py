@@ -1,7 +1,7 @@
 """Checkpoints of a CompiledModel: what an .npz holds (`npz_arrays`), the signature a checkpoint
 must match (`signature`), restoring one with everything checked before anything changes
 (`restore`), and writing any file atomically (`write_atomic`). The .safetensors form and the
-state dict are in runtime.state, the exported C library's parameter file in tools.export."""
+state dict are in runtime.state, the exported C library's parameter file in runtime.paramfile."""
 
 from __future__ import annotations
 

@@ -462,7 +462,7 @@ class CompiledModel:
         """Restore a checkpoint written by `save` (.npz or .safetensors) of a model of the same
         graph, dtype and optimizer, or a binary parameter file (bpcompile.export; e.g. saved by an
         exported C library). Everything is checked before anything changes."""
-        from ..tools.export import is_param_file, load_into_model
+        from .paramfile import is_param_file, load_into_model
         from .state import is_safetensors, read_safetensors
         if is_param_file(path):
             return load_into_model(self, path)
