@@ -31,7 +31,7 @@ import numpy as np
 
 from ..ir.graph import FLOAT, Node, Shape
 from ..ir.kernel import Kernel, Mono, contiguous_strides
-from .core import _no_grad, concrete, register, register_kernel, register_rewrite, reshape, transpose
+from .core import OPS, _no_grad, concrete, const, register, register_kernel, register_rewrite, reshape, transpose
 from .display import ADD, ATOM, MUL, Notation, Shown, number
 from .slicing import slice
 
@@ -283,6 +283,40 @@ def _base_grad(fwd: Node, base: int, args: Sequence[Shown], n: Notation) -> Show
     return text, ADD
 
 
+def _expand_grad(node: Node) -> Node:
+    """attention_grad (or one of its aux results: the gradient of one base) in differentiable
+    ops, so that a gradient of a gradient (a gradient penalty) goes through the fused backward."""
+    first = node if node.op == "attention_grad" else node.inputs[0]
+    which = 0 if node.op == "attention_grad" else node.attrs["which"]
+    grad = composed_base_grads(first.inputs[-2], first.inputs[0])[which]
+    return grad if grad is not None else const(0.0, node.shape)
+
+
+def composed_base_grads(fwd: Node, seed: Node) -> list[Node | None]:
+    """Each base's gradient for the seed `seed` of the fused node `fwd`, written with the VJP
+    rules of the composed attention (bmatmul, masked softmax, bmatmul) and of the layout steps
+    of each view: q, k and v keep their own parts even when they are one tensor (self-attention
+    of x with itself has three bases, x three times, each given its own part, as the kernel does)."""
+    from .batched import bmatmul
+    from .transformer import masked_softmax
+    q, k, v = operands(fwd)
+    scores = bmatmul(q, k, tb=True)
+    probs = masked_softmax(scores, fwd.attrs["scale"], fwd.attrs["causal"])
+    out = bmatmul(probs, v)
+    perm = fwd.attrs["perm"]
+    g = transpose(seed, tuple(int(a) for a in np.argsort(perm))) if perm else seed
+    dprobs, dv = OPS[out.op].vjp(out, g)
+    (dscores,) = OPS[probs.op].vjp(probs, dprobs)
+    dq, dk = OPS[scores.op].vjp(scores, dscores)
+    grads: list[Node | None] = [None] * len(fwd.inputs)
+    for (i, _), view, d in zip(fwd.attrs["views"], (q, k, v), (dq, dk, dv)):
+        base = fwd.inputs[i]
+        while view is not base:  # back through the view's layout steps (slice, reshape, transpose)
+            d, view = OPS[view.op].vjp(view, d)[0], view.inputs[0]
+        grads[i] = d if grads[i] is None else grads[i] + d
+    return grads
+
+
 register("attention", vjp=_attention_vjp, kernel="attention", aux=_probs_aux,
          ref=lambda node, args, dims: _forward_ref(node, args, dims)[0], display=_attention_display)
 register("attention_probs", vjp=_no_grad("attention_probs"), kernel="aux",
@@ -290,10 +324,11 @@ register("attention_probs", vjp=_no_grad("attention_probs"), kernel="aux",
          display=lambda node, args, n: (n.call("P", args[0][0]), ATOM))  # the probabilities attention T kept
 register("attention_grad", vjp=_no_grad("attention_grad"), kernel="attention", aux=_grad_aux,
          ref=lambda node, args, dims: _grad_ref(node, args, dims)[0],
-         display=lambda node, args, n: _base_grad(node.inputs[-2], 0, args, n))
+         display=lambda node, args, n: _base_grad(node.inputs[-2], 0, args, n), expand=_expand_grad)
 register("attention_grad_aux", vjp=_no_grad("attention_grad_aux"), kernel="aux",
          ref=lambda node, args, dims: _grad_ref(node.inputs[0], args[1:], dims)[node.attrs["which"]],
-         display=lambda node, args, n: _base_grad(node.inputs[0].inputs[-2], node.attrs["which"], args[1:], n))
+         display=lambda node, args, n: _base_grad(node.inputs[0].inputs[-2], node.attrs["which"], args[1:], n),
+         expand=_expand_grad)
 
 
 # --- lowering -------------------------------------------------------------------------------------

@@ -51,16 +51,22 @@ class OpDef:
     aux: Callable[[Node], list[Node]] | None = None
     # how the op is written in formulas (`bpcompile show`, kernel comments): see ops.display
     display: Display | None = None
+    # for a fused backward node with no VJP of its own: the same value in ops with VJP rules, in
+    # terms of the node's inputs; autodiff differentiates that instead, so gradients of gradients
+    # go through the op
+    expand: Callable[[Node], Node] | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
 def register(name: str, *, vjp: VJP | None, ref: Ref, kernel: str,
-             aux: Callable[[Node], list[Node]] | None = None, display: Display | None = None) -> None:
+             aux: Callable[[Node], list[Node]] | None = None, display: Display | None = None,
+             expand: Callable[[Node], Node] | None = None) -> None:
     """Declare an op: its VJP (None for leaves), NumPy reference, kernel kind, the extra results
-    its kernel writes, and its display rule (tests/test_op_coverage.py requires one per op)."""
-    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux, display=display)
+    its kernel writes, its display rule (tests/test_op_coverage.py requires one per op), and, for
+    a fused backward node, its expansion into differentiable ops (see OpDef.expand)."""
+    OPS[name] = OpDef(vjp=vjp, ref=ref, kernel=kernel, aux=aux, display=display, expand=expand)
 
 
 # Lowering: each kernel kind's builder, which returns the context of templates/<kind>.c.j2. The op
