@@ -341,6 +341,7 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss
     if optimizer is _UNSET:
         optimizer = SGD(lr=0.01) if graph.losses else None
     optimizer = as_optimizer(optimizer)
+    build.start_probes()  # the compiler's answers, while the graph is lowered
     lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, build_dir)
     model = CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
