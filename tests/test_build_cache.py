@@ -424,3 +424,34 @@ def test_processes_failing_to_compile_the_same_model_at_once(tmp_path):
     left = sorted(p.name for p in root.iterdir())
     assert not [n for n in left if n.startswith((".tmp-", ".old-"))], left
     assert [n for n in left if not n.startswith(".")] == [Path(results[0]["source"]).parent.name], left
+
+
+def test_a_link_the_preferred_linker_fails_is_retried_with_the_compilers_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(bpbuild, "linker_flags", lambda: ["-Wl,--bpcompile-no-such-option"])
+    model = bp.compile(mlp_graph("relinked"), dtype="float64", build_dir=tmp_path)
+    link = json.loads((model.build_path / "build.json").read_text())["commands"][-1]
+    assert "-shared" in link and "-Wl,--bpcompile-no-such-option" not in link
+    X, _ = data()
+    assert model.forward(x=X)["out"].shape == (6, 2)
+
+
+def test_the_linker_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    first = bp.compile(mlp_graph("keyed_linker"), dtype="float64", build_dir=tmp_path).build_path
+    monkeypatch.setattr(bpbuild, "linker_flags", lambda: ["-Wl,-O1"])
+    second = bp.compile(mlp_graph("keyed_linker"), dtype="float64", build_dir=tmp_path).build_path
+    assert first != second
+    assert "-Wl,-O1" in json.loads((second / "build.json").read_text())["commands"][-1]
+
+
+def test_a_failure_while_the_compiler_runs_leaves_no_build(tmp_path, monkeypatch):
+    """init.npz is written while gcc compiles model.c: if that fails, the compile stops with it."""
+    def fail(path, arrays):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(bpbuild, "_write_arrays", fail)
+    g = bp.Graph("arrays_fail")
+    x = g.input("x", ("batch", 3))
+    g.output("o", x @ g.param("W", (3, 2), init=np.ones((3, 2))))
+    with pytest.raises(OSError, match="No space left"):
+        bp.compile(g, dtype="float64", build_dir=tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+    assert not list(tmp_path.glob(".tmp-*"))
