@@ -250,6 +250,7 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
                                       {"blas_min_flops": _count("blas_min_flops", blas_min_flops),
                                        "parallel_min_work": _count("parallel_min_work", parallel_min_work)})
     entries, entry_meta = [], {}
+    updates: dict[tuple, dict[str, Any]] = {}
     for plan in plans:
         roots = [node for _, node in plan.results]
         reached = set(topo_order(roots))
@@ -270,8 +271,12 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
 
         sched = passes.schedule(plan.results, leaf_storage)
         update = None
-        if plan.trains:
-            update = _update_context(optimizer.for_loss(plan.loss), plan.trains, graph, offsets, param_size, renderer)
+        if plan.trains:  # train_* and update_* run the same update: its formulas are derived and printed once
+            key = (plan.loss, tuple(plan.trains))
+            if key not in updates:
+                updates[key] = _update_context(optimizer.for_loss(plan.loss), plan.trains, graph, offsets, param_size,
+                                               renderer)
+            update = updates[key]
         entries.append(codegen.EntryCode(plan.name, plan.doc, sched, update))
         entry_meta[plan.name] = {
             "inputs": needed,
