@@ -87,6 +87,22 @@ void BP_CBLAS_GEMM(int layout, int transa, int transb, int m, int n, int k, bp_r
 #else
 #define BP_ENTRY
 #endif
+/* A module compiles whole (an exported library, a test), or, built by bpcompile, as parts compiled
+ * in parallel: model.c once per part with BP_PART set (build.cffi_build). Split, the kernels and
+ * the runtime's shared state (the pool, the functions that are not inline) have hidden external
+ * linkage, defined in part 0 (the runtime, the entry points) or the kernel's part and declared in
+ * the others. Whole, they are static as before. */
+#ifdef BP_PART
+#define BP_KERNEL __attribute__((noinline, visibility("hidden")))
+#define BP_SHARED __attribute__((visibility("hidden")))
+#define BP_DEFINES_RUNTIME (BP_PART == 0)
+#define BP_IN_PART(k) ((k) == BP_PART)
+#else
+#define BP_KERNEL __attribute__((noinline)) static
+#define BP_SHARED static
+#define BP_DEFINES_RUNTIME 1
+#define BP_IN_PART(k) 1
+#endif
 #ifndef BP_BLAS_MIN_FLOPS
 #error "define BP_BLAS_MIN_FLOPS: products of fewer multiply-adds run as loops (0: all through BLAS)"
 #endif
@@ -111,7 +127,7 @@ void BP_CBLAS_GEMM(int layout, int transa, int transb, int m, int n, int k, bp_r
 #endif
 typedef void (*bp_task)(const void *arg, int64_t part, int64_t parts);
 
-static struct {
+struct bp_pool_state {
     pthread_mutex_t region;     /* held by the thread running a region */
     pthread_mutex_t sleep_lock; /* with `wake`: where idle workers sleep */
     pthread_cond_t wake;
@@ -122,8 +138,11 @@ static struct {
     int64_t done;               /* pieces of the current region finished (atomic) */
     bp_task fn;
     const void *arg;
-} bp_pool = {.region = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
-             .wake = PTHREAD_COND_INITIALIZER, .threads = 1};
+};
+
+#if BP_DEFINES_RUNTIME
+BP_SHARED struct bp_pool_state bp_pool = {.region = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
+                                          .wake = PTHREAD_COND_INITIALIZER, .threads = 1};
 
 static inline void bp_pause(void)
 {
@@ -223,7 +242,7 @@ static int bp_start_workers(int threads)
 
 /* Runs fn(arg, part, parts) for every part in [0, parts), on the pool when it has threads.
  * Kept out of line: inlined at every call site it doubles the module's compile time. */
-__attribute__((noinline)) static void bp_parallel(bp_task fn, const void *arg, int64_t parts)
+__attribute__((noinline)) BP_SHARED void bp_parallel(bp_task fn, const void *arg, int64_t parts)
 {
     const int threads = __atomic_load_n(&bp_pool.threads, __ATOMIC_RELAXED);
     if (parts > 0xffff)
@@ -252,6 +271,18 @@ __attribute__((noinline)) static void bp_parallel(bp_task fn, const void *arg, i
         fn(arg, part, parts);
 }
 
+/* Sets the pool's size (the calling thread included); returns the size in use. */
+int bp_set_num_threads(int n)
+{
+    if (n >= 1)
+        __atomic_store_n(&bp_pool.threads, n < BP_MAX_THREADS ? n : BP_MAX_THREADS, __ATOMIC_RELAXED);
+    return __atomic_load_n(&bp_pool.threads, __ATOMIC_RELAXED);
+}
+#else
+extern BP_SHARED struct bp_pool_state bp_pool;
+BP_SHARED void bp_parallel(bp_task fn, const void *arg, int64_t parts);
+#endif
+
 /* How many pieces a loop of `work` elements is worth splitting into. */
 static inline int64_t bp_parts(int64_t work)
 {
@@ -268,14 +299,6 @@ static inline void bp_share(int64_t n, int64_t grain, int64_t part, int64_t part
         *lo = n;
     if (*hi > n)
         *hi = n;
-}
-
-/* Sets the pool's size (the calling thread included); returns the size in use. */
-int bp_set_num_threads(int n)
-{
-    if (n >= 1)
-        __atomic_store_n(&bp_pool.threads, n < BP_MAX_THREADS ? n : BP_MAX_THREADS, __ATOMIC_RELAXED);
-    return __atomic_load_n(&bp_pool.threads, __ATOMIC_RELAXED);
 }
 
 /* Whether a product calls BLAS: those of at least BP_BLAS_MIN_FLOPS multiply-adds and an inner
@@ -295,9 +318,10 @@ static inline int bp_gemm_blas(int64_t M, int64_t N, int64_t K)
 /* C = op(A) op(B) by BLAS in blocks whose sizes fit its int arguments: blocks of C's rows and
  * columns, and of the inner dimension summed into C (beta 1 after the first). Returns 0, leaving
  * the product to the plain loops, when a leading dimension itself is out of int's range. */
-static int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
-                        const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
-                        bp_real *restrict C, int64_t ldc)
+#if BP_DEFINES_RUNTIME
+BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
+                           const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
+                           bp_real *restrict C, int64_t ldc)
 {
     const int64_t most = BP_BLAS_INT_MAX;
     if (lda > most || ldb > most || ldc > most)
@@ -318,13 +342,19 @@ static int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
     }
     return 1;
 }
+#else
+BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
+                           const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
+                           bp_real *restrict C, int64_t ldc);
+#endif
 #endif
 
 #define BP_TILE 64  /* rows and inner length of the tile of B that A Bᵀ transposes on the stack */
 
 /* C = op(A) op(B) in row-major storage, op transposing when ta / tb is set, on the calling
- * thread. */
-static inline void bp_gemm_serial(int ta, int tb, int64_t M, int64_t N, int64_t K,
+ * thread. Always inlined, so that a product kernel's loops are specialized to its constant sizes
+ * and transposes however the module is compiled (in parts, gcc kept a shared copy for some). */
+__attribute__((always_inline)) static inline void bp_gemm_serial(int ta, int tb, int64_t M, int64_t N, int64_t K,
                                   const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
                                   bp_real *restrict C, int64_t ldc)
 {
@@ -412,7 +442,8 @@ struct bp_gemm_args {
  * as in the unsplit product. Only BLAS products are split (bp_gemm): the loops inlined here run
  * only for a leading dimension beyond int's range, so the piece is compiled as cold code, for size
  * (-O3 vectorizing its four generic loop nests took 0.1 s of every module's compile). */
-__attribute__((cold)) static void bp_gemm_piece(const void *arg, int64_t part, int64_t parts)
+#if BP_DEFINES_RUNTIME
+__attribute__((cold)) BP_SHARED void bp_gemm_piece(const void *arg, int64_t part, int64_t parts)
 {
     const struct bp_gemm_args *g = arg;
     int64_t lo, hi;
@@ -426,6 +457,9 @@ __attribute__((cold)) static void bp_gemm_piece(const void *arg, int64_t part, i
                        g->B + (g->tb ? lo * g->ldb : lo), g->ldb, g->C + lo, g->ldc);
     }
 }
+#else
+BP_SHARED void bp_gemm_piece(const void *arg, int64_t part, int64_t parts);
+#endif
 
 /* C = op(A) op(B): BLAS products of at least BP_PARALLEL_MIN_WORK * 16 multiply-adds are split
  * across the thread pool (the plain loops stay whole, where their sizes are constants). */

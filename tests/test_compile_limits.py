@@ -203,7 +203,8 @@ def test_kernels_equal_but_for_their_nodes_are_one_function(build_dir):
     g.loss(sum(bp.sum(p * p) for p in params))
     model = bp.compile(g, dtype="float64", build_dir=build_dir)
     source = (Path(model.build_path) / "model.c").read_text()
-    kernels = re.findall(r"^__attribute__\(\(noinline\)\) static \w+ (k\d+_\w+?)(?:_part)?\(", source, re.M)
+    signature = r"^(?:BP_KERNEL|__attribute__\(\(noinline\)\) static) \w+ (k\d+_\w+?)(?:_part)?\("
+    kernels = re.findall(signature, source, re.M)
     assert 0 < len(set(kernels)) < 20, sorted(set(kernels))
     for i in (0, 17, 49):  # each parameter's square is still named where it is computed
         assert re.search(rf"/\* t\d+ = .*\bp{i}\b", source), f"no call site comment names p{i}"

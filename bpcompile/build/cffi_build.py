@@ -65,6 +65,7 @@ class Sources:
     meta: dict
     defines: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, Any] = field(default_factory=dict)  # parameters' initial values given as arrays
+    parts: int = 1  # translation units model.c compiles as, in parallel (BP_PART=0, 1, ...; bp_runtime.h)
 
 
 INIT_FILE = "init.npz"  # a build folder's array initial values (meta.json's "init_file")
@@ -261,7 +262,7 @@ def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
     from .. import __version__
     h = hashlib.sha256()
     blas_info = blas()
-    for part in (src.model_c, src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),
+    for part in (src.model_c, str(src.parts), src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),
                  " ".join(model_flags()), " ".join(WRAPPER_FLAGS), " ".join(linker_flags()), compiler()[1],
                  cpu_signature(),
                  cffi.__version__, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
@@ -505,25 +506,28 @@ def _write(path: Path, text: str) -> None:
 
 def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas_info: dict | None,
              record: bytes, meanwhile: Callable[[], None] = lambda: None) -> None:
-    """Compile and link the module in `out`. gcc starts on model.c first, the longest job; while it
-    runs, cffi writes the wrapper (on this core), gcc compiles that (on the other) and `meanwhile`
-    writes the build's other files."""
+    """Compile and link the module in `out`. gcc starts on model.c first (once per part, in
+    parallel), the longest job; while it runs, cffi writes the wrapper (on this core), gcc compiles
+    that and `meanwhile` writes the build's other files."""
     cc, _ = compiler()
     _write(out / "model.c", src.model_c)
     _write(out / "model.h", src.model_h)
     _write(out / "layout.h", _layout_header(record))
     include = [f"-I{out}"]
     flags = model_flags()
-    jobs = [
-        [cc, *flags, *[f"-D{k}={v}" for k, v in sorted(defines.items())], *include, "-c", "model.c", "-o", "model.o"],
-        [cc, *WRAPPER_FLAGS, *include, f"-I{sysconfig.get_paths()['include']}", "-c", "wrapper.c", "-o", "wrapper.o"],
-    ]
+    defs = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    jobs = [[cc, *flags, *defs, *include, "-c", "model.c", "-o", "model.o"]] if src.parts == 1 else [
+        [cc, *flags, *defs, f"-DBP_PART={k}", *include, "-c", "model.c", "-o", f"model{k}.o"] for k in range(src.parts)]
+    objects = [cmd[-1] for cmd in jobs] + ["wrapper.o"]
+    wrapper = [cc, *WRAPPER_FLAGS, *include, f"-I{sysconfig.get_paths()['include']}", "-c", "wrapper.c", "-o",
+               "wrapper.o"]
     start = time.perf_counter()
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_start(jobs[0], out, src.name))
+        procs += [_start(cmd, out, src.name) for cmd in jobs]
         _write_wrapper(src, out, module)
-        procs.append(_start(jobs[1], out, src.name))
+        jobs.append(wrapper)
+        procs.append(_start(wrapper, out, src.name))
         meanwhile()
         results = [p.communicate() for p in procs]
     except BaseException:
@@ -535,8 +539,8 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         if p.returncode != 0:
             raise CompileError(f"the C compiler failed on the generated code of model {src.name!r}",
                                str(out / cmd[-3]), err)
-    _write(out / "compile.log", results[0][1])
-    link = _link(cc, flags, defines, blas_info, module, out, src.name)
+    _write(out / "compile.log", "".join(err for _, err in results[:-1]))
+    link = _link(cc, flags, defines, blas_info, module, objects, out, src.name)
     _write(out / "build.json", json.dumps({"compile_seconds": time.perf_counter() - start,
                                            "commands": jobs + [link]}, indent=1))
 
@@ -563,11 +567,11 @@ def _write_wrapper(src: Sources, out: Path, module: str) -> None:
                            f"({type(e).__name__}: {e})", str(out / "model.h")) from e
 
 
-def _link(cc: str, flags: list[str], defines: dict[str, str], blas_info: dict | None, module: str, out: Path,
-          name: str) -> list[str]:
-    """Link model.o and wrapper.o into the module; the command used."""
+def _link(cc: str, flags: list[str], defines: dict[str, str], blas_info: dict | None, module: str,
+          objects: list[str], out: Path, name: str) -> list[str]:
+    """Link the compiled objects into the module; the command used."""
     command = [cc, "-shared", *(["-fsanitize=address,undefined"] if "-g" in flags else []),
-               "model.o", "wrapper.o", "-o", module + sysconfig.get_config_var("EXT_SUFFIX"),
+               *objects, "-o", module + sysconfig.get_config_var("EXT_SUFFIX"),
                *(["-lmvec"] if defines.get("BP_USE_LIBMVEC") else []), "-lm", "-pthread"]
     if blas_info:
         command += [f"-L{blas_info['libdir']}", f"-l:{blas_info['file']}", f"-Wl,-rpath,{blas_info['libdir']}"]

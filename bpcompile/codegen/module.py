@@ -195,8 +195,9 @@ class ModuleRenderer:
         self.param_c = param_c
         self.input_c = input_c
         self.options = options
-        self.kernel_texts: list[str] = []
+        self.functions: list[KernelFunction] = []
         self.kernel_by_text: dict[str, str] = {}
+        self.parts = 1  # translation units the module compiles as (set by `module`)
         self.kernel_by_nodes: dict[tuple, tuple[str, list[str]]] = {}
         self._node_ids: dict[Node, int] | None = None
         self._printed: dict[tuple, tuple[list[tuple[str, str]], list[str]]] = {}
@@ -250,19 +251,20 @@ class ModuleRenderer:
             signature=kernel_signature(params, failing, split=bool(split)), **common, **body)
         if split:  # the kernel's body takes (part, parts); this wrapper runs it on the pool
             text += self._render("parallel.c.j2", dims=ctx.dim_decls(), **common, **split)
-        return self._function(text, k.kind, [comment_text(s) for s in lines]), lines
+        return self._function(text, k.kind, common["whole_signature"], [comment_text(s) for s in lines]), lines
 
-    def _function(self, text: str, kind: str, comment: list[str] | None = None) -> str:
+    def _function(self, text: str, kind: str, signature: str, comment: list[str] | None = None) -> str:
         """The name of a rendered function (text naming itself KERNEL_NAME and holding COMMENT_SLOT
         where its comment goes), added once. Kernels equal but for the nodes their comment names (a
         loss summing 1,000 squared parameters has 1,000 of them) share one function: each call site
         is commented with its own nodes, and the function's comment names the first."""
         fname = self.kernel_by_text.get(text)
         if fname is None:
-            fname = f"k{len(self.kernel_texts)}_{kind}"
+            fname = f"k{len(self.functions)}_{kind}"
             self.kernel_by_text[text] = fname
             lines = "\n *   ".join(comment or [])
-            self.kernel_texts.append(text.replace("KERNEL_NAME", fname).replace(COMMENT_SLOT, lines))
+            self.functions.append(KernelFunction(fname, text.replace("KERNEL_NAME", fname).replace(COMMENT_SLOT, lines),
+                                                 signature.replace("KERNEL_NAME", fname) + ";"))
         return fname
 
     def update(self, context: dict[str, Any]) -> str:
@@ -278,7 +280,7 @@ class ModuleRenderer:
             signature=kernel_signature(params, failing=False, split=True), **common, **context)
         text += self._render("parallel.c.j2",
             dims=[], what="each parameter range", work="0" if context["clip"] else str(count), **common)
-        return self._function(text, "update")
+        return self._function(text, "update", common["whole_signature"])
 
     def entry(self, entry: EntryCode) -> str:
         sched = entry.schedule
@@ -325,20 +327,24 @@ class ModuleRenderer:
         return self._storage_c(node, dest, ctype, "")[1]
 
     def module(self, entries: list[EntryCode]) -> str:
+        """The C module; sets `parts`, the translation units the build compiles it as."""
         entry_texts = [self.entry(e) for e in entries]
+        texts = self._shared_noted()
+        where = part_of_each([len(t) for t in texts])
+        self.parts = max(where, default=0) + 1
+        placed = [{"text": t, "part": k, "declaration": f.declaration} for t, k, f in zip(texts, where, self.functions)]
         return self._render("module.c.j2",
-            model_name=comment_text(self.model_name), dtype=self.dtype, kernels=self._shared_noted(),
-            runtime_c=runtime_c(),
-            entries=entry_texts, options=self.options)
+            model_name=comment_text(self.model_name), dtype=self.dtype, kernels=placed, parts=self.parts,
+            runtime_c=runtime_c(), entries=entry_texts, options=self.options)
 
     def _shared_noted(self) -> list[str]:
         """The kernel texts, each shared one saying how many node groups call it."""
         uses = collections.Counter(fname for fname, _ in self.kernel_by_nodes.values())
         texts = []
-        for text, fname in zip(self.kernel_texts, self.kernel_by_text.values()):
-            if uses[fname] > 1:
-                text = f"/* {fname}: called for {uses[fname]} node groups, each call commented with its own */\n{text}"
-            texts.append(text)
+        for f in self.functions:
+            n = uses[f.name]
+            texts.append(f"/* {f.name}: called for {n} node groups, each call commented with its own */\n{f.text}"
+                         if n > 1 else f.text)
         return texts
 
     def header(self, entries: list[EntryCode]) -> str:
@@ -347,14 +353,44 @@ class ModuleRenderer:
             plan_prototype=PLAN_PROTOTYPE)
 
 
+@dataclass
+class KernelFunction:
+    """A kernel as the module holds it: its name, its C text and the declaration of the function
+    entry points call (the parts of a module split for the compiler call kernels of other parts)."""
+
+    name: str
+    text: str
+    declaration: str
+
+
+# A module whose kernels are this much C compiles as two translation units, one per core: gcc's
+# -O3 of the kernels is most of a cold compile (0.45 s of CPU for the W2 MLP's 40,000 characters).
+# Part 0 also holds the runtime's functions that are not inline and the entry points, weighed as
+# this many characters of kernels; the heaviest kernel goes first to the lighter part.
+SPLIT_MIN_CHARS = 16_000
+PART0_EXTRA_CHARS = 12_000
+
+
+def part_of_each(sizes: list[int]) -> list[int]:
+    """The part (0 or 1) each kernel of these text sizes compiles in: all 0 under SPLIT_MIN_CHARS,
+    else two parts of near-equal compile work. Deterministic in the sizes, so in the source."""
+    if sum(sizes) < SPLIT_MIN_CHARS:
+        return [0] * len(sizes)
+    load, where = [PART0_EXTRA_CHARS, 0], [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        where[i] = 0 if load[0] <= load[1] else 1
+        load[where[i]] += sizes[i]
+    return where
+
+
 def kernel_signature(params: list[dict[str, str]], failing: bool, split: bool) -> str:
     """The C signature of a kernel function (named KERNEL_NAME until it is added): it takes the
     runtime dims, then (part, parts) when it is the body a thread-pool piece runs, then its arrays;
     it returns int (non-zero: bad data) when `failing`. Kept out of line: gcc inlining every small
     kernel into its entry function made the register allocation of a 1,000-kernel entry take minutes."""
     args = ["const int64_t *dims", *(["int64_t part", "int64_t parts"] if split else []), *(p["decl"] for p in params)]
-    return (f"__attribute__((noinline)) static {'int' if failing else 'void'} "
-            f"KERNEL_NAME{'_part' if split else ''}({', '.join(args)})")
+    storage = "__attribute__((noinline)) static" if split else "BP_KERNEL"  # static unless split: bp_runtime.h
+    return f"{storage} {'int' if failing else 'void'} KERNEL_NAME{'_part' if split else ''}({', '.join(args)})"
 
 
 POOL_PROTOTYPE = "int bp_set_num_threads(int n);"
