@@ -23,6 +23,7 @@ from .ir.graph import Graph, Node, named_dims, topo_order
 from .passes import pipeline as passes
 from .passes.pipeline import Storage
 from .runtime.model import CompiledModel
+from .symbolic.stored import stored_in
 from .train import formula
 from .train.optim import SGD, Optimizer, PerLoss, as_optimizer
 
@@ -347,7 +348,9 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss
         optimizer = SGD(lr=0.01) if graph.losses else None
     optimizer = as_optimizer(optimizer)
     build.start_probes()  # the compiler's answers, while the graph is lowered
-    lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
+    root = Path(build_dir) if build_dir is not None else build.default_build_root()
+    with stored_in(root):  # partials derived by earlier processes building here are read back
+        lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, build_dir)
     model = CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
     model.graph = graph

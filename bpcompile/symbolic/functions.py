@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import mpmath
 import sympy as sp
 
 from ..errors import CompileError
+from . import stored
 
 ARGS = tuple(sp.Symbol(f"a{i}", real=True) for i in range(16))
 OUT = sp.Symbol("y", real=True)  # the function's own output, for derivatives rewritten in it
@@ -317,13 +319,41 @@ def _derive_cached(key: tuple, i: int) -> Partial:
         raise CompileError(f"elementwise function {fn.name!r}: its expression is nested too deeply for SymPy "
                            "to differentiate; split it into several elementwise ops") from None
     check_size(fn.name, raw, f"derivative in {fn.display[i] if i < len(fn.display) else ARGS[i]}")
+    key_on_disk = stored.entry_key(key[1], str(fn.nargs), str(i))
+    symbols = {s.name: s for s in (*ARGS, OUT, *fn.expr.free_symbols)}
+    entry = stored.load(key_on_disk, symbols)  # derived by an earlier process building into the same folder
+    if entry is not None and entry.get("raw_expr") == raw and _agrees(fn, raw, entry.get("expr"),
+                                                                       entry.get("uses_output")):
+        return Partial(raw=raw, expr=entry["expr"], uses_output=entry["uses_output"])
     best = _simplified(raw)
     uses_output = False
     if fn.nargs == 1:
         in_output = _fit_in_output(fn, raw)
         if in_output is not None and cost(in_output) < cost(best):
             best, uses_output = in_output, True
+    stored.store(key_on_disk, {"raw_expr": raw, "expr": best, "uses_output": uses_output}, symbols)
     return Partial(raw=raw, expr=best, uses_output=uses_output)
+
+
+def _agrees(fn: Fn, raw: sp.Expr, expr: Any, uses_output: Any) -> bool:
+    """Whether a stored partial equals the raw derivative at two points (in 30 digits; with y the
+    function's value where it is written in its output): a damaged entry is not used."""
+    if not isinstance(expr, sp.Expr) or not isinstance(uses_output, bool):
+        return False
+    if uses_output:
+        expr = expr.xreplace({OUT: fn.expr})
+    others = {s: sp.Integer(3) for s in (raw.free_symbols | expr.free_symbols) - set(ARGS)}  # runtime dims
+    for k in range(2):
+        point = {**others, **{a: sp.Float(0.61 + 0.37 * k + 0.13 * j, 30) for j, a in enumerate(ARGS[:fn.nargs])}}
+        try:
+            want, got = sp.N(raw.xreplace(point), 20), sp.N(expr.xreplace(point), 20)
+            if not (want.is_number and got.is_number):
+                return False
+            if not (want == got or abs(want - got) <= sp.Float("1e-12") * (1 + abs(want))):
+                return False
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
+    return True
 
 
 def _derive(fn: Fn, i: int) -> Partial:
