@@ -529,6 +529,7 @@ static inline double bp_random_uniform(uint64_t key, int64_t i)
  * buffers); -1 for a malformed table (an unknown dimension, a negative size or interval), -2
  * when a size is beyond int64. The one implementation of the plan: the Python runtime calls it
  * through cffi (runtime.native) and the exported C library from bp_model_set_dims. */
+#if BP_DEFINES_RUNTIME /* defined once: in part 0 of a module built in parts */
 #define BP_PLAN_ALIGN 64
 int64_t bp_plan_workspace(int64_t n, const int64_t *table, int64_t stride, const int64_t *dims, int64_t num_dims,
                           int64_t itemsize, int64_t *off, int64_t *work)
@@ -585,5 +586,6 @@ int64_t bp_plan_workspace(int64_t n, const int64_t *table, int64_t stride, const
     }
     return total;
 }
+#endif
 
 #endif /* BP_RUNTIME_H */
