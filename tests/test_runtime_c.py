@@ -128,14 +128,19 @@ PLAN_DRIVER = textwrap.dedent("""
 """)
 
 
-def test_workspace_plan_places_largest_first_at_the_lowest_free_offset(tmp_path):
-    source, exe = tmp_path / "plan.c", tmp_path / "plan"
-    source.write_text(PLAN_DRIVER)
-    built = subprocess.run([CC, *FLAGS, str(source), "-o", str(exe), "-lm"], capture_output=True, text=True)
+def _compile_and_run(tmp_path, name: str, source: str) -> str:
+    """Build a C driver of bp_runtime.h with the module's flags and return what it prints."""
+    path, exe = tmp_path / f"{name}.c", tmp_path / name
+    path.write_text(source)
+    built = subprocess.run([CC, *FLAGS, str(path), "-o", str(exe), "-lm"], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines() == [
+    return ran.stdout
+
+
+def test_workspace_plan_places_largest_first_at_the_lowest_free_offset(tmp_path):
+    assert _compile_and_run(tmp_path, "plan", PLAN_DRIVER).splitlines() == [
         "384 192 0 192 0",  # d, b at 0 (never live together); a above b; c above b (a is not live with it)
         "448 0 256 0",      # r fits below q, in the bytes p used
         "0",                # no buffers: an empty arena
@@ -171,13 +176,7 @@ def test_random_numbers_are_splitmix64_and_the_reference_stream(tmp_path):
     draws what the NumPy reference evaluator's uniform_stream draws, bit for bit."""
     from bpcompile.ops.core import uniform_stream
     from bpcompile.tools.export import splitmix64
-    source, exe = tmp_path / "rng.c", tmp_path / "rng"
-    source.write_text(RNG_DRIVER)
-    built = subprocess.run([CC, *FLAGS, str(source), "-o", str(exe), "-lm"], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    ran = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
-    assert ran.returncode == 0, ran.stderr
-    lines = ran.stdout.split()
+    lines = _compile_and_run(tmp_path, "rng", RNG_DRIVER).split()
     assert lines[:3] == ["e220a8397b1dcdaf", "6e789e6aa1b965f4", "06c45d188009454f"]
     assert [f"{int(z):016x}" for z in splitmix64(0, 0, 3)] == lines[:3]
     drawn = [float.fromhex(v) for v in lines[3:]]
