@@ -425,9 +425,14 @@ def _inferred_dim(coef: int, names: tuple[str, ...], known: list, what: str) -> 
     return product_dim(coef // kcoef, (Counter(names) - Counter(knames)).elements())
 
 
+def only_unit_dims_differ(a: Shape, b: Shape) -> bool:
+    """Whether two shapes differ only by size-1 dims (a reshape between them adds or drops them)."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
 def _reshape_display(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
     """reshape(x, (shape)); one that only adds or drops size-1 dims is written as x itself."""
-    if [d for d in node.inputs[0].shape if d != 1] == [d for d in node.shape if d != 1]:
+    if only_unit_dims_differ(node.inputs[0].shape, node.shape):
         return args[0]
     return n.call("reshape", args[0][0], "(" + ", ".join(str(d) for d in node.shape) + ")"), ATOM
 

@@ -41,6 +41,13 @@ def tex_escape(text: str) -> str:
     return re.sub(r"([_#%&$\\{}^~])", r"\\\1", text)
 
 
+def row_factors(shape: Sequence[object]) -> list[str]:
+    """The factors of a shape's element count: its number (unless 1) and its named dims, a
+    product dim (T*batch) by its factors."""
+    coef, names = size_factors(tuple(shape))
+    return ([str(coef)] if coef != 1 or not names else []) + list(names)
+
+
 class Notation:
     """Plain text with Unicode operators (x · W, a ⊙ b, Σ_batch, Wᵀ); `TexNotation` is LaTeX.
     The user of a notation supplies `formula` for elementwise nodes."""
@@ -87,9 +94,7 @@ class Notation:
 
     def rows(self, shape: Sequence[object]) -> str:
         """The row count of a batch of labels, e.g. batch or T·batch."""
-        coef, names = size_factors(tuple(shape))  # a product dim (T*batch) by its factors
-        dims = ([str(coef)] if coef != 1 or not names else []) + list(names)
-        return "·".join(dims)
+        return "·".join(row_factors(shape))
 
     def fraction(self, num: str, den: str) -> Shown:
         return f"({num}) / {den}", MUL
@@ -116,9 +121,8 @@ class TexNotation(Notation):
         return f"{tex_head}{sub} {operand}"
 
     def rows(self, shape: Sequence[object]) -> str:
-        coef, names = size_factors(tuple(shape))
-        dims = ([str(coef)] if coef != 1 or not names else []) + list(names)
-        return r" \cdot ".join(rf"N_{{\mathrm{{{tex_escape(d)}}}}}" if not d.isdigit() else d for d in dims)
+        factors = row_factors(shape)
+        return r" \cdot ".join(rf"N_{{\mathrm{{{tex_escape(d)}}}}}" if not d.isdigit() else d for d in factors)
 
     def fraction(self, num: str, den: str) -> Shown:
         return rf"\frac{{{num}}}{{{den}}}", ATOM
@@ -135,4 +139,4 @@ def called(name: str | None = None) -> Display:
 
 def leaf(node: Node, args: Sequence[Shown], n: Notation) -> Shown:
     """Inputs and parameters: their names."""
-    return (n.label(node.attrs["name"]) if n.tex else node.attrs["name"]), ATOM
+    return n.label(node.attrs["name"]), ATOM

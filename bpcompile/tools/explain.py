@@ -81,10 +81,6 @@ def _specialize(nodes: list[Node], training: bool) -> list[Node]:
     return passes.specialize(list(nodes), training)
 
 
-def _squeeze(shape) -> list:
-    return [d for d in shape if d != 1]
-
-
 def _is_builtin(fn: Fn) -> bool:
     spec = ew_mod.BUILTIN.get(fn.name)
     return spec is not None and fn.expr == spec[0] and fn.nargs == spec[1]
@@ -219,7 +215,7 @@ class Explanation:
                 self.names[node] = out_names[node]
                 continue
             fn = node.attrs.get("fn") if node.op == "ew" else None
-            if node.op == "reshape" and _squeeze(node.inputs[0].shape) == _squeeze(node.shape):
+            if node.op == "reshape" and ops.only_unit_dims_differ(node.inputs[0].shape, node.shape):
                 self.inlined.add(node)  # adds or drops size-1 dims only: shown as its operand
                 continue
             if node.op == "matmul":
@@ -358,7 +354,7 @@ class Explanation:
                 if node.op in ("input", "param"):
                     self.names[node] = node.attrs["name"]
                     continue
-                if node.op == "reshape" and _squeeze(node.inputs[0].shape) == _squeeze(node.shape):
+                if node.op == "reshape" and ops.only_unit_dims_differ(node.inputs[0].shape, node.shape):
                     continue
                 if node in out_for:
                     self.names[node] = out_for[node]
