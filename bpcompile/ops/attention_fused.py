@@ -31,7 +31,7 @@ import numpy as np
 
 from ..ir.graph import FLOAT, Node, Shape
 from ..ir.kernel import Kernel, Mono, contiguous_strides
-from .core import OPS, _no_grad, concrete, const, register, register_kernel, register_rewrite, reshape, transpose
+from .core import OPS, _no_grad, concrete, const, register, register_kernel, reshape, transpose
 from .display import ADD, ATOM, MUL, Notation, Shown, number
 from .slicing import slice
 
@@ -138,20 +138,6 @@ def fused_attention(q: Node, k: Node, v: Node, causal: bool, scale: float) -> No
     return transpose(node, perm) if perm else node
 
 
-def _fold_double_transpose(node: Node) -> Node | None:
-    """transpose(transpose(attention, a), b) -> one transpose, or none: the head merge of a
-    fused attention output (already in (B, T, H, dv)) is no copy."""
-    if node.op != "transpose" or node.inputs[0].op != "transpose" or node.inputs[0].inputs[0].op != "attention":
-        return None
-    inner = node.inputs[0]
-    axes = tuple(inner.attrs["axes"][a] for a in node.attrs["axes"])
-    x = inner.inputs[0]
-    return x if axes == tuple(range(x.ndim)) else transpose(x, axes)
-
-
-register_rewrite(_fold_double_transpose)
-
-
 # --- replaying the views: graph nodes (decompose) and NumPy arrays (reference) --------------------
 
 def _replay(x: Any, steps: tuple[Step, ...], graph: bool, dims: dict[str, int] | None = None) -> Any:
@@ -170,13 +156,21 @@ def operands(node: Node) -> list[Node]:
     return [_replay(node.inputs[i], steps, True) for i, steps in node.attrs["views"]]
 
 
+def _composed(node: Node) -> tuple[list[Node], Node, Node, Node]:
+    """The fused node as ops with VJP rules: ([q, k, v], scores q kᵀ, probs, out probs v), out in
+    the logical (..., T, dv) layout."""
+    from .batched import bmatmul
+    from .transformer import masked_softmax
+    qkv = operands(node)
+    scores = bmatmul(qkv[0], qkv[1], tb=True)
+    probs = masked_softmax(scores, node.attrs["scale"], node.attrs["causal"])
+    return qkv, scores, probs, bmatmul(probs, qkv[2])
+
+
 def decompose(node: Node) -> Node:
     """The fused node as bmatmul, attention_softmax and bmatmul, in its own layout (what the
     ONNX export writes)."""
-    from .batched import bmatmul
-    from .transformer import masked_softmax
-    q, k, v = operands(node)
-    out = masked_softmax(bmatmul(q, k, tb=True), node.attrs["scale"], node.attrs["causal"]) @ v
+    out = _composed(node)[3]
     perm = node.attrs["perm"]
     return transpose(out, perm) if perm else out
 
@@ -297,12 +291,7 @@ def composed_base_grads(fwd: Node, seed: Node) -> list[Node | None]:
     rules of the composed attention (bmatmul, masked softmax, bmatmul) and of the layout steps
     of each view: q, k and v keep their own parts even when they are one tensor (self-attention
     of x with itself has three bases, x three times, each given its own part, as the kernel does)."""
-    from .batched import bmatmul
-    from .transformer import masked_softmax
-    q, k, v = operands(fwd)
-    scores = bmatmul(q, k, tb=True)
-    probs = masked_softmax(scores, fwd.attrs["scale"], fwd.attrs["causal"])
-    out = bmatmul(probs, v)
+    (q, k, v), scores, probs, out = _composed(fwd)
     perm = fwd.attrs["perm"]
     g = transpose(seed, tuple(int(a) for a in np.argsort(perm))) if perm else seed
     dprobs, dv = OPS[out.op].vjp(out, g)

@@ -121,16 +121,11 @@ def conv_lowering(image: tuple[int, int, int], out_ch: int, kernel: tuple[int, i
     return "direct" if small else "gemm"
 
 
-def _conv_attrs(kernel: Any, stride: Any, padding: Any, image: tuple[int, ...]) -> dict[str, Any]:
-    return {"kernel": _pair(kernel, "kernel"), "stride": _pair(stride, "stride"),
-            "padding": _pair(padding, "padding", 0), "image": tuple(image)}
-
-
-def conv2d_direct(x: Node, w: Node, stride: Any = 1, padding: Any = 0) -> Node:
-    """The convolution of NCHW `x` with `w` (out, in, kh, kw), computed in place of im2col+GEMM."""
-    attrs = _conv_attrs(w.shape[2:], stride, padding, x.shape[1:])
+def conv2d_direct(x: Node, w: Node, attrs: dict[str, Any]) -> Node:
+    """The convolution of NCHW `x` with `w` (out, in, kh, kw), computed in place of im2col+GEMM;
+    `attrs` as im2col's (kernel, stride, padding, image)."""
     oh, ow = _conv_geometry(x.shape, attrs["kernel"], attrs["stride"], attrs["padding"], "conv2d")
-    return Node("conv2d_direct", (x, w), attrs, (x.shape[0], w.shape[0], oh, ow), FLOAT)
+    return Node("conv2d_direct", (x, w), dict(attrs), (x.shape[0], w.shape[0], oh, ow), FLOAT)
 
 
 def conv2d_input_grad(g: Node, w: Node, attrs: dict[str, Any]) -> Node:
@@ -143,22 +138,17 @@ def conv2d_weight_grad(g: Node, x: Node, attrs: dict[str, Any]) -> Node:
     return Node("conv2d_weight_grad", (g, x), dict(attrs), (g.shape[1], x.shape[1], *attrs["kernel"]), FLOAT)
 
 
-def _direct_forward(node: Node, x: Node, w: Node) -> Node:
-    a = node.attrs
-    return conv2d_direct(x, w, a["stride"], a["padding"])
-
-
 # Each op is bilinear; its VJPs are the other two (<h, conv(x, w)> = <x, input_grad(h, w)> = <w, weight_grad(h, x)>)
 register("conv2d_direct", ref=lambda node, args, dims: _conv_ref(node, *args),
          vjp=lambda node, g: [conv2d_input_grad(g, node.inputs[1], node.attrs),
                               conv2d_weight_grad(g, node.inputs[0], node.attrs)],
          kernel="conv", display=called())
 register("conv2d_input_grad", ref=lambda node, args, dims: _input_grad_ref(node, *args),
-         vjp=lambda node, h: [_direct_forward(node, h, node.inputs[1]),
+         vjp=lambda node, h: [conv2d_direct(h, node.inputs[1], node.attrs),
                               conv2d_weight_grad(node.inputs[0], h, node.attrs)],
          kernel="conv", display=called())
 register("conv2d_weight_grad", ref=lambda node, args, dims: _weight_grad_ref(node, *args),
-         vjp=lambda node, h: [_direct_forward(node, node.inputs[1], h),
+         vjp=lambda node, h: [conv2d_direct(node.inputs[1], h, node.attrs),
                               conv2d_input_grad(node.inputs[0], h, node.attrs)],
          kernel="conv", display=called())
 
@@ -249,7 +239,7 @@ def _direct_rewrite(node: Node) -> Node | None:
         cols, wmat = product.inputs
         if (cols.op == "im2col" and not product.attrs["ta"] and product.attrs["tb"]
                 and (w := _weight_of(wmat, cols)) is not None and _direct(cols, w.shape[0])):
-            return conv2d_direct(cols.inputs[0], w, cols.attrs["stride"], cols.attrs["padding"])
+            return conv2d_direct(cols.inputs[0], w, cols.attrs)
     if node.op == "col2im" and node.inputs[0].op == "matmul":
         product = node.inputs[0]
         g, wmat = _nhwc_of(product.inputs[0]), product.inputs[1]

@@ -28,9 +28,7 @@ class Numeric:
     pi = math.pi
     cos = staticmethod(math.cos)
     sqrt = staticmethod(math.sqrt)
-    floor = staticmethod(math.floor)
     min = staticmethod(min)
-    max = staticmethod(max)
 
     @staticmethod
     def floor_div(a: int, b: int) -> int:
@@ -73,8 +71,8 @@ class Symbolic:
         self.sp = sp
         self.step = sp.Symbol("step", integer=True, positive=True)
         self.lr = sp.Symbol("lr", positive=True)
-        self.pi, self.cos, self.sqrt, self.floor = sp.pi, sp.cos, sp.sqrt, sp.floor
-        self.min, self.max = sp.Min, sp.Max
+        self.pi, self.cos, self.sqrt = sp.pi, sp.cos, sp.sqrt
+        self.min = sp.Min
         self.products: dict[str, Any] = {}  # name -> its factor as an expression of `step`
 
     def floor_div(self, a: Any, b: int) -> Any:
