@@ -25,7 +25,7 @@ from .passes.pipeline import Storage
 from .runtime.model import CompiledModel
 from .symbolic.stored import stored_in
 from .train import formula
-from .train.optim import SGD, Optimizer, PerLoss, as_optimizer
+from .train.optim import SGD, Optimizer, PerLoss, as_optimizer, hyper_by_name
 
 PARAM_ALIGN = 16  # elements: every parameter starts on a 64-byte boundary in float32
 DEFAULT_BLAS_MIN_FLOPS = 64 * 64 * 64
@@ -113,10 +113,12 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
     slots = {s: sp.Symbol(f"s_{s}", real=True) for s in optimizer.slots}
     group_of = optimizer.group_of(list(graph.params))
     printer = renderer.context().printer()
+    m = formula.symbolic()
+    group_hyper = optimizer.group_hyper(m.step, m.lr, m)
     groups, used, formulas = [], set(), []
     for k in sorted({group_of[n] for n in trains}):
         suffix = f"_g{k}" if k else ""
-        hyper = {h: sp.Symbol(h + suffix, real=True) for h in optimizer.group(k).hyper(1, 1.0)}
+        hyper = {h: sp.Symbol(h + suffix, real=True) for h in group_hyper[k]}
         new_p, new_slots = optimizer.group(k).update(p, g, slots, hyper)
         for sym in [p, g, *slots.values(), *hyper.values()]:
             printer.names[sym] = sym.name
@@ -131,7 +133,7 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
         groups.append({"ranges": ranges, "temps": temps, "new_param": values[-1],
                        "slots": [{"name": f"s_{s}", "offset": j * param_size, "value": values[j]}
                                  for j, s in enumerate(optimizer.slots)]})
-    inputs, hyper_temps, hyper = _hyper_code(optimizer, {sym.name for sym in used})
+    inputs, hyper_temps, hyper = _hyper_code(optimizer, m, hyper_by_name(group_hyper), {sym.name for sym in used})
     return {
         "doc": codegen.comment_text(optimizer.describe()),
         "formulas": [codegen.comment_text(f) for f in formulas],
@@ -142,18 +144,18 @@ def _update_context(optimizer: Optimizer, trains: list[str], graph: Graph, offse
     }
 
 
-def _hyper_code(optimizer: Optimizer, used: set[str]) -> tuple[list[dict], list[tuple[str, str]], list[dict]]:
-    """The C (in double) of the hyperparameters named in `used`, from the `hyper` array's entries
+def _hyper_code(optimizer: Optimizer, m: formula.Symbolic, exprs: dict[str, Any],
+                used: set[str]) -> tuple[list[dict], list[tuple[str, str]], list[dict]]:
+    """The C (in double) of the hyperparameters named in `used` (of `exprs`, the optimizer's
+    all_hyper in the symbolic namespace `m`), from the `hyper` array's entries
     (Optimizer.hyper_names: step, learning rate, running products): the entries read, common
     subexpressions, and each hyperparameter with its formula (for the comment)."""
-    m = formula.symbolic()
-    exprs = optimizer.all_hyper(m.step, m.lr, m)
     names = [h for h in exprs if h in used]
     entries = {m.step: "step", m.lr: "lr", **{sp.Symbol(n, positive=True): n for n in optimizer.running_products()}}
     c_names = {sym: f"hyper_{name}" for sym, name in entries.items()}
     outputs = [sp.sympify(exprs[h]) for h in names]
     temps, values = print_formulas(outputs, CPrinter("float64", dict(c_names)), prefix="hyper_x")
-    read = set().union(set(), *(e.free_symbols for e in outputs))
+    read = set().union(*(e.free_symbols for e in outputs))
     order = list(optimizer.hyper_names())
     inputs = [{"c": c, "index": order.index(entries[sym])} for sym, c in c_names.items() if sym in read]
     hyper = [{"name": h, "value": v, "formula": codegen.comment_text(f"{h} = {sp.sstr(e)}")}
@@ -351,7 +353,7 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss
     root = Path(build_dir) if build_dir is not None else build.default_build_root()
     with stored_in(root):  # partials derived by earlier processes building here are read back
         lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
-    path = build.build(lowered.sources, build_dir)
+    path = build.build(lowered.sources, root)
     model = CompiledModel(path, seed=seed, optimizer=copy.deepcopy(optimizer), init_arrays=lowered.init_arrays)
     model.graph = graph
     return model

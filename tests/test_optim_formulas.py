@@ -161,7 +161,8 @@ def test_printed_c_computes_the_runtimes_values(tmp_path, case):
     (ctx,), _ = export_optim.optimizer_contexts(optimizer, [], [])
     product = ctx["product"] or {"temps": [], "value": "1.0"}
     names = list(optimizer.all_hyper(1, 1.0, formula.NUMERIC))
-    inputs, temps, hyper = compiler._hyper_code(optimizer, set(names))
+    m = formula.symbolic()
+    inputs, temps, hyper = compiler._hyper_code(optimizer, m, optimizer.all_hyper(m.step, m.lr, m), set(names))
     assert [h["name"] for h in hyper] == names
     body = [f"        const double {i['c']} = hyper[{i['index']}];" for i in inputs]
     body += [f"        const double {n} = {v};" for n, v in temps]

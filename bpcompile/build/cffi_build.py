@@ -137,8 +137,11 @@ _probing: threading.Thread | None = None
 def start_probes() -> None:
     """Ask the C compiler its version and the CPU features it targets (both cached) on a thread of
     their own, while the caller lowers the graph: `build` then finds the answers ready instead of
-    waiting ~30 ms for two compiler runs. A failure is left for `build` to raise."""
+    waiting ~30 ms for two compiler runs. A failure is left for `build` to raise. Once per
+    process: the answers stay cached, so later compiles start no thread."""
     global _probing
+    if _probing is not None:
+        return
     _probing = threading.Thread(target=_probe, name="bpcompile-probe-cc", daemon=True)
     _probing.start()
 
@@ -471,7 +474,7 @@ def _sync_dir(folder: Path) -> None:
 def _verifies(folder: Path, meta: dict) -> bool:
     """Whether `folder` holds this build intact: meta.json as this build writes it (the learning
     rate aside), and every file it records with the recorded size and sha256. (bp.load checks the
-    same from the folder alone: runtime.model.check_files and check_record.)"""
+    same from the folder alone: runtime.buildfolder.check_files and check_record.)"""
     try:
         found = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         if not isinstance(found, dict) or not isinstance(found.get("files"), dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -56,16 +57,12 @@ def entry_key(*parts: str) -> str:
     return h.hexdigest()
 
 
-_source: list[str] = []
-
-
+@functools.cache
 def _source_digest() -> str:
     """The derivation's code: symbolic/functions.py and this module, so a changed rule never reads
     an old entry."""
-    if not _source:
-        here = Path(__file__).resolve().parent
-        _source.append(hashlib.sha256((here / "functions.py").read_bytes() + Path(__file__).read_bytes()).hexdigest())
-    return _source[0]
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256((here / "functions.py").read_bytes() + Path(__file__).read_bytes()).hexdigest()
 
 
 def load(key: str, symbols: dict[str, sp.Symbol]) -> dict[str, Any] | None:

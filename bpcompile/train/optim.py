@@ -22,6 +22,11 @@ from .schedules import Constant, Schedule, as_schedule, schedule_from_config
 Exprs = Any  # sympy expressions (SymPy is imported lazily)
 
 
+
+def hyper_by_name(groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-group hyperparameters (Optimizer.group_hyper) in one dict, group k's named `<name>_g<k>`."""
+    return {(f"{n}_g{k}" if k else n): v for k, group in enumerate(groups) for n, v in group.items()}
+
 class Optimizer:
     """Base class: subclasses set `kind`, `slots` and implement `hyper_formula` and `update`."""
 
@@ -84,17 +89,21 @@ class Optimizer:
         factor(k, m)}): carried from step to step in Python and passed to C."""
         return {}
 
-    def all_hyper(self, step: Any, lr: Any, m: Any) -> dict[str, Any]:
-        """Every hyperparameter of step `step` in namespace `m`: the optimizer's own, then each
-        group's (named `<name>_g<k>`, with its lr_scale and weight decay)."""
+    def group_hyper(self, step: Any, lr: Any, m: Any) -> list[dict[str, Any]]:
+        """The hyperparameters of step `step` in namespace `m` per parameter group: the
+        optimizer's own (group 0), then each group's, with its lr_scale and weight decay."""
         if type(self).hyper is not Optimizer.hyper:
             raise ValueError(f"optimizer {type(self).__name__} overrides hyper(); its hyperparameters are printed "
                              "to C from hyper_formula(step, lr, m), so define that instead")
-        h = dict(self.hyper_formula(step, lr, m))
+        out = [dict(self.hyper_formula(step, lr, m))]
         for k, group in enumerate(self.param_groups, 1):
             rate = lr if group["lr_scale"] == 1.0 else lr * group["lr_scale"]
-            h.update({f"{n}_g{k}": v for n, v in self.group(k).hyper_formula(step, rate, m).items()})
-        return h
+            out.append(dict(self.group(k).hyper_formula(step, rate, m)))
+        return out
+
+    def all_hyper(self, step: Any, lr: Any, m: Any) -> dict[str, Any]:
+        """Every hyperparameter of step `step` in namespace `m`, group k's named `<name>_g<k>`."""
+        return hyper_by_name(self.group_hyper(step, lr, m))
 
     def hyper(self, step: int, lr: float) -> dict[str, float]:
         """Scalar hyperparameters of step `step` (counted from 1) as floats (the native update
