@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import ExportError
 from ..train.formula import Symbolic, symbolic
 from ..train.optim import Optimizer
-from ..train.schedules import FromFunction, Schedule, schedule_from_config
+from ..train.schedules import FromFunction, Schedule
 
 # what a model without an optimizer gets: rate 0, no hyperparameters
 NO_OPTIMIZER = {"kind": "no", "doc": "no optimizer", "hyper": [], "schedule_doc": "no optimizer",
@@ -63,12 +63,8 @@ def _optimizer_context(optimizer: Optimizer, notes: list[str]) -> dict[str, Any]
 
 
 def _lr_expr(schedule: Schedule, m: Symbolic) -> Any:
-    """The schedule's rate as a SymPy expression of `step`. A Python function's rate is its first
-    value, as its config stores it."""
-    try:
-        schedule = schedule_from_config(schedule.config())  # FromFunction, nested too: its config's Constant
-    except (KeyError, TypeError):
-        pass  # a schedule class of the user's: its own formula
+    """The schedule's rate as a SymPy expression of `step` (a Python function's rate: its first
+    value, as its config stores it; FromFunction.formula)."""
     kind = type(schedule).__name__
     if type(schedule).__call__ is not Schedule.__call__:
         raise ExportError(f"learning-rate schedule {kind!r} has no C formula: its __call__ overrides "

@@ -83,13 +83,10 @@ class FromFunction(Schedule):
     def __init__(self, fn: Callable[[int], float]):
         self.fn = fn
 
-    def __call__(self, step: int) -> float:
-        return float(self.fn(step))
-
     def formula(self, step: Any, m: Any) -> Any:
-        if m is NUMERIC:
-            return self(step)
-        raise NotImplementedError("a learning rate given as a Python function has no formula to print")
+        """The function's value at run time; printed (the export), its first value, as its config
+        stores it: a Python function has no formula to print."""
+        return float(self.fn(step if m is NUMERIC else 1))
 
     def config(self) -> dict[str, Any]:
         return {"kind": "Constant", "lr": float(self.fn(1))}
