@@ -46,12 +46,9 @@ import numpy as np
 
 from ..errors import ExportError
 from ..ir.graph import size_factors
-from ..runtime.model import process_alive
+from ..runtime.checkpoint import process_alive
 from ..runtime.paramfile import (  # noqa: F401 - the parameter file's API, also read from here
-    MAGIC,
-    ParamFile,
     is_param_file,
-    load_into_model,
     param_file_writer,
     read_param_file,
     read_param_file_full,
