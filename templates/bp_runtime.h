@@ -140,6 +140,7 @@ struct bp_pool_state {
     const void *arg;
 };
 
+BP_SHARED void bp_parallel(bp_task fn, const void *arg, int64_t parts);
 #if BP_DEFINES_RUNTIME
 BP_SHARED struct bp_pool_state bp_pool = {.region = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
                                           .wake = PTHREAD_COND_INITIALIZER, .threads = 1};
@@ -280,7 +281,6 @@ int bp_set_num_threads(int n)
 }
 #else
 extern BP_SHARED struct bp_pool_state bp_pool;
-BP_SHARED void bp_parallel(bp_task fn, const void *arg, int64_t parts);
 #endif
 
 /* How many pieces a loop of `work` elements is worth splitting into. */
@@ -318,6 +318,9 @@ static inline int bp_gemm_blas(int64_t M, int64_t N, int64_t K)
 /* C = op(A) op(B) by BLAS in blocks whose sizes fit its int arguments: blocks of C's rows and
  * columns, and of the inner dimension summed into C (beta 1 after the first). Returns 0, leaving
  * the product to the plain loops, when a leading dimension itself is out of int's range. */
+BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
+                           const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
+                           bp_real *restrict C, int64_t ldc);
 #if BP_DEFINES_RUNTIME
 BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
                            const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
@@ -342,10 +345,6 @@ BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
     }
     return 1;
 }
-#else
-BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
-                           const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
-                           bp_real *restrict C, int64_t ldc);
 #endif
 #endif
 
@@ -442,6 +441,7 @@ struct bp_gemm_args {
  * as in the unsplit product. Only BLAS products are split (bp_gemm): the loops inlined here run
  * only for a leading dimension beyond int's range, so the piece is compiled as cold code, for size
  * (-O3 vectorizing its four generic loop nests took 0.1 s of every module's compile). */
+BP_SHARED void bp_gemm_piece(const void *arg, int64_t part, int64_t parts);
 #if BP_DEFINES_RUNTIME
 __attribute__((cold)) BP_SHARED void bp_gemm_piece(const void *arg, int64_t part, int64_t parts)
 {
@@ -457,8 +457,6 @@ __attribute__((cold)) BP_SHARED void bp_gemm_piece(const void *arg, int64_t part
                        g->B + (g->tb ? lo * g->ldb : lo), g->ldb, g->C + lo, g->ldc);
     }
 }
-#else
-BP_SHARED void bp_gemm_piece(const void *arg, int64_t part, int64_t parts);
 #endif
 
 /* C = op(A) op(B): BLAS products of at least BP_PARALLEL_MIN_WORK * 16 multiply-adds are split
