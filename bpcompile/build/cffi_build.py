@@ -234,8 +234,16 @@ def linker_flags() -> list[str]:
     return ["-fuse-ld=gold"]
 
 
+def wide_vector_flags() -> list[str]:
+    """512-bit vectors where the CPU has AVX-512 (gcc's -march=native otherwise keeps 256-bit ones,
+    and libmvec's 8-wide erf/exp): measured on an Intel Xeon, W4 (Mish) 1.41 -> 1.32 ms a step,
+    W6 (LSTM) 2.31 -> 2.13 ms, W7 (GPT) 11.5 -> 11.2 ms."""
+    flags = cpu_flags() or set()
+    return ["-mprefer-vector-width=512"] if "avx512f" in flags and platform.machine() == "x86_64" else []
+
+
 def model_flags() -> list[str]:
-    flags = list(MODEL_FLAGS)
+    flags = list(MODEL_FLAGS) + wide_vector_flags()
     if os.environ.get("BPCOMPILE_WERROR"):
         flags.append("-Werror")
     if os.environ.get("BPCOMPILE_SANITIZE"):
