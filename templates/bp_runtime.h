@@ -370,6 +370,9 @@ __attribute__((always_inline)) static inline void bp_gemm_serial(int ta, int tb,
         for (int64_t p = 0; p < K; ++p) {
             const bp_real *restrict a = A + p * lda;
             const bp_real *restrict b = B + p * ldb;
+            /* kept a loop: fully unrolled at a small constant M, gcc vectorizes across the
+             * strided rows of A instead (a 16x1 weight gradient 24x slower) */
+#pragma GCC unroll 1
             for (int64_t i = 0; i < M; ++i)
                 for (int64_t j = 0; j < N; ++j)
                     C[i * ldc + j] += a[i] * b[j];
@@ -476,7 +479,7 @@ __attribute__((cold)) BP_SHARED void bp_gemm_piece(const void *arg, int64_t part
 
 /* C = op(A) op(B): BLAS products of at least BP_PARALLEL_MIN_WORK * 16 multiply-adds are split
  * across the thread pool (the plain loops stay whole, where their sizes are constants). */
-static inline void bp_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
+__attribute__((always_inline)) static inline void bp_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
                            const bp_real *restrict A, int64_t lda, const bp_real *restrict B, int64_t ldb,
                            bp_real *restrict C, int64_t ldc)
 {
