@@ -55,6 +55,22 @@ def rank3_graph() -> bp.Graph:
     return g
 
 
+def recurrent_graph() -> bp.Graph:
+    """An LSTM and a GRU over 6 steps: each step's product with W_hh (forward: h W_hhᵀ, backward:
+    the pre-activation gradients times W_hh) inside the recurrent kernels."""
+    g = bp.Graph("gemm_recurrent")
+    x = g.input("x", ("batch", 6, 5))
+    t = g.input("t", ("batch", 2))
+    out, (h, _) = bp.nn.LSTM(g, 5, 8)(x)
+    seq, h2 = bp.nn.GRU(g, 8, 3)(out)
+    U = g.param("U", (11, 2), init="normal")
+    y = bp.concat([h, h2], axis=1) @ U
+    g.output("y", y)
+    g.output("seq", seq)
+    g.loss(bp.mse(y, t))
+    return g
+
+
 def _inputs(graph: bp.Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.normal(size=tuple(batch if isinstance(d, str) else d for d in node.shape))
@@ -92,6 +108,15 @@ def test_every_installed_blas_matches_reference(build_dir, blas_backend, make_gr
     model = bp.compile(graph, dtype="float64", seed=1, blas_min_flops=ALL_BLAS)
     assert blas_backend in json.loads((model.build_path / "meta.json").read_text())["blas"]["name"]
     for batch, seed in ((1, 0), (33, 2)):
+        _check_against_reference(graph, model, batch, seed)
+
+
+def test_recurrent_products_with_every_installed_blas_match_reference(build_dir, blas_backend):
+    """Every product through each BLAS, the batch split across the pool (rows 1, 2 and 33)."""
+    graph = recurrent_graph()
+    model = bp.compile(graph, dtype="float64", seed=1, blas_min_flops=ALL_BLAS, parallel_min_work=1)
+    assert blas_backend in json.loads((model.build_path / "meta.json").read_text())["blas"]["name"]
+    for batch, seed in ((1, 0), (2, 1), (33, 2)):
         _check_against_reference(graph, model, batch, seed)
 
 
