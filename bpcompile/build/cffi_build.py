@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CompileError
-from ..runtime.target import cpu_flags, this_target, without_lr
+from ..runtime.target import cpu_flags, cpu_vendor, this_target, without_lr
 
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 # cffi's wrapper converts a call's arguments and calls the entry point: -O0 (0.07 s of CPU to compile
@@ -162,19 +162,20 @@ BLAS_CHOICES = ("auto", "mkl", "openblas", "none")
 @functools.cache
 def blas() -> dict[str, str] | None:
     """The BLAS that products at or above the BLAS threshold call, by BPCOMPILE_BLAS:
-    `auto` (default) Intel MKL when the `mkl` package is installed (bpcompile[mkl]; about 10%
-    faster than OpenBLAS on large products here, 1.5x on an LSTM's small per-step ones), else
-    OpenBLAS from scipy-openblas32; `mkl` or `openblas` to insist on one; `none` for generated
-    loops only (as does BPCOMPILE_NO_BLAS=1). Returns what the build and the loader need: name,
-    lib dir, library file, the GEMM symbols and version."""
+    `auto` (default) Intel MKL on an Intel CPU when the `mkl` package is installed (bpcompile[mkl];
+    on an Intel Xeon 10-25% faster than OpenBLAS a step), else OpenBLAS from scipy-openblas32 (on
+    an AMD EPYC MKL takes its slow paths: 1.6-2x OpenBLAS's step time on W3, W6 and W7); `mkl` or
+    `openblas` to insist on one; `none` for generated loops only (as does BPCOMPILE_NO_BLAS=1).
+    Returns what the build and the loader need: name, lib dir, library file, the GEMM symbols
+    and version."""
     choice = "none" if os.environ.get("BPCOMPILE_NO_BLAS") else os.environ.get("BPCOMPILE_BLAS", "auto").lower()
     if choice not in BLAS_CHOICES:
         raise CompileError(f"BPCOMPILE_BLAS must be one of {', '.join(BLAS_CHOICES)}, got {choice!r}")
     if choice == "none":
         return None
-    found = _mkl() if choice in ("auto", "mkl") else None
-    if found is None and choice != "mkl":
-        found = _openblas()
+    order = {"mkl": (_mkl,), "openblas": (_openblas,)}.get(choice) or (
+        (_mkl, _openblas) if cpu_vendor() == "GenuineIntel" else (_openblas, _mkl))
+    found = next((lib for lib in (find() for find in order) if lib is not None), None)
     if found is None and choice != "auto":
         raise CompileError(f"BPCOMPILE_BLAS={choice} but that library is not installed "
                            f"(pip install {'mkl' if choice == 'mkl' else 'scipy-openblas32'})")

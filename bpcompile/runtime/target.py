@@ -21,14 +21,26 @@ def this_target() -> dict[str, str]:
 
 def cpu_flags() -> set[str] | None:
     """This CPU's feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`); None if unreadable."""
+    value = _cpuinfo_field(("flags", "Features"))
+    return None if value is None else set(value.split())
+
+
+def cpu_vendor() -> str | None:
+    """This CPU's vendor as /proc/cpuinfo names it (x86 `vendor_id`: GenuineIntel, AuthenticAMD);
+    None where it is not there (Arm, no /proc)."""
+    return _cpuinfo_field(("vendor_id",))
+
+
+def _cpuinfo_field(keys: tuple[str, ...]) -> str | None:
+    """The value of the first /proc/cpuinfo line whose key is one of `keys` (the first CPU's)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
+        if key.strip() in keys:
+            return value.strip()
     return None
 
 
