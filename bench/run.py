@@ -251,12 +251,13 @@ def versions_line(results: list[dict[str, Any]]) -> str:
 
 
 def machine_lines(peak: dict[str, Any]) -> list[str]:
-    coretype = os.environ.get("OPENBLAS_CORETYPE") or "not set"
-    machine = (f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, "
-               f"Python {platform.python_version()}. OPENBLAS_CORETYPE: {coretype} "
-               f"(NumPy's OpenBLAS uses its {peak.get('openblas_core', '?')} kernels).")
+    coretype = os.environ.get("OPENBLAS_CORETYPE")
+    preset = (f"OPENBLAS_CORETYPE={coretype} (the NumPy runner's OpenBLAS keeps it)" if coretype
+              else "OPENBLAS_CORETYPE not set")
+    machine = f"Machine: {cpu_model()}, {os.cpu_count()} CPUs, Python {platform.python_version()}. {preset}."
     busy = busy_note(peak.get("foreign_cpu_share"))
-    gemm = (f"float32 GEMM peak (NumPy 2048×2048 matmul, best of 10): "
+    gemm = (f"float32 GEMM peak (NumPy 2048×2048 matmul, best of 10, OpenBLAS's "
+            f"{peak.get('openblas_core', '?')} kernels): "
             f"{peak.get('gflops', math.nan):.1f} GFLOP/s{f' ({busy})' if busy else ''}.")
     return [machine, gemm]
 
