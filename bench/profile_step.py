@@ -12,8 +12,8 @@ What it reports, per workload: the median step (timed before perf attaches), eac
 share of the samples (the pool's threads stay on their cores through a step, a thread with
 nothing to do spinning in the pool, so a share is of threads x step time), and the rate the
 step's matrix products reach (the step's GEMM FLOPs / the time the threads spend in the BLAS's
-kernels and in bpcompile's own product loops, over the threads). That rate over the machine's
-GEMM peak (`gemm_peak.py`, NumPy's OpenBLAS, the same run) is the highest "floor %" a step can
+kernels, in bpcompile's register tiles and in its own product loops, over the threads). That
+rate over the machine's GEMM peak (`gemm_peak.py`, NumPy's OpenBLAS, the same run) is the highest "floor %" a step can
 reach with those products, however little everything else costs.
 
 Needs `perf` (linux-tools) and permission to sample one's own processes
@@ -44,11 +44,14 @@ GROUPS = (  # (group, symbol pattern), first match wins
     ("BLAS threads", r"^(blas_thread_server|exec_blas|mkl_serv_|__kmp|_INTERNAL.*kmp)"),
     ("vector math", r"^(_ZGV|__(exp|log|erf|tanh|pow|sin|cos)f?_|(exp|log|erf|tanh|pow)f?(@plt)?$|__ieee754)"),
     ("thread pool", r"^bp_(worker|parallel|run_pieces)"),
+    ("tiled products", r"^bp_gemm_tiles"),
     ("generated: {kind}", r"^k\d+_(?P<kind>[a-z0-9_]+?)(_part|_piece)?(\.[a-z]+\.\d+)*$"),
     ("bpcompile runtime", r"^bp_"),
     ("Python and cffi", r"^(_?Py|_cffi|PyEval|_PyEval|cfunction|method_|vectorcall|slot_|dict|list|tuple|"
                         r"unicode|long_|float_|frame_|gc_|visit_|object_|type_|builtin_|array_|npy|PyArray)"),
 )
+
+PRODUCT_GROUPS = ("BLAS GEMM", "tiled products", "generated: gemm")  # where a step's matrix products run
 
 
 def _group(symbol: str, dso: str) -> str:
@@ -120,7 +123,7 @@ def profile(workload: str, variant: str, seconds: float) -> dict:
     # spinning), so a group's share of the samples is its share of threads x the step
     median, median_profiled = statistics.median(times), statistics.median(profiled)
     # every product, with the shares and the step both as perf saw them
-    blas_s = (shares.get("BLAS GEMM", 0.0) + shares.get("generated: gemm", 0.0)) * median_profiled
+    blas_s = sum(shares.get(name, 0.0) for name in PRODUCT_GROUPS) * median_profiled
     flops = flops_per_step(w)
     return {"workload": workload, "variant": variant, "steps": len(profiled), "median_step_s": median,
             "median_profiled_s": median_profiled,

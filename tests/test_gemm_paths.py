@@ -71,6 +71,22 @@ def recurrent_graph() -> bp.Graph:
     return g
 
 
+def tiled_graph() -> bp.Graph:
+    """A B products that run as register tiles (bp_gemm_tiles_nn: 8-128 rows, a tile is 32 float32
+    or 16 float64 columns): x@W forward, and g@V from h@V.T in the backward; 37 and 40 columns end
+    short of a tile."""
+    g = bp.Graph("gemm_tiled")
+    x = g.input("x", ("batch", 19))
+    t = g.input("t", ("batch", 40))
+    W = g.param("W", (19, 37), init="normal")
+    V = g.param("V", (40, 37), init="normal")  # (out, in): h @ V.T forward, g @ V backward
+    h = bp.tanh(x @ W)
+    out = h @ V.T
+    g.output("out", out)
+    g.loss(bp.mse(out, t))
+    return g
+
+
 def _inputs(graph: bp.Graph, batch: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {name: rng.normal(size=tuple(batch if isinstance(d, str) else d for d in node.shape))
@@ -109,6 +125,24 @@ def test_every_installed_blas_matches_reference(build_dir, blas_backend, make_gr
     assert blas_backend in json.loads((model.build_path / "meta.json").read_text())["blas"]["name"]
     for batch, seed in ((1, 0), (33, 2)):
         _check_against_reference(graph, model, batch, seed)
+
+
+@pytest.mark.parametrize("min_flops", PATHS)
+def test_tiled_products_match_reference(build_dir, min_flops):
+    """Rows 8 (one tile), 13 (8 + 4 + 1), 100 and 128, and 7 and 129 around the tiles' range, in
+    float64 against the reference; float32 at rtol 1e-4."""
+    graph = tiled_graph()
+    model = bp.compile(graph, dtype="float64", seed=1, blas_min_flops=min_flops)
+    for batch, seed in ((7, 0), (8, 1), (13, 2), (100, 3), (128, 4), (129, 5)):
+        _check_against_reference(graph, model, batch, seed)
+    f32 = bp.compile(graph, dtype="float32", seed=1, blas_min_flops=min_flops)
+    inputs = _inputs(graph, 13, 6)
+    value, grads = f32.loss_and_grad(**inputs)
+    ref_value, ref_grads = bp.reference.loss_and_grad(graph, inputs, {k: v.astype(np.float64)
+                                                                      for k, v in f32.params.items()})
+    assert value == pytest.approx(ref_value, rel=1e-4)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_recurrent_products_with_every_installed_blas_match_reference(build_dir, blas_backend):
@@ -164,6 +198,7 @@ def test_blas_is_linked(build_dir, blas_backend):
     f32 = bp.compile(mlp_graph(), dtype="float32", blas_min_flops=ALL_BLAS)
     f32_commands = " ".join(" ".join(c) for c in json.loads((f32.build_path / "build.json").read_text())["commands"])
     assert f"-DBP_CBLAS_GEMM={symbol}sgemm" in f32_commands.replace("SGEMM", "sgemm")
+    assert ("-DBP_TILED_SMALL_NN=1" in f32_commands) == (blas_backend != "mkl")  # MKL keeps its own
     assert blas_backend in bp.blas.info()
     maps = Path("/proc/self/maps")
     if maps.exists():  # the library is loaded into this process
