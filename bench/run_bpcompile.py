@@ -169,7 +169,7 @@ def version() -> str:
     return f"{getattr(bp, '__version__', '?')} from {where}, {blas_name}, {bp.num_threads()} threads"
 
 
-VARIANTS = ("default", "openblas")  # default: the BLAS bpcompile picks (MKL when installed)
+VARIANTS = ("default", "openblas")  # default: the BLAS bpcompile picks (MKL on Intel when installed)
 
 if __name__ == "__main__":
     if "--variant" in sys.argv[:-1] and sys.argv[sys.argv.index("--variant") + 1] == "openblas":

@@ -350,34 +350,39 @@ BP_SHARED int bp_blas_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K,
 
 #define BP_TILE 64  /* rows and inner length of the tile of B that A Bᵀ transposes on the stack */
 
-/* --- register-tiled A B for products of few rows ---------------------------------------------
- * OpenBLAS packs B anew at every call, which a product of few rows cannot repay: an LSTM step's
- * 16 x 512 by 512 x 128 ran at 118 GFLOP/s on one core of an AMD EPYC, the tiles below at 238
- * (its peak ~240), and 64-row pieces of an MLP's layers 1.2x faster. Used where the build sets
- * BP_TILED_SMALL_NN (BLAS other than MKL, or none; MKL's small products were not slower). */
-#ifndef BP_TILED_SMALL_NN
-#define BP_TILED_SMALL_NN 0
+/* --- register tiles for products of few rows --------------------------------------------------
+ * OpenBLAS packs B anew at every call, which a product of few rows cannot repay: with the 64-row
+ * pieces of W2's layers as the tiles below, its step took 392 µs instead of 560 on an AMD EPYC.
+ * Used where the build sets BP_TILED_PRODUCTS (a BLAS other than MKL, or none; MKL's small
+ * products were not slow on an Intel Xeon). */
+#ifndef BP_TILED_PRODUCTS
+#define BP_TILED_PRODUCTS 0
 #endif
 #define BP_VLEN (64 / (int)sizeof(bp_real)) /* lanes of a 64-byte vector: one AVX-512 register */
+/* Longest inner length of A Bᵀ as tiles (attention's q kᵀ, head 32): every call transposes its
+ * panels of Bᵀ (8 KiB, on the stack); at 128 and more (an LSTM step's h W_hhᵀ, an MLP's input
+ * gradients) that cost more than OpenBLAS's packing, W6 1.74 -> 1.91 ms a step. */
+#define BP_PANEL_K 64
 typedef bp_real bp_vec __attribute__((vector_size(64)));
 
-/* Whether C = A B (neither transposed) runs as bp_gemm_tiles_nn: 8 to 128 rows, at least one tile
- * of columns, and a B of at most 1 MiB, which the tiles stream from cache once per 8 rows. */
+/* Whether C = A op(B) runs as bp_gemm_tiles: A not transposed, 8 to 128 rows, at least one tile of
+ * columns, a B of at most 1 MiB (streamed from cache once per 8 rows), and for Bᵀ an inner length
+ * of at most BP_PANEL_K. */
 static inline int bp_gemm_tiled(int ta, int tb, int64_t M, int64_t N, int64_t K)
 {
-    return BP_TILED_SMALL_NN && !ta && !tb && M >= 8 && M <= 128 && N >= 2 * BP_VLEN &&
-           K * N * (int64_t)sizeof(bp_real) <= (1 << 20);
+    return BP_TILED_PRODUCTS && !ta && M >= 8 && M <= 128 && N >= 2 * BP_VLEN &&
+           K * N * (int64_t)sizeof(bp_real) <= (1 << 20) && (!tb || K <= BP_PANEL_K);
 }
 
-BP_SHARED void bp_gemm_tiles_nn(int64_t M, int64_t N, int64_t K, const bp_real *restrict A, int64_t lda,
-                                const bp_real *restrict B, int64_t ldb, bp_real *restrict C, int64_t ldc);
+BP_SHARED void bp_gemm_tiles(int tb, int64_t M, int64_t N, int64_t K, const bp_real *restrict A, int64_t lda,
+                             const bp_real *restrict B, int64_t ldb, bp_real *restrict C, int64_t ldc);
 #if BP_DEFINES_RUNTIME
 /* Rows [0, R) of C = A B at columns [0, 2 BP_VLEN): R x 2 vector sums held in registers over the
  * whole inner length, each step one broadcast of A per row and two loads of B's row. Each sum
  * runs over p in order, as in the plain loops. */
-__attribute__((always_inline)) static inline void bp_gemm_tile_nn(int R, int64_t K, const bp_real *restrict A,
-                                                               int64_t lda, const bp_real *restrict B, int64_t ldb,
-                                                               bp_real *restrict C, int64_t ldc)
+__attribute__((always_inline)) static inline void bp_gemm_tile(int R, int64_t K, const bp_real *restrict A,
+                                                            int64_t lda, const bp_real *restrict B, int64_t ldb,
+                                                            bp_real *restrict C, int64_t ldc)
 {
     bp_vec acc[8][2];
 #pragma GCC unroll 8
@@ -401,20 +406,32 @@ __attribute__((always_inline)) static inline void bp_gemm_tile_nn(int R, int64_t
     }
 }
 
-/* C = A B by tiles of 8 rows (then 4, then 1) x 2 BP_VLEN columns, each strip of B's columns
- * reused by every tile of rows; the last columns, short of a tile, as rows of plain loops. */
-BP_SHARED void bp_gemm_tiles_nn(int64_t M, int64_t N, int64_t K, const bp_real *restrict A, int64_t lda,
-                                const bp_real *restrict B, int64_t ldb, bp_real *restrict C, int64_t ldc)
+/* C = A op(B) by tiles of 8 rows (then 4, then 1) x 2 BP_VLEN columns, each strip of B's columns
+ * reused by every tile of rows; with Bᵀ (tb) the strip is first transposed into a panel. The last
+ * columns, short of a tile, as plain loops. */
+BP_SHARED void bp_gemm_tiles(int tb, int64_t M, int64_t N, int64_t K, const bp_real *restrict A, int64_t lda,
+                             const bp_real *restrict B, int64_t ldb, bp_real *restrict C, int64_t ldc)
 {
-    const int64_t tiled = N / (2 * BP_VLEN) * (2 * BP_VLEN);
-    for (int64_t j0 = 0; j0 < tiled; j0 += 2 * BP_VLEN) {
+    enum { W = 2 * BP_VLEN };
+    bp_real panel[BP_PANEL_K * W];
+    const int64_t tiled = N / W * W;
+    for (int64_t j0 = 0; j0 < tiled; j0 += W) {
+        const bp_real *b = B + j0;
+        int64_t ld = ldb;
+        if (tb) {
+            for (int64_t j = 0; j < W; ++j)
+                for (int64_t p = 0; p < K; ++p)
+                    panel[p * W + j] = B[(j0 + j) * ldb + p];
+            b = panel;
+            ld = W;
+        }
         int64_t i0 = 0;
         for (; i0 + 8 <= M; i0 += 8)
-            bp_gemm_tile_nn(8, K, A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc);
+            bp_gemm_tile(8, K, A + i0 * lda, lda, b, ld, C + i0 * ldc + j0, ldc);
         for (; i0 + 4 <= M; i0 += 4)
-            bp_gemm_tile_nn(4, K, A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc);
+            bp_gemm_tile(4, K, A + i0 * lda, lda, b, ld, C + i0 * ldc + j0, ldc);
         for (; i0 < M; ++i0)
-            bp_gemm_tile_nn(1, K, A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc);
+            bp_gemm_tile(1, K, A + i0 * lda, lda, b, ld, C + i0 * ldc + j0, ldc);
     }
     for (int64_t i = 0; i < M && tiled < N; ++i) {
         bp_real *restrict c = C + i * ldc;
@@ -423,7 +440,7 @@ BP_SHARED void bp_gemm_tiles_nn(int64_t M, int64_t N, int64_t K, const bp_real *
         for (int64_t p = 0; p < K; ++p) {
             const bp_real a = A[i * lda + p];
             for (int64_t j = tiled; j < N; ++j)
-                c[j] += a * B[p * ldb + j];
+                c[j] += a * B[tb ? j * ldb + p : p * ldb + j];
         }
     }
 }
@@ -437,7 +454,7 @@ __attribute__((always_inline)) static inline void bp_gemm_serial(int ta, int tb,
                                   bp_real *restrict C, int64_t ldc)
 {
     if (bp_gemm_tiled(ta, tb, M, N, K)) {
-        bp_gemm_tiles_nn(M, N, K, A, lda, B, ldb, C, ldc);
+        bp_gemm_tiles(tb, M, N, K, A, lda, B, ldb, C, ldc);
         return;
     }
 #if BP_USE_BLAS

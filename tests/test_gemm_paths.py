@@ -72,9 +72,9 @@ def recurrent_graph() -> bp.Graph:
 
 
 def tiled_graph() -> bp.Graph:
-    """A B products that run as register tiles (bp_gemm_tiles_nn: 8-128 rows, a tile is 32 float32
-    or 16 float64 columns): x@W forward, and g@V from h@V.T in the backward; 37 and 40 columns end
-    short of a tile."""
+    """Products that run as register tiles (bp_gemm_tiles: 8-128 rows, a tile is 32 float32 or 16
+    float64 columns): x@W and h@V.T (A Bᵀ, through a transposed panel) forward, g@V backward; 37
+    and 40 columns end short of a tile."""
     g = bp.Graph("gemm_tiled")
     x = g.input("x", ("batch", 19))
     t = g.input("t", ("batch", 40))
@@ -198,7 +198,7 @@ def test_blas_is_linked(build_dir, blas_backend):
     f32 = bp.compile(mlp_graph(), dtype="float32", blas_min_flops=ALL_BLAS)
     f32_commands = " ".join(" ".join(c) for c in json.loads((f32.build_path / "build.json").read_text())["commands"])
     assert f"-DBP_CBLAS_GEMM={symbol}sgemm" in f32_commands.replace("SGEMM", "sgemm")
-    assert ("-DBP_TILED_SMALL_NN=1" in f32_commands) == (blas_backend != "mkl")  # MKL keeps its own
+    assert ("-DBP_TILED_PRODUCTS=1" in f32_commands) == (blas_backend != "mkl")  # MKL keeps its own
     assert blas_backend in bp.blas.info()
     maps = Path("/proc/self/maps")
     if maps.exists():  # the library is loaded into this process

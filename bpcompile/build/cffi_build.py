@@ -325,7 +325,7 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         defines["BP_USE_BLAS"] = "1"
         defines["BP_CBLAS_GEMM"] = blas_info["sgemm" if src.meta["dtype"] == "float32" else "dgemm"]
     if not blas_info or blas_info["name"] != "mkl":
-        defines["BP_TILED_SMALL_NN"] = "1"  # few-row products as register tiles (bp_runtime.h)
+        defines["BP_TILED_PRODUCTS"] = "1"  # few-row products as register tiles (bp_runtime.h)
     digest = cache_key(src, defines)  # the code: one module per key
     final = root / f"{safe_name(src.name)}-{settings_key(digest, src)[:16]}"  # the code and its settings
     module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
