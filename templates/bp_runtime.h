@@ -407,8 +407,9 @@ __attribute__((always_inline)) static inline void bp_gemm_tile(int R, int64_t K,
 }
 
 /* C = A op(B) by tiles of 8 rows (then 4, then 1) x 2 BP_VLEN columns, each strip of B's columns
- * reused by every tile of rows; with Bᵀ (tb) the strip is first transposed into a panel. The last
- * columns, short of a tile, as plain loops. */
+ * reused by every tile of rows; with Bᵀ (tb) the strip is first transposed into a panel, which
+ * holds an inner length of BP_PANEL_K (bp_gemm_tiled admits no longer one). The last columns,
+ * short of a tile, as plain loops. */
 BP_SHARED void bp_gemm_tiles(int tb, int64_t M, int64_t N, int64_t K, const bp_real *restrict A, int64_t lda,
                              const bp_real *restrict B, int64_t ldb, bp_real *restrict C, int64_t ldc)
 {
