@@ -13,8 +13,9 @@ share of the samples (the pool's threads stay on their cores through a step, a t
 nothing to do spinning in the pool, so a share is of threads x step time), and the rate the
 step's matrix products reach (the step's GEMM FLOPs / the time the threads spend in the BLAS's
 kernels, in bpcompile's register tiles and in its own product loops, over the threads). That
-rate over the machine's GEMM peak (`gemm_peak.py`, NumPy's OpenBLAS, the same run) is the highest "floor %" a step can
-reach with those products, however little everything else costs.
+rate over the machine's GEMM peak (`gemm_peak.py`, NumPy's OpenBLAS with the CPU's best kernels,
+the same run) is the highest "floor %" a step can reach with those products, however little
+everything else costs.
 
 Needs `perf` (linux-tools) and permission to sample one's own processes
 (`kernel.perf_event_paranoid` <= 2).
