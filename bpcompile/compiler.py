@@ -17,6 +17,7 @@ import sympy as sp
 
 from .autodiff import reverse as autodiff
 from .build import cffi_build as build
+from .build import runtime_object
 from .codegen import module as codegen
 from .codegen.printer import CPrinter, print_formulas
 from .ir.graph import Graph, Node, named_dims, topo_order
@@ -223,6 +224,12 @@ def _count(name: str, value: int) -> int:
     return int(value)
 
 
+def _options(blas_min_flops: int, parallel_min_work: int) -> dict[str, int]:
+    """The thresholds the C is generated for (the runtime's and the kernels' alike)."""
+    return {"blas_min_flops": _count("blas_min_flops", blas_min_flops),
+            "parallel_min_work": _count("parallel_min_work", parallel_min_work)}
+
+
 def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss | dict | None = None,
           blas_min_flops: int = DEFAULT_BLAS_MIN_FLOPS, parallel_min_work: int = DEFAULT_PARALLEL_MIN_WORK) -> Lowered:
     """Run every stage but the C compiler: the sources and metadata of the native module."""
@@ -249,9 +256,8 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
     taken: set[str] = set()
     param_c = {n: codegen.c_identifier(n, taken) for n in graph.params}
     input_c = {n: codegen.c_identifier(n, taken) for n in graph.inputs}
-    renderer = codegen.ModuleRenderer(graph.name, dtype, dims, node_names, param_c, input_c,
-                                      {"blas_min_flops": _count("blas_min_flops", blas_min_flops),
-                                       "parallel_min_work": _count("parallel_min_work", parallel_min_work)})
+    options = _options(blas_min_flops, parallel_min_work)
+    renderer = codegen.ModuleRenderer(graph.name, dtype, dims, node_names, param_c, input_c, options)
     entries, entry_meta = [], {}
     updates: dict[tuple, dict[str, Any]] = {}
     for plan in plans:
@@ -316,7 +322,8 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
                    for lname, spec in graph.losses.items()],
         "entries": entry_meta,
     }
-    sources = build.Sources(graph.name, c_source, header, cdef, meta, arrays=init_arrays, parts=renderer.parts)
+    sources = build.Sources(graph.name, c_source, header, cdef, meta, arrays=init_arrays, parts=renderer.parts,
+                            runtime_c=codegen.runtime_source(dtype, options))
     return Lowered(sources, entries, node_names, graph, init_arrays)
 
 
@@ -351,6 +358,9 @@ def compile(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss
     optimizer = as_optimizer(optimizer)
     build.start_probes()  # the compiler's answers, while the graph is lowered
     root = Path(build_dir) if build_dir is not None else build.default_build_root()
+    if isinstance(graph, Graph):  # gcc compiles the runtime on another core while the graph is lowered
+        name = _dtype_name(dtype)
+        runtime_object.start(codegen.runtime_source(name, _options(blas_min_flops, parallel_min_work)), name, root)
     with stored_in(root):  # partials derived by earlier processes building here are read back
         lowered = lower(graph, dtype, optimizer, blas_min_flops, parallel_min_work)
     path = build.build(lowered.sources, root)

@@ -90,12 +90,17 @@ void BP_CBLAS_GEMM(int layout, int transa, int transb, int m, int n, int k, bp_r
 /* A module compiles whole (an exported library, a test), or, built by bpcompile, as parts compiled
  * in parallel: model.c once per part with BP_PART set (build.cffi_build). Split, the kernels and
  * the runtime's shared state (the pool, the functions that are not inline) have hidden external
- * linkage, defined in part 0 (the runtime, the entry points) or the kernel's part and declared in
- * the others. Whole, they are static as before. */
+ * linkage, defined in part 0 (the entry points, and the runtime) or the kernel's part and declared
+ * in the others. With BP_RUNTIME_APART set, no part of model.c defines the runtime: runtime.c
+ * (templates/runtime.c.j2, this file alone) does, compiled with BP_PART -1 (build.runtime_object).
+ * Whole, they are static as before. */
+#ifndef BP_RUNTIME_APART
+#define BP_RUNTIME_APART 0
+#endif
 #ifdef BP_PART
 #define BP_KERNEL __attribute__((noinline, visibility("hidden")))
 #define BP_SHARED __attribute__((visibility("hidden")))
-#define BP_DEFINES_RUNTIME (BP_PART == 0)
+#define BP_DEFINES_RUNTIME (BP_PART == -1 || (BP_PART == 0 && !BP_RUNTIME_APART))
 #define BP_IN_PART(k) ((k) == BP_PART)
 #else
 #define BP_KERNEL __attribute__((noinline)) static

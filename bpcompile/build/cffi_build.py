@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import CompileError
 from ..runtime.target import cpu_flags, cpu_vendor, this_target, without_lr
+from . import runtime_object
 
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 # cffi's wrapper converts a call's arguments and calls the entry point: -O0 (0.07 s of CPU to compile
@@ -66,6 +67,7 @@ class Sources:
     defines: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, Any] = field(default_factory=dict)  # parameters' initial values given as arrays
     parts: int = 1  # translation units model.c compiles as, in parallel (BP_PART=0, 1, ...; bp_runtime.h)
+    runtime_c: str = ""  # the runtime alone (build.runtime_object), compiled apart; "" for in model.c's part 0
 
 
 INIT_FILE = "init.npz"  # a build folder's array initial values (meta.json's "init_file")
@@ -274,7 +276,7 @@ def cache_key(src: Sources, dtype_defs: dict[str, str]) -> str:
     from .. import __version__
     h = hashlib.sha256()
     blas_info = blas()
-    for part in (src.model_c, str(src.parts), src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),
+    for part in (src.model_c, src.runtime_c, str(src.parts), src.model_h, src.cdef, _meta_key(src.meta), json.dumps(dtype_defs, sort_keys=True),
                  " ".join(model_flags()), " ".join(WRAPPER_FLAGS), " ".join(linker_flags()), compiler()[1],
                  cpu_signature(),
                  cffi.__version__, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
@@ -311,21 +313,29 @@ def module_record(meta: dict) -> dict:
     return meta
 
 
+def build_defines(dtype: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The macros model.c and runtime.c of `dtype` compile with (besides `extra`): the libraries found
+    and the product paths they select."""
+    defines = dict(extra or {})
+    if libmvec():
+        defines["BP_USE_LIBMVEC"] = "1"
+    blas_info = blas()
+    if blas_info:
+        defines["BP_USE_BLAS"] = "1"
+        defines["BP_CBLAS_GEMM"] = blas_info["sgemm" if dtype == "float32" else "dgemm"]
+    if not blas_info or blas_info["name"] != "mkl":
+        defines["BP_TILED_PRODUCTS"] = "1"  # few-row products as register tiles (bp_runtime.h)
+    return defines
+
+
 def build(src: Sources, root: Path | str | None = None) -> Path:
     """The folder of the built module for `src`, compiling it only when no build that verifies
     is cached (a damaged one is rebuilt and replaced)."""
     root = Path(root) if root is not None else default_build_root()
     root.mkdir(parents=True, exist_ok=True)
     _wait_for_probes()
-    defines = dict(src.defines, BP_LAYOUT="1")
-    if libmvec():
-        defines["BP_USE_LIBMVEC"] = "1"
+    defines = build_defines(src.meta["dtype"], dict(src.defines, BP_LAYOUT="1"))
     blas_info = blas()
-    if blas_info:
-        defines["BP_USE_BLAS"] = "1"
-        defines["BP_CBLAS_GEMM"] = blas_info["sgemm" if src.meta["dtype"] == "float32" else "dgemm"]
-    if not blas_info or blas_info["name"] != "mkl":
-        defines["BP_TILED_PRODUCTS"] = "1"  # few-row products as register tiles (bp_runtime.h)
     digest = cache_key(src, defines)  # the code: one module per key
     final = root / f"{safe_name(src.name)}-{settings_key(digest, src)[:16]}"  # the code and its settings
     module = f"_bp_{safe_name(src.name)}_{digest[:16]}"
@@ -347,7 +357,7 @@ def build(src: Sources, root: Path | str | None = None) -> Path:
         if _copy_built_module(root, src.name, meta, tmp):  # the same code under other settings
             write_arrays()
         else:
-            _compile(src, tmp, module, defines, blas_info, record, meanwhile=write_arrays)
+            _compile(src, tmp, module, defines, blas_info, record, root, meanwhile=write_arrays)
         meta["files"] = {name: file_record(tmp / name) for name in files}
         _write(tmp / "meta.json", json.dumps(meta, indent=1))
         _sync_folder(tmp)
@@ -384,7 +394,7 @@ def _copy_built_module(root: Path, name: str, meta: dict, out: Path) -> bool:
             found = json.loads((other.parent / "meta.json").read_text(encoding="utf-8"))
             if found.get("module") != meta["module"] or file_record(other) != found["files"][module_file]:
                 continue
-            for part in (module_file, "model.c", "model.h", "layout.h", "compile.log", "build.json"):
+            for part in (module_file, "model.c", "runtime.c", "model.h", "layout.h", "compile.log", "build.json"):
                 if (other.parent / part).is_file():
                     shutil.copyfile(other.parent / part, out / part)
             if file_record(out / module_file) == found["files"][module_file]:
@@ -519,7 +529,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas_info: dict | None,
-             record: bytes, meanwhile: Callable[[], None] = lambda: None) -> None:
+             record: bytes, root: Path, meanwhile: Callable[[], None] = lambda: None) -> None:
     """Compile and link the module in `out`. gcc starts on model.c first (once per part, in
     parallel), the longest job; while it runs, cffi writes the wrapper (on this core), gcc compiles
     that and `meanwhile` writes the build's other files."""
@@ -530,9 +540,11 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     include = [f"-I{out}"]
     flags = model_flags()
     defs = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-    jobs = [[cc, *flags, *defs, *include, "-c", "model.c", "-o", "model.o"]] if src.parts == 1 else [
-        [cc, *flags, *defs, f"-DBP_PART={k}", *include, "-c", "model.c", "-o", f"model{k}.o"] for k in range(src.parts)]
-    objects = [cmd[-1] for cmd in jobs] + ["wrapper.o"]
+    apart = ["-DBP_RUNTIME_APART=1"] if src.runtime_c else []  # runtime.o defines the runtime
+    jobs = [[cc, *flags, *defs, *include, "-c", "model.c", "-o", "model.o"]] if src.parts == 1 and not apart else [
+        [cc, *flags, *defs, f"-DBP_PART={k}", *apart, *include, "-c", "model.c", "-o", f"model{k}.o"]
+        for k in range(src.parts)]
+    objects = [cmd[-1] for cmd in jobs] + ["wrapper.o"] + ([runtime_object.OBJECT] if apart else [])
     wrapper = [cc, *WRAPPER_FLAGS, *include, f"-I{sysconfig.get_paths()['include']}", "-c", "wrapper.c", "-o",
                "wrapper.o"]
     start = time.perf_counter()
@@ -542,6 +554,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         _write_wrapper(src, out, module)
         jobs.append(wrapper)
         procs.append(_start(wrapper, out, src.name))
+        runtime_cmd, runtime_failed = _link_runtime(src, root, defines, out) if apart else ([], None)
         meanwhile()
         results = [p.communicate() for p in procs]
     except BaseException:
@@ -553,10 +566,25 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         if p.returncode != 0:
             raise CompileError(f"the C compiler failed on the generated code of model {src.name!r}",
                                str(out / cmd[-3]), err)
+    if runtime_failed is not None:  # reported after the model's own code, which a bad flag fails too
+        raise runtime_failed
     _write(out / "compile.log", "".join(err for _, err in results[:-1]))
     link = _link(cc, flags, defines, blas_info, module, objects, out, src.name)
     _write(out / "build.json", json.dumps({"compile_seconds": time.perf_counter() - start,
-                                           "commands": jobs + [link]}, indent=1))
+                                           "commands": ([runtime_cmd] if apart else []) + jobs + [link]}, indent=1))
+
+
+def _link_runtime(src: Sources, root: Path, defines: dict[str, str], out: Path) -> tuple[list[str], CompileError | None]:
+    """Put the compiled runtime (begun while the graph was lowered, by compiler.compile, or compiled
+    now) and its source in `out`: the command that compiled it, or the error it failed with."""
+    _write(out / runtime_object.SOURCE, src.runtime_c)
+    runtime_defines = {k: v for k, v in defines.items() if k != "BP_LAYOUT"}
+    try:
+        obj, cmd = runtime_object.get(src.runtime_c, root, runtime_defines)
+    except CompileError as e:
+        return [], CompileError(e.message, str(out / runtime_object.SOURCE), e.compiler_output)
+    shutil.copyfile(obj, out / runtime_object.OBJECT)
+    return cmd, None
 
 
 def _start(cmd: list[str], out: Path, name: str) -> subprocess.Popen:

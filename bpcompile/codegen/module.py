@@ -174,6 +174,12 @@ def runtime_c() -> str:
     return (template_dir() / "bp_runtime.h").read_text()
 
 
+def runtime_source(dtype: str, options: dict[str, Any]) -> str:
+    """runtime.c: the runtime support alone (templates/runtime.c.j2), the part of every module that
+    depends on the dtype and the thresholds only, so the build compiles it once for many models."""
+    return environment().get_template("runtime.c.j2").render(dtype=dtype, options=options, runtime_c=runtime_c())
+
+
 def environment() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir()), undefined=jinja2.StrictUndefined,
                               trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
@@ -365,10 +371,10 @@ class KernelFunction:
 
 # A module whose kernels are this much C compiles as two translation units, one per core: gcc's
 # -O3 of the kernels is most of a cold compile (0.45 s of CPU for the W2 MLP's 40,000 characters).
-# Part 0 also holds the runtime's functions that are not inline and the entry points, weighed as
-# this many characters of kernels; the heaviest kernel goes first to the lighter part.
+# Part 0 also holds the entry points (the runtime's functions are compiled apart: build.runtime_object),
+# weighed as this many characters of kernels; the heaviest kernel goes first to the lighter part.
 SPLIT_MIN_CHARS = 16_000
-PART0_EXTRA_CHARS = 12_000
+PART0_EXTRA_CHARS = 3_000
 
 
 def part_of_each(sizes: list[int]) -> list[int]:
