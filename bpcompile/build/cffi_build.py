@@ -45,7 +45,6 @@ from typing import Any
 
 from ..errors import CompileError
 from ..runtime.target import cpu_flags, cpu_vendor, this_target, without_lr
-from . import runtime_object
 
 MODEL_FLAGS = ["-std=c99", "-O3", "-march=native", "-fno-math-errno", "-fPIC", "-pthread", "-Wall", "-Wextra"]
 # cffi's wrapper converts a call's arguments and calls the entry point: -O0 (0.07 s of CPU to compile
@@ -533,6 +532,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     """Compile and link the module in `out`. gcc starts on model.c first (once per part, in
     parallel), the longest job; while it runs, cffi writes the wrapper (on this core), gcc compiles
     that and `meanwhile` writes the build's other files."""
+    from . import runtime_object  # which builds on this module's compiler settings
     cc, _ = compiler()
     _write(out / "model.c", src.model_c)
     _write(out / "model.h", src.model_h)
@@ -577,6 +577,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
 def _link_runtime(src: Sources, root: Path, defines: dict[str, str], out: Path) -> tuple[list[str], CompileError | None]:
     """Put the compiled runtime (begun while the graph was lowered, by compiler.compile, or compiled
     now) and its source in `out`: the command that compiled it, or the error it failed with."""
+    from . import runtime_object
     _write(out / runtime_object.SOURCE, src.runtime_c)
     runtime_defines = {k: v for k, v in defines.items() if k != "BP_LAYOUT"}
     try:
