@@ -1,12 +1,14 @@
 """Partials stored in the build folder (symbolic.stored): a later compile reads them back instead of
 deriving them again, gets the same C, and an entry that is damaged, edited or names a class that is
-not SymPy's is derived afresh."""
+not SymPy's is derived afresh. The built-in functions' partials ship with bpcompile: current, used by
+a first compile (which then derives none of them), and a wrong one is not used."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import sympy as sp
 
 import bpcompile as bp
@@ -21,6 +23,17 @@ def graph(name: str) -> bp.Graph:
     g.output("o", out)
     g.loss(bp.mean(out * bp.softplus(h)))
     return g
+
+
+@pytest.fixture(autouse=True)
+def without_shipped(monkeypatch, request):
+    """The folder's store alone (the built-ins' shipped partials would answer first), but in the tests
+    of the shipped partials."""
+    if "shipped" not in request.node.name:
+        monkeypatch.setattr(stored, "_shipped", dict)
+    functions._derive_cached.cache_clear()
+    yield
+    functions._derive_cached.cache_clear()
 
 
 def entries(root: Path) -> list[Path]:
@@ -74,3 +87,31 @@ def test_without_a_folder_nothing_is_stored(tmp_path, monkeypatch):
     functions._derive_cached.cache_clear()
     functions.builtin("silu").partial(0)
     assert not (tmp_path / stored.FOLDER).exists() and not (tmp_path / "build").exists()
+
+
+def test_the_shipped_partials_are_current():
+    assert stored.SHIPPED.read_text(encoding="utf-8") == functions.shipped_text(), (
+        "builtin_partials.json is out of date: run python -m bpcompile.symbolic.write_shipped")
+
+
+def test_a_first_compile_derives_no_shipped_partial(tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(stored, "_shipped", dict)
+        fresh = bp.lower(graph("shipped_a"), "float64", bp.optim.SGD(lr=0.01))
+    functions._derive_cached.cache_clear()
+    def derived(expr):
+        raise AssertionError(f"derived: {expr}")
+    monkeypatch.setattr(functions, "_simplified", derived)
+    with stored.stored_in(tmp_path):
+        shipped = bp.lower(graph("shipped_a"), "float64", bp.optim.SGD(lr=0.01))
+    assert shipped.sources.model_c == fresh.sources.model_c
+    assert not entries(tmp_path)  # nothing derived, so nothing stored
+
+
+def test_a_wrong_shipped_partial_is_not_used(monkeypatch):
+    want = functions.builtin("tanh").partial(0)
+    key = stored.shipped_key(functions.builtin("tanh")._key[1], "1", "0")
+    wrong = dict(stored._shipped()[key], expr=stored.encode(sp.Integer(1) - functions.OUT))  # 1 - y
+    monkeypatch.setattr(stored, "_shipped", lambda: {key: wrong})
+    functions._derive_cached.cache_clear()
+    assert functions.builtin("tanh").partial(0) == want

@@ -10,6 +10,7 @@ backward pass reuses what the forward pass stored. Nothing here is a hand-writte
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,17 +322,25 @@ def _derive_cached(key: tuple, i: int) -> Partial:
     check_size(fn.name, raw, f"derivative in {fn.display[i] if i < len(fn.display) else ARGS[i]}")
     key_on_disk = stored.entry_key(key[1], str(fn.nargs), str(i))
     symbols = {s.name: s for s in (*ARGS, OUT, *fn.expr.free_symbols)}
-    entry = stored.load(key_on_disk, symbols)  # derived by an earlier process building into the same folder
-    if entry is not None and entry.get("raw_expr") == raw and _agrees(fn, raw, entry.get("expr"),
-                                                                       entry.get("uses_output")):
-        return Partial(raw=raw, expr=entry["expr"], uses_output=entry["uses_output"])
+    found = (stored.load_shipped(stored.shipped_key(key[1], str(fn.nargs), str(i)), symbols),  # a built-in's
+             stored.load(key_on_disk, symbols))  # derived by an earlier process building into the same folder
+    for entry in found:
+        if entry is not None and entry.get("raw_expr") == raw and _agrees(fn, raw, entry.get("expr"),
+                                                                           entry.get("uses_output")):
+            return Partial(raw=raw, expr=entry["expr"], uses_output=entry["uses_output"])
+    partial = _derived_afresh(fn, raw)
+    stored.store(key_on_disk, {"raw_expr": raw, "expr": partial.expr, "uses_output": partial.uses_output}, symbols)
+    return partial
+
+
+def _derived_afresh(fn: Fn, raw: sp.Expr) -> Partial:
+    """The cheapest form of the derivative `raw`: as SymPy derived it, simplified, or in the output."""
     best = _simplified(raw)
     uses_output = False
     if fn.nargs == 1:
         in_output = _fit_in_output(fn, raw)
         if in_output is not None and cost(in_output) < cost(best):
             best, uses_output = in_output, True
-    stored.store(key_on_disk, {"raw_expr": raw, "expr": best, "uses_output": uses_output}, symbols)
     return Partial(raw=raw, expr=best, uses_output=uses_output)
 
 
@@ -403,3 +412,23 @@ def leaky_relu_fn(negative_slope: float) -> Fn:
 def elu_fn(alpha: float) -> Fn:
     alpha_ = sp.Float(alpha) if not float(alpha).is_integer() else sp.Integer(int(alpha))
     return Fn("elu", sp.Piecewise((a0, a0 > 0), (alpha_ * (sp.exp(a0) - 1), True)), 1)
+
+
+def shipped_partials() -> dict[str, dict[str, Any]]:
+    """The partials of every built-in function, derived afresh, as stored.SHIPPED holds them."""
+    entries = {}
+    for name in sorted(BUILTIN):
+        fn = builtin(name)
+        for i in range(fn.nargs):
+            raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
+            partial = _derived_afresh(fn, raw)
+            entries[stored.shipped_key(fn._key[1], str(fn.nargs), str(i))] = {
+                "function": name, "argument": i, "raw_expr": stored.encode(raw), "expr": stored.encode(partial.expr),
+                "uses_output": partial.uses_output}
+    return entries
+
+
+def shipped_text() -> str:
+    """stored.SHIPPED's text as this code and SymPy derive it."""
+    return json.dumps(shipped_partials(), indent=1, sort_keys=True) + "\n"
+

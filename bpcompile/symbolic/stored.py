@@ -10,6 +10,11 @@ read back through SymPy's classes only (no eval, no pickle); symbols through the
 caller uses an entry only once it verifies (functions._derive: the raw derivative equal to
 sympy.diff's again, the chosen form equal to it at sample points), so a damaged or foreign entry
 is derived afresh and rewritten. Without a folder (`bp.lower`, `bpcompile show`) nothing is stored.
+
+The partials of the built-in functions also ship with bpcompile (builtin_partials.json, written by
+`python -m bpcompile.symbolic.write_shipped`; a test keeps it current), so a first compile in an empty
+folder derives none of them: they are keyed by the function and argument alone and verified as a
+folder's entries are, so a SymPy that differentiates differently derives them afresh.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sympy as sp
 from sympy.functions.elementary.piecewise import ExprCondPair
 
 FOLDER = ".derivations"  # inside the build folder
+SHIPPED = Path(__file__).with_name("builtin_partials.json")
 _folder: contextvars.ContextVar[Path | None] = contextvars.ContextVar("bpcompile_derivations", default=None)
 _EXTRA_CLASSES = {"ExprCondPair": ExprCondPair}
 _FLOAT = re.compile(r"Float\('([-+0-9.e]+)', precision=(\d+)\)")
@@ -65,6 +71,20 @@ def _source_digest() -> str:
     return hashlib.sha256((here / "functions.py").read_bytes() + Path(__file__).read_bytes()).hexdigest()
 
 
+def shipped_key(*parts: str) -> str:
+    """The key of a partial shipped with bpcompile: what names the function and argument, no more."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+@functools.cache
+def _shipped() -> dict[str, Any]:
+    try:
+        data = json.loads(SHIPPED.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def load(key: str, symbols: dict[str, sp.Symbol]) -> dict[str, Any] | None:
     """The stored entry of `key` with its expressions read back, or None (no folder, no entry, or
     one that does not read as expressions over `symbols`)."""
@@ -72,9 +92,20 @@ def load(key: str, symbols: dict[str, sp.Symbol]) -> dict[str, Any] | None:
     if folder is None:
         return None
     try:
-        data = json.loads((folder / f"{key}.json").read_text(encoding="utf-8"))
+        return _read_back(json.loads((folder / f"{key}.json").read_text(encoding="utf-8")), symbols)
+    except (OSError, ValueError):
+        return None
+
+
+def load_shipped(key: str, symbols: dict[str, sp.Symbol]) -> dict[str, Any] | None:
+    """The shipped entry of `key` (shipped_key), read back as `load` reads a stored one, or None."""
+    return _read_back(_shipped().get(key), symbols)
+
+
+def _read_back(data: Any, symbols: dict[str, sp.Symbol]) -> dict[str, Any] | None:
+    try:
         return {k: decode(v, symbols) if k.endswith("expr") else v for k, v in data.items()}
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, sp.SympifyError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError, sp.SympifyError):
         return None
 
 
