@@ -15,9 +15,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from ..errors import CompileError
@@ -27,37 +29,76 @@ FOLDER = ".runtime"  # inside the build root
 SOURCE = "runtime.c"
 OBJECT = "runtime.o"
 
-_started: dict[tuple[str, Path], threading.Thread] = {}
+_pending: dict[tuple[str, Path], tuple[subprocess.Popen, Path]] = {}  # begun by `start`: gcc, its folder
 _lock = threading.Lock()
 
 
 def start(runtime_c: str, dtype: str, root: Path) -> None:
-    """Begin compiling `runtime_c` for `root` on a thread of its own, unless it is cached or begun.
-    A failure is left for `get`, which compiles again and reports it."""
-    where = (hashlib.sha256(runtime_c.encode()).hexdigest(), Path(root).resolve())
-    with _lock:
-        if where in _started:
-            return
-        thread = threading.Thread(target=_compile_quietly, args=(runtime_c, dtype, Path(root)), daemon=True,
-                                  name="bpcompile-runtime")
-        _started[where] = thread
-    thread.start()
+    """Start gcc on `runtime_c` for `root` and return at once, unless the object is cached or begun.
+    A failure to start is left for `get`, which compiles again and reports it."""
+    with contextlib.suppress(CompileError, OSError):
+        defines = cffi_build.build_defines(dtype)
+        where = (key(runtime_c, defines), Path(root).resolve())
+        obj, record = _paths(Path(root), where[0])
+        with _lock:
+            if where in _pending or _verifies(obj, record):
+                return
+            _pending[where] = _begin(runtime_c, Path(root), defines)
 
 
 def get(runtime_c: str, root: Path, defines: dict[str, str]) -> tuple[Path, list[str]]:
-    """The compiled runtime (its cached object file) and the command that compiled it: the one `start`
-    began for these sources, once it is done, else compiled now."""
-    where = (hashlib.sha256(runtime_c.encode()).hexdigest(), Path(root).resolve())
+    """The compiled runtime (its cached object file) and the command that compiled it: the compile
+    `start` began for these sources and settings, once done, else one run now."""
+    name = key(runtime_c, defines)
+    obj, record = _paths(Path(root), name)
     with _lock:
-        thread = _started.pop(where, None)
-    if thread is not None:
-        thread.join()
-    return _compiled(runtime_c, Path(root), defines)
+        begun = _pending.pop((name, Path(root).resolve()), None)
+    if begun is None:
+        if _verifies(obj, record):
+            return obj, command(defines)
+        begun = _begin(runtime_c, Path(root), defines)
+    proc, tmp = begun
+    try:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise CompileError("the C compiler failed on bpcompile's runtime support (runtime.c)", None, err)
+        built = tmp / OBJECT
+        os.chmod(built, 0o644)
+        meta = json.dumps(cffi_build.file_record(built))
+        os.replace(built, obj)  # the object first, its record after: a record never names a missing object
+        _write_atomically(record, meta, obj.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return obj, command(defines)
 
 
-def _compile_quietly(runtime_c: str, dtype: str, root: Path) -> None:
-    with contextlib.suppress(CompileError, OSError):
-        _compiled(runtime_c, root, cffi_build.build_defines(dtype))
+def _begin(runtime_c: str, root: Path, defines: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    folder = root / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    (tmp / SOURCE).write_text(runtime_c, encoding="utf-8")
+    cmd = command(defines)
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CompileError(f"the C compiler {cmd[0]!r} could not be started for the runtime support ({e})") from e
+    return proc, tmp
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Drop the folders of compiles a killed process (or one whose compile failed before it linked)
+    left, once they are an hour old."""
+    now = time.time()
+    for p in folder.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > cffi_build.STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+
+
+def _paths(root: Path, name: str) -> tuple[Path, Path]:
+    return root / FOLDER / f"{name}.o", root / FOLDER / f"{name}.json"
 
 
 def command(defines: dict[str, str]) -> list[str]:
@@ -73,31 +114,6 @@ def key(runtime_c: str, defines: dict[str, str]) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
-
-
-def _compiled(runtime_c: str, root: Path, defines: dict[str, str]) -> tuple[Path, list[str]]:
-    folder = root / FOLDER
-    name = key(runtime_c, defines)
-    obj, record = folder / f"{name}.o", folder / f"{name}.json"
-    cmd = command(defines)
-    if _verifies(obj, record):
-        return obj, cmd
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as tmp:
-        (Path(tmp) / SOURCE).write_text(runtime_c, encoding="utf-8")
-        try:
-            done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
-        except OSError as e:
-            raise CompileError(f"the C compiler {cmd[0]!r} could not be started for the runtime support ({e})",
-                               str(Path(tmp) / SOURCE)) from e
-        if done.returncode != 0:
-            raise CompileError("the C compiler failed on bpcompile's runtime support (runtime.c)", None, done.stderr)
-        built = Path(tmp) / OBJECT
-        os.chmod(built, 0o644)
-        meta = json.dumps(cffi_build.file_record(built))
-        os.replace(built, obj)  # the object first, its record after: a record never names a missing object
-        _write_atomically(record, meta, folder)
-    return obj, cmd
 
 
 def _verifies(obj: Path, record: Path) -> bool:
