@@ -136,6 +136,8 @@ def _reduce(k: Kernel, ctx: Context) -> dict[str, Any]:
         "out_index": index_expr(ctx, outer, packed_strides(kept_sizes)),
         "count": ctx.c(Mono.of(tuple(x.shape[a] for a in axes))) if mean else "",
         "mean": mean,
+        # each piece sums its own outputs, each in the order a whole kernel would
+        "split": {"what": f"its outer loop ({outer[0]})", "work": ctx.size(x.shape)} if outer else None,
     }
 
 
@@ -162,8 +164,10 @@ def _transpose(k: Kernel, ctx: Context) -> dict[str, Any]:
     sizes = [Mono.of((d,)) for d in node.shape]
     sizes, (src, dst) = coalesce(sizes, [[in_strides[p] for p in perm], contiguous_strides(node.shape)])
     loop_vars = [f"i{d}" for d in range(len(sizes))]
-    return {"loops": [{"var": v, "size": ctx.c(s)} for v, s in zip(loop_vars, sizes)],
-            "src": index_expr(ctx, loop_vars, src), "dst": index_expr(ctx, loop_vars, dst)}
+    loops = [{"var": v, "size": ctx.c(s)} for v, s in zip(loop_vars, sizes)]
+    split = {"what": f"its outer loop ({loops[0]['var']})", "work": ctx.size(node.shape)} if len(loops) > 1 else None
+    return {"loops": loops, "src": index_expr(ctx, loop_vars, src), "dst": index_expr(ctx, loop_vars, dst),
+            "split": split}
 
 
 def _copy(k: Kernel, ctx: Context) -> dict[str, Any]:
