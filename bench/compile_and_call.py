@@ -28,6 +28,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from run import write_bytecode
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = textwrap.dedent("""
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    write_bytecode()  # as an install writes it (run.py)
     build_dir = tempfile.mkdtemp(prefix="bpbench-")
     env = dict(os.environ, BPCOMPILE_BUILD_DIR=build_dir, PYTHONPATH=str(ROOT))
     compile_code = MODEL + textwrap.dedent(f"""
