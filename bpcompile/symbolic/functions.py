@@ -311,19 +311,26 @@ def without_dirac(expr: sp.Expr) -> sp.Expr:
     return expr.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.Integer(0))
 
 
-@functools.cache
-def _derive_cached(key: tuple, i: int) -> Partial:
-    fn = _FNS[key]
+def _raw_partial(fn: Fn, i: int) -> sp.Expr:
+    """d fn / d a_i as SymPy differentiates it, DiracDelta terms dropped."""
     try:
         raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
     except RecursionError:  # SymPy recurses once per nesting level
         raise CompileError(f"elementwise function {fn.name!r}: its expression is nested too deeply for SymPy "
                            "to differentiate; split it into several elementwise ops") from None
     check_size(fn.name, raw, f"derivative in {fn.display[i] if i < len(fn.display) else ARGS[i]}")
+    return raw
+
+
+@functools.cache
+def _derive_cached(key: tuple, i: int) -> Partial:
+    fn = _FNS[key]
+    raw = _raw_partial(fn, i)
     key_on_disk = stored.entry_key(key[1], str(fn.nargs), str(i))
     symbols = {s.name: s for s in (*ARGS, OUT, *fn.expr.free_symbols)}
-    found = (stored.load_shipped(stored.shipped_key(key[1], str(fn.nargs), str(i)), symbols),  # a built-in's
-             stored.load(key_on_disk, symbols))  # derived by an earlier process building into the same folder
+    lookups = ((stored.load_shipped, stored.shipped_key(key[1], str(fn.nargs), str(i))),  # a built-in's
+               (stored.load, key_on_disk))  # derived by an earlier process building into the same folder
+    found = (read(name, symbols) for read, name in lookups)  # the folder read only if the shipped one fails
     for entry in found:
         if entry is not None and entry.get("raw_expr") == raw and _agrees(fn, raw, entry.get("expr"),
                                                                            entry.get("uses_output")):
@@ -420,11 +427,10 @@ def shipped_partials() -> dict[str, dict[str, Any]]:
     for name in sorted(BUILTIN):
         fn = builtin(name)
         for i in range(fn.nargs):
-            raw = without_dirac(sp.diff(fn.expr, ARGS[i]))
-            partial = _derived_afresh(fn, raw)
+            partial = _derived_afresh(fn, _raw_partial(fn, i))
             entries[stored.shipped_key(fn._key[1], str(fn.nargs), str(i))] = {
-                "function": name, "argument": i, "raw_expr": stored.encode(raw), "expr": stored.encode(partial.expr),
-                "uses_output": partial.uses_output}
+                "function": name, "argument": i, "raw_expr": stored.encode(partial.raw),
+                "expr": stored.encode(partial.expr), "uses_output": partial.uses_output}
     return entries
 
 
