@@ -322,8 +322,8 @@ def lower(graph: Graph, dtype: str = "float32", optimizer: Optimizer | PerLoss |
                    for lname, spec in graph.losses.items()],
         "entries": entry_meta,
     }
-    sources = build.Sources(graph.name, c_source, header, cdef, meta, arrays=init_arrays, parts=renderer.parts,
-                            runtime_c=codegen.runtime_source(dtype, options))
+    sources = build.Sources(graph.name, c_source, header, cdef, meta, codegen.runtime_source(dtype, options),
+                            arrays=init_arrays, parts=renderer.parts)
     return Lowered(sources, entries, node_names, graph, init_arrays)
 
 

@@ -63,10 +63,10 @@ class Sources:
     model_h: str
     cdef: str
     meta: dict
+    runtime_c: str  # the runtime support alone (build.runtime_object): compiled apart, linked into the module
     defines: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, Any] = field(default_factory=dict)  # parameters' initial values given as arrays
     parts: int = 1  # translation units model.c compiles as, in parallel (BP_PART=0, 1, ...; bp_runtime.h)
-    runtime_c: str = ""  # the runtime alone (build.runtime_object), compiled apart; "" for in model.c's part 0
 
 
 INIT_FILE = "init.npz"  # a build folder's array initial values (meta.json's "init_file")
@@ -540,11 +540,9 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     include = [f"-I{out}"]
     flags = model_flags()
     defs = [f"-D{k}={v}" for k, v in sorted(defines.items())]
-    apart = ["-DBP_RUNTIME_APART=1"] if src.runtime_c else []  # runtime.o defines the runtime
-    jobs = [[cc, *flags, *defs, *include, "-c", "model.c", "-o", "model.o"]] if src.parts == 1 and not apart else [
-        [cc, *flags, *defs, f"-DBP_PART={k}", *apart, *include, "-c", "model.c", "-o", f"model{k}.o"]
-        for k in range(src.parts)]
-    objects = [cmd[-1] for cmd in jobs] + ["wrapper.o"] + ([runtime_object.OBJECT] if apart else [])
+    jobs = [[cc, *flags, *defs, f"-DBP_PART={k}", "-DBP_RUNTIME_APART=1", *include, "-c", "model.c", "-o",
+             f"model{k}.o"] for k in range(src.parts)]  # runtime.o defines the runtime
+    objects = [cmd[-1] for cmd in jobs] + ["wrapper.o", runtime_object.OBJECT]
     wrapper = [cc, *WRAPPER_FLAGS, *include, f"-I{sysconfig.get_paths()['include']}", "-c", "wrapper.c", "-o",
                "wrapper.o"]
     start = time.perf_counter()
@@ -554,7 +552,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
         _write_wrapper(src, out, module)
         jobs.append(wrapper)
         procs.append(_start(wrapper, out, src.name))
-        runtime_cmd, runtime_failed = _link_runtime(src, root, defines, out) if apart else ([], None)
+        runtime_cmd, runtime_failed = _link_runtime(src, root, defines, out)
         meanwhile()
         results = [p.communicate() for p in procs]
     except BaseException:
@@ -571,7 +569,7 @@ def _compile(src: Sources, out: Path, module: str, defines: dict[str, str], blas
     _write(out / "compile.log", "".join(err for _, err in results[:-1]))
     link = _link(cc, flags, defines, blas_info, module, objects, out, src.name)
     _write(out / "build.json", json.dumps({"compile_seconds": time.perf_counter() - start,
-                                           "commands": ([runtime_cmd] if apart else []) + jobs + [link]}, indent=1))
+                                           "commands": [runtime_cmd] + jobs + [link]}, indent=1))
 
 
 def _link_runtime(src: Sources, root: Path, defines: dict[str, str], out: Path) -> tuple[list[str], CompileError | None]:
