@@ -176,8 +176,15 @@ def runtime_c() -> str:
 
 def runtime_source(dtype: str, options: dict[str, Any]) -> str:
     """runtime.c: the runtime support alone (templates/runtime.c.j2), the part of every module that
-    depends on the dtype and the thresholds only, so the build compiles it once for many models."""
-    return environment().get_template("runtime.c.j2").render(dtype=dtype, options=options, runtime_c=runtime_c())
+    depends on the dtype and the thresholds only, so the build compiles it once for many models.
+    Rendered once per process for each (`bp.compile` starts gcc on it, then `lower` hands it on)."""
+    return _runtime_source(dtype, tuple(sorted(options.items())))
+
+
+@functools.cache
+def _runtime_source(dtype: str, options: tuple[tuple[str, Any], ...]) -> str:
+    return environment().get_template("runtime.c.j2").render(dtype=dtype, options=dict(options),
+                                                             runtime_c=runtime_c())
 
 
 def environment() -> jinja2.Environment:
